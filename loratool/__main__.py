@@ -1,0 +1,3 @@
+from loratool.cli.main import main
+
+main()
