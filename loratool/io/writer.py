@@ -1,0 +1,151 @@
+"""Atomic, deterministic safetensors writing.
+
+Files are laid out as the reference safetensors writer lays them out (tensors ordered by dtype
+then name, header padded with spaces to a multiple of 8), so a file we write is byte-identical
+to ``safetensors.torch.save_file`` of the same tensors and metadata. Output goes to a temporary
+file in the target folder, is fsynced and then renamed into place: a failure never leaves a half
+file, and an input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from loratool.errors import LoraToolError
+from loratool.io.safetensors import TORCH_TO_NAME
+
+# the order of the reference writer's dtype enum; tensors are written largest first
+_DTYPE_ORDER = [
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+    "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+]
+_RANK = {name: i for i, name in enumerate(_DTYPE_ORDER)}
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    try:
+        return TORCH_TO_NAME[t.dtype]
+    except KeyError:
+        raise LoraToolError(f"tensors of dtype {t.dtype} cannot be stored in safetensors") from None
+
+
+def ordered_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The order the data region holds the tensors in: dtype (widest enum first), then name."""
+    return sorted(tensors, key=lambda k: (-_RANK[dtype_name(tensors[k])], k))
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a tensor (a contiguous CPU copy when needed)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The 8-byte length plus the padded JSON header, and the tensor order."""
+    names = ordered_names(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise LoraToolError(f"metadata {k!r} must map a string to a string, not {type(v).__name__}")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype_name(t), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, names
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A whole file in memory (small adapters, hashing)."""
+    head, names = build_header(tensors, metadata)
+    return head + b"".join(bytes(tensor_bytes(tensors[n])) for n in names)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_output(path: str | os.PathLike[str], *, force: bool = False,
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Refuse to write over an input, or over an existing file without ``force``."""
+    out = Path(path)
+    for src in inputs:
+        if _same_file(out, Path(src)) or (Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve())):
+            raise LoraToolError("refusing to overwrite an input file", out)
+    if out.exists() and not force:
+        raise LoraToolError("output exists (use --force to overwrite)", out)
+    if out.is_dir():
+        raise LoraToolError("output is a folder", out)
+    if not out.parent.exists():
+        raise LoraToolError("the output's folder does not exist", out)
+    return out
+
+
+class AtomicFile:
+    """Write to a temporary file beside ``path``; rename into place on success, delete on failure."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+
+    def __enter__(self):
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.fh = os.fdopen(fd, "wb")
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+                _fsync_dir(self.path.parent)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None, *, force: bool = False,
+                      inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write tensors atomically. Tensors sharing storage are each written in full."""
+    out = check_output(path, force=force, inputs=inputs)
+    head, names = build_header(tensors, metadata)
+    with AtomicFile(out) as fh:
+        fh.write(head)
+        for name in names:
+            fh.write(tensor_bytes(tensors[name]))
+    return out
