@@ -1,0 +1,100 @@
+"""The ``loratool`` click group: global behaviour (errors, exit codes) and command registration.
+
+Each command lives in its own module under ``loratool/cli/`` and exposes a click command named
+``command``. Commands are imported lazily so ``loratool --help`` stays fast and a command's heavy
+imports (diffusers for ``train``) cost nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from loratool import __version__
+from loratool.errors import LoraToolError
+
+# name -> (module, one-line example shown in --help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("loratool.cli.inspect", "loratool inspect my_lora.safetensors"),
+    "ratio": ("loratool.cli.ratio", "loratool ratio --model sdxl --targets attn -r 8 16 32"),
+    "convert": ("loratool.cli.convert", "loratool convert in.safetensors --to kohya -o out.safetensors"),
+    "extract": ("loratool.cli.extract", "loratool extract base.safetensors tuned.safetensors -r 32 -o lora.safetensors"),
+    "resize": ("loratool.cli.resize", "loratool resize lora.safetensors -r 16 -o small.safetensors"),
+    "mix": ("loratool.cli.mix", "loratool mix a.safetensors:0.7 b.safetensors:0.3 -o mixed.safetensors"),
+    "merge": ("loratool.cli.merge", "loratool merge model.safetensors lora.safetensors:0.8 -o baked.safetensors"),
+    "scale": ("loratool.cli.scale", "loratool scale lora.safetensors 0.5 -o half.safetensors"),
+    "train": ("loratool.cli.train", "loratool train --model fixtures/tiny-sd --instance-data imgs -o out"),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use; unknown or unbuilt ones are skipped."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self._load(name)
+
+    @staticmethod
+    def _load(name: str) -> click.Command | None:
+        spec = COMMANDS.get(name)
+        if spec is None:
+            return None
+        try:
+            module = importlib.import_module(spec[0])
+        except ModuleNotFoundError as e:
+            if e.name == spec[0]:
+                return None  # not built yet
+            raise
+        cmd = module.command
+        cmd.short_help = f"{(cmd.short_help or cmd.help or '').split(chr(10))[0].rstrip('.')}.  e.g. {spec[1]}"
+        return cmd
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LoraToolError as e:
+            if ctx.meta.get("loratool.debug"):
+                raise
+            click.echo(f"loratool: error: {e.one_line()}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("loratool: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except OSError as e:
+            if ctx.meta.get("loratool.debug"):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"loratool: error: {where}{e.strerror or e}", err=True)
+            ctx.exit(1)
+        except Exception as e:  # a bug: still one line unless --debug
+            if ctx.meta.get("loratool.debug"):
+                raise
+            click.echo(f"loratool: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
+                       "for the traceback", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="loratool")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Inspect, convert, extract, resize, mix, merge and train LoRA adapters for diffusion models."""
+    ctx.meta["loratool.debug"] = debug
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv[1:]
+    try:
+        cli.main(prog_name="loratool", standalone_mode=True)
+    except LoraToolError as e:  # raised outside a command's invoke (e.g. in a callback)
+        if debug:
+            raise
+        click.echo(f"loratool: error: {e.one_line()}", err=True)
+        sys.exit(1)

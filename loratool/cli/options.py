@@ -1,0 +1,63 @@
+"""Options shared by several commands, so each is spelled and documented once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import click
+
+F = Callable[..., object]
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["loratool.debug"] = True
+    return value
+
+
+def debug_option(f: F) -> F:
+    return click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+                        help="Show tracebacks instead of one-line errors.")(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON on stdout, nothing else there.")(f)
+
+
+def quiet_option(f: F) -> F:
+    return click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(f)
+
+
+def output_option(required: bool = True, help: str = "Output file.") -> Callable[[F], F]:
+    return click.option("-o", "--output", type=click.Path(dir_okay=True), required=required, help=help)
+
+
+def force_option(f: F) -> F:
+    return click.option("--force", is_flag=True, help="Overwrite an existing output (never an input).")(f)
+
+
+def device_option(f: F) -> F:
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                        help="Where the math runs.")(f)
+
+
+def resolve_device(name: str):
+    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    import torch
+
+    from loratool.errors import LoraToolError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LoraToolError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraToolError(f"device {name} asked for, but CUDA is not available")
+    return dev
+
+
+def emit_json(obj: object) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
