@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "fixtures" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    """../shared/fixtures/real, or a skip with the reason when it is not beside the checkout."""
+    if not REAL.is_dir():
+        pytest.skip(f"real fixtures not found at {REAL} (../shared is absent)")
+    return REAL
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
