@@ -1,0 +1,81 @@
+"""The SVD of a low-rank product ``up @ down`` computed on its factors.
+
+A LoRA update ``up [out, R] @ down [R, in]`` has rank at most ``R``, which is tiny next to ``out``
+and ``in``. Its SVD never needs the dense ``[out, in]`` matrix:
+
+    up = Qu Ru            (QR, Qu [out, p] orthonormal columns, Ru [p, R])
+    downᵀ = Qd Rd         (QR, Qd [in, q] orthonormal columns, Rd [q, R])
+    up @ down = Qu (Ru Rdᵀ) Qdᵀ
+    Ru Rdᵀ = Uc S Vcᵀ     (SVD of a p×q core, p, q ≤ R)
+    up @ down = (Qu Uc) S (Qd Vc)ᵀ
+
+Cost: O((out + in)·R² + R³) instead of O(out·in·min(out, in)), and memory O((out + in)·R).
+Stacking the factors of several LoRAs (``[up1 | up2]``, ``[down1; down2]``) gives the SVD of
+their sum the same way, which is what ``mix --mode svd`` and ``resize`` use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def factored_svd(
+    up2d: torch.Tensor,
+    down2d: torch.Tensor,
+    *,
+    dtype: torch.dtype = torch.float32,
+    rank: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``up2d @ down2d`` without forming the product.
+
+    ``up2d`` is ``[out, R]`` and ``down2d`` is ``[R, in]``. Returns ``U [out, k]``, ``S [k]``
+    (descending, non-negative) and ``Vh [k, in]`` with ``k = min(out, in, R)`` — or ``rank``
+    when given and smaller — such that ``U @ diag(S) @ Vh`` equals the product (truncated to the
+    best rank-``k`` approximation when ``rank`` cuts it). Computed in ``dtype`` (float32 by
+    default, float64 for a reference) on the factors' device.
+    """
+    if up2d.dim() != 2 or down2d.dim() != 2:
+        raise ValueError(f"factored_svd needs 2-D factors, got {tuple(up2d.shape)} and {tuple(down2d.shape)}")
+    if up2d.shape[1] != down2d.shape[0]:
+        raise ValueError(f"inner sizes disagree: up {tuple(up2d.shape)} @ down {tuple(down2d.shape)}")
+    up = up2d.to(dtype)
+    down = down2d.to(dtype)
+    q_up, r_up = torch.linalg.qr(up, mode="reduced")  # [out, p], [p, R]
+    q_down, r_down = torch.linalg.qr(down.T, mode="reduced")  # [in, q], [q, R]
+    core = r_up @ r_down.T  # [p, q]
+    u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
+    u = q_up @ u_core  # [out, k]
+    vh = vh_core @ q_down.T  # [k, in]
+    if rank is not None and rank < s.shape[0]:
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    return u, s, vh
+
+
+def stack_factors(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of a sum of products: ``Σ up_i @ down_i = [up_1 | up_2 | …] @ [down_1; down_2; …]``."""
+    if not pairs:
+        raise ValueError("stack_factors needs at least one (up, down) pair")
+    ups = torch.cat([u.to(dtype) for u, _ in pairs], dim=1)
+    downs = torch.cat([d.to(dtype) for _, d in pairs], dim=0)
+    return ups, downs
+
+
+def split_singular(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors ``(up, down)`` from an SVD, the singular values split as ``√S`` on each side."""
+    root = s.clamp_min(0).sqrt()
+    return u * root[None, :], root[:, None] * vh
+
+
+def tail_energy(s_all: torch.Tensor, rank: int) -> tuple[float, float]:
+    """Frobenius error of the best rank-``rank`` approximation (Eckart–Young), absolute and relative.
+
+    ``s_all`` are all singular values of the matrix (the tail beyond ``rank`` is the error).
+    """
+    s64 = s_all.to(torch.float64)
+    total = float(s64.square().sum().sqrt())
+    tail = float(s64[rank:].square().sum().sqrt()) if rank < s64.shape[0] else 0.0
+    return tail, (tail / total if total > 0 else 0.0)
