@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -35,9 +35,15 @@ def dtype_name(t: torch.Tensor) -> str:
         raise LoraToolError(f"tensors of dtype {t.dtype} cannot be stored in safetensors") from None
 
 
+def reference_order(entries: Iterable[tuple[str, str]]) -> list[str]:
+    """Names in the reference writer's data order, from ``(name, dtype name)`` pairs: widest dtype
+    enum first, then name."""
+    return [n for n, _ in sorted(entries, key=lambda e: (-_RANK[e[1]], e[0]))]
+
+
 def ordered_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """The order the data region holds the tensors in: dtype (widest enum first), then name."""
-    return sorted(tensors, key=lambda k: (-_RANK[dtype_name(tensors[k])], k))
+    return reference_order((k, dtype_name(t)) for k, t in tensors.items())
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -51,24 +57,41 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """The 8-byte length plus the padded JSON header, and the tensor order."""
-    names = ordered_names(tensors)
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """Metadata as the file will hold it (sorted by key); every key and value must be a string."""
+    if not metadata:
+        return {}
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise LoraToolError(f"metadata {k!r} must map a string to a string, not {type(v).__name__}")
+    return dict(sorted(metadata.items()))
+
+
+def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
+                 metadata: Mapping[str, str] | None) -> bytes:
+    """The 8-byte length plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``
+    entries given in data order."""
     header: dict[str, object] = {}
-    if metadata:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise LoraToolError(f"metadata {k!r} must map a string to a string, not {type(v).__name__}")
-        header["__metadata__"] = dict(sorted(metadata.items()))
+    meta = check_metadata(metadata)
+    if meta:
+        header["__metadata__"] = meta
     offset = 0
-    for name in names:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": dtype_name(t), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    for name, dtype, shape, n in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, names
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The 8-byte length plus the padded JSON header, and the tensor order."""
+    names = ordered_names(tensors)
+    entries = []
+    for name in names:
+        t = tensors[name]
+        entries.append((name, dtype_name(t), tuple(t.shape), t.numel() * t.element_size()))
+    return header_bytes(entries, metadata), names
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
