@@ -1,0 +1,285 @@
+"""Mix several adapters into one, with a weight (and optional block weights) per input.
+
+Three modes, all defined on the weighted sum ``ΔW = Σ w_i ΔW_i`` (ΔW_i with its own alpha/r):
+
+* ``concat`` (default) — exact. The factors are stacked along the rank, each input's ``w_i·s_i``
+  folded in as ``√|w_i·s_i|`` on both factors with the sign on ``down``; rank ``Σ r_i`` and
+  ``alpha = rank`` (scale 1: every loader computes ``alpha/rank``, while a missing alpha is read as
+  1 by some tools and as the rank by others). LoHa/LoKr/full inputs have no LoRA factors: their
+  ΔW is decomposed by SVD at its numerical rank (reported).
+* ``svd`` — the exact sum, then its optimal rank-``rank`` approximation, computed on the stacked
+  factors (QR of each side, SVD of the small core, :mod:`loratool.linalg.factored`). A module is
+  densified only when one of its inputs is LoHa/LoKr/full. The Eckart–Young error is reported.
+* ``linear`` — factor averaging as peft's ``linear`` / kohya's merge do it (equal ranks only,
+  ``√|w·s|`` on each factor, each weight applied once). It is NOT the weighted sum (the product has
+  cross terms ``up_i·down_j``); the error against the sum is reported per module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loratool.core.modules import Adapter, LoraModule, Module, NormModule, flat2d
+from loratool.errors import LoraToolError
+from loratool.linalg.factored import factored_svd, split_singular, stack_factors, tail_energy
+from loratool.ops.lbw import module_weights
+
+MODES = ("concat", "svd", "linear")
+NUMERICAL_RANK_RTOL = 1e-6  # singular values below this × σ1 are float32 noise in a dense ΔW
+
+
+@dataclass
+class MixInput:
+    adapter: Adapter
+    weight: float = 1.0
+    lbw: str | None = None
+    name: str = ""
+
+
+@dataclass
+class ModuleReport:
+    key: str
+    inputs: int
+    rank: int | None
+    method: str  # concat, svd, dense-svd, linear, sum (norm layers)
+    rel_error: float = 0.0  # ‖result − Σ w_i ΔW_i‖ / ‖Σ w_i ΔW_i‖
+
+
+@dataclass
+class MixResult:
+    adapter: Adapter
+    modules: list[ModuleReport]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Term:
+    """One input's contribution to a module: LoRA factors with a coefficient, or a dense ΔW."""
+
+    coef: float = 0.0
+    up: torch.Tensor | None = None  # [out, r]
+    down: torch.Tensor | None = None  # [r, in(, kh, kw)]
+    dense: torch.Tensor | None = None  # weighted ΔW in the weight's shape
+    bias: torch.Tensor | None = None  # weighted bias change
+
+
+def lora_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up [out, r], down [r, in(, kh, kw)])`` with ``up @ flat(down) = product``; a Tucker core is
+    folded into ``down`` (exact)."""
+    up = flat2d(m.up).float()
+    if m.mid is None:
+        return up, m.down.float()
+    down = torch.einsum("ijhw,jc->ichw", m.mid.float(), flat2d(m.down).float())
+    return up, down
+
+
+def _term(m: Module, w: float) -> _Term:
+    bias = None if m.bias is None else w * m.bias.float()
+    if m.dora is not None:
+        raise LoraToolError(f"{m.key} is a DoRA module; mixing DoRA magnitudes has no exact meaning")
+    if isinstance(m, LoraModule):
+        up, down = lora_factors(m)
+        return _Term(coef=w * m.scale, up=up, down=down, bias=bias)
+    return _Term(dense=w * m.delta(torch.float32), bias=bias)
+
+
+def _check_base_models(inputs: list[MixInput]) -> str:
+    known = {i.adapter.base_model for i in inputs if i.adapter.base_model not in ("", "unknown")}
+    if len(known) > 1:
+        names = ", ".join(f"{i.name or '#' + str(n)}={i.adapter.base_model}" for n, i in enumerate(inputs))
+        raise LoraToolError(f"inputs are for different base models ({names}); they cannot be mixed")
+    return known.pop() if known else "unknown"
+
+
+def _flat_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return shape[0], n
+
+
+def _weight_shape(key: str, mods: list[Module], names: list[str]) -> tuple[int, ...]:
+    shapes = [m.weight_shape for m in mods]
+    first = shapes[0]
+    for s, n in zip(shapes[1:], names[1:], strict=True):
+        if _flat_shape(s) != _flat_shape(first):
+            raise LoraToolError(f"{key}: layer shape {s} in {n} differs from {first} in {names[0]}; "
+                                "the inputs are not for the same model")
+    return max(shapes, key=len)  # a 1x1 conv wins over the same layer stored as linear
+
+
+def _lora_out(m: Module, shape: tuple[int, ...], up2d: torch.Tensor, down2d: torch.Tensor,
+              bias: torch.Tensor | None, dtype: torch.dtype) -> LoraModule:
+    rank = int(up2d.shape[1])
+    if len(shape) == 4:
+        up = up2d.reshape(shape[0], rank, 1, 1)
+        down = down2d.reshape(rank, shape[1], shape[2], shape[3])
+    else:
+        up, down = up2d, down2d.reshape(rank, shape[1])
+    return LoraModule(component=m.component, path=m.path, alpha=float(rank), down=down.to(dtype).contiguous(),
+                      up=up.to(dtype).contiguous(), bias=None if bias is None else bias.to(dtype))
+
+
+def _sum_bias(terms: list[_Term]) -> torch.Tensor | None:
+    biases = [t.bias for t in terms if t.bias is not None]
+    return torch.stack(biases).sum(0) if biases else None
+
+
+def _dense_factors(dense: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors of a dense ΔW at its numerical rank (capped by ``rank``), and the relative error."""
+    u, s, vh = torch.linalg.svd(flat2d(dense), full_matrices=False)
+    keep = int((s > s[0] * NUMERICAL_RANK_RTOL).sum()) if s.numel() and s[0] > 0 else 1
+    keep = max(1, min(keep, rank or keep))
+    up, down = split_singular(u[:, :keep], s[:keep], vh[:keep])
+    return up, down, tail_energy(s, keep)[1]
+
+
+def _concat(terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    ups, downs, err2, total2, method = [], [], 0.0, 0.0, "concat"
+    for t in terms:
+        if t.dense is not None:
+            up, down, rel = _dense_factors(t.dense, rank)
+            norm2 = float(t.dense.double().square().sum())
+            err2, total2, method = err2 + rel**2 * norm2, total2 + norm2, "concat+svd"
+        else:
+            root = abs(t.coef) ** 0.5
+            sign = -1.0 if t.coef < 0 else 1.0
+            up, down = t.up * root, flat2d(t.down) * (root * sign)
+        ups.append(up)
+        downs.append(down)
+    up2d, down2d = torch.cat(ups, 1), torch.cat(downs, 0)
+    return up2d, down2d, (err2 / total2) ** 0.5 if total2 > 0 else 0.0, method
+
+
+def _svd(terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    lora = [(t.up * t.coef, flat2d(t.down)) for t in terms if t.dense is None]
+    dense = [flat2d(t.dense) for t in terms if t.dense is not None]
+    if not dense:
+        u, s, vh = factored_svd(*stack_factors(lora))
+        method = "svd"
+    else:
+        total = torch.stack(dense).sum(0)
+        for up, down in lora:
+            total.addmm_(up, down)
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        method = "dense-svd"
+    k = max(1, min(rank, int(s.shape[0])))
+    up, down = split_singular(u[:, :k], s[:k], vh[:k])
+    return up, down, tail_energy(s, k)[1], method
+
+
+def _lowrank_norm2(up: torch.Tensor, down: torch.Tensor) -> float:
+    """``‖up @ down‖_F²`` through the two Gram matrices, without forming the product."""
+    up64, down64 = up.double(), down.double()
+    return float(((up64.T @ up64) * (down64 @ down64.T)).sum())
+
+
+def _linear(key: str, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+    if any(t.dense is not None for t in terms):
+        raise LoraToolError(f"{key}: linear mode needs LoRA inputs; LoHa/LoKr/full modules cannot be averaged")
+    ranks = {int(t.up.shape[1]) for t in terms}
+    if len(ranks) > 1:
+        raise LoraToolError(f"{key}: linear mode needs equal ranks, got {sorted(ranks)} (use concat or svd)")
+    up = sum(t.up * abs(t.coef) ** 0.5 for t in terms)
+    down = sum(flat2d(t.down) * (abs(t.coef) ** 0.5 * (-1.0 if t.coef < 0 else 1.0)) for t in terms)
+    exact_up, exact_down = stack_factors([(t.up * t.coef, flat2d(t.down)) for t in terms])
+    diff = _lowrank_norm2(torch.cat([up, -exact_up], 1), torch.cat([down, exact_down], 0))
+    ref = _lowrank_norm2(exact_up, exact_down)
+    return up, down, (max(diff, 0.0) / ref) ** 0.5 if ref > 0 else 0.0, "linear"
+
+
+def _mix_norm(key: str, mods: list[Module], weights: list[float]) -> Module:
+    if not all(isinstance(m, NormModule) for m in mods):
+        raise LoraToolError(f"{key}: a norm-layer change in one input and a weight change in another")
+    w_norm = sum(w * m.w_norm.float() for m, w in zip(mods, weights, strict=True))
+    biases = [w * m.bias.float() for m, w in zip(mods, weights, strict=True) if m.bias is not None]
+    return NormModule(component=mods[0].component, path=mods[0].path, w_norm=w_norm,
+                      bias=sum(biases) if biases else None)
+
+
+def _output_dtype(inputs: list[MixInput]) -> torch.dtype:
+    dtypes = {t.dtype for i in inputs for m in i.adapter.modules.values() for t in m.tensors()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def mix(inputs: list[MixInput], mode: str = "concat", rank: int | None = None, *,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MixResult:
+    """Mix ``inputs`` into one adapter (see the module docstring for the modes)."""
+    if mode not in MODES:
+        raise LoraToolError(f"unknown mix mode {mode!r} (use {', '.join(MODES)})")
+    if not inputs:
+        raise LoraToolError("nothing to mix")
+    if rank is not None and rank < 1:
+        raise LoraToolError(f"rank must be at least 1, got {rank}")
+    base = _check_base_models(inputs)
+    names = [i.name or f"input {n + 1}" for n, i in enumerate(inputs)]
+    per_input = [module_weights(i.adapter, i.weight, i.lbw, path=i.name or None).weights for i in inputs]
+    out = Adapter(base_model=base, source_format="mix")
+    out_dtype = dtype or _output_dtype(inputs)
+    if mode == "svd" and rank is None:
+        rank = max((m.rank or 0 for i in inputs for m in i.adapter.modules.values()), default=0) or 1
+    reports: list[ModuleReport] = []
+    keys = sorted({k for i in inputs for k in i.adapter.modules})
+    for key in keys:
+        present = [(i, n) for n, i in enumerate(inputs) if key in i.adapter.modules]
+        mods = [i.adapter.modules[key] for i, _ in present]
+        ws = [per_input[n][key] for _, n in present]
+        if any(isinstance(m, NormModule) for m in mods):
+            out.add(NormModule(**_norm_fields(_mix_norm(key, mods, ws), out_dtype)))
+            reports.append(ModuleReport(key, len(mods), None, "sum"))
+            continue
+        shape = _weight_shape(key, mods, [names[n] for _, n in present])
+        terms = [_to_device(_term(m, w), device) for m, w in zip(mods, ws, strict=True)]
+        up2d, down2d, err, method = _combine(key, terms, mode, rank)
+        out.add(_lora_out(mods[0], shape, up2d.cpu(), down2d.cpu(), _cpu(_sum_bias(terms)), out_dtype))
+        reports.append(ModuleReport(key, len(mods), int(up2d.shape[1]), method, err))
+    warnings = _warnings(inputs, mode, reports)
+    out.metadata = {"loratool_mix": _describe(inputs, mode, rank)}
+    return MixResult(out, reports, warnings)
+
+
+def _combine(key: str, terms: list[_Term], mode: str, rank: int | None):
+    if mode == "concat":
+        return _concat(terms, rank)
+    if mode == "svd":
+        return _svd(terms, rank or 1)
+    return _linear(key, terms)
+
+
+def _norm_fields(m: NormModule, dtype: torch.dtype) -> dict:
+    return {"component": m.component, "path": m.path, "w_norm": m.w_norm.to(dtype),
+            "bias": None if m.bias is None else m.bias.to(dtype)}
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _to_device(t: _Term, device: torch.device | str | None) -> _Term:
+    if device is None:
+        return t
+    def move(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
+    return _Term(t.coef, move(t.up), move(t.down), move(t.dense), move(t.bias))
+
+
+def _warnings(inputs: list[MixInput], mode: str, reports: list[ModuleReport]) -> list[str]:
+    out = []
+    if mode == "linear":
+        worst = max((r.rel_error for r in reports), default=0.0)
+        out.append("linear mode averages factors: the result is not the weighted sum of the inputs "
+                   f"(largest relative error {worst:.3g}); use concat for an exact mix")
+    dense = sum(r.method in ("concat+svd", "dense-svd") for r in reports)
+    if dense:
+        out.append(f"{dense} module(s) had LoHa/LoKr/full inputs and were decomposed by a dense SVD")
+    if sum(bool(i.adapter.embeddings) for i in inputs) > 0:
+        out.append("token embeddings in the inputs are not mixed and are left out")
+    return out
+
+
+def _describe(inputs: list[MixInput], mode: str, rank: int | None) -> str:
+    parts = [f"{i.name or 'adapter'}:{i.weight:g}" + (f":lbw={i.lbw}" if i.lbw else "") for i in inputs]
+    return f"mode={mode}" + (f" rank={rank}" if rank else "") + " inputs=" + " ".join(parts)
