@@ -1,0 +1,26 @@
+"""Small helpers shared by the decompositions: orientation and a sign convention."""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_batch(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``[m, n]`` -> ``[1, m, n]``; a 3-D batch is kept. Returns (batch, was_2d)."""
+    if a.dim() == 2:
+        return a.unsqueeze(0), True
+    if a.dim() != 3:
+        raise ValueError(f"expected a matrix or a batch of matrices, got shape {tuple(a.shape)}")
+    return a, False
+
+
+def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so that the largest-magnitude entry of its ``u`` column is positive.
+
+    Singular vectors are defined up to sign; fixing it makes different paths (batched or not,
+    exact or randomized) produce the same factors, not mirror images.
+    """
+    idx = u.abs().argmax(dim=-2, keepdim=True)  # [b, 1, k]
+    sign = torch.gather(u, -2, idx).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, vh * sign.transpose(-1, -2)
