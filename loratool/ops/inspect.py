@@ -1,0 +1,243 @@
+"""What ``loratool inspect`` reports about an adapter file, as plain JSON-ready data.
+
+:func:`build_report` is pure: an :class:`~loratool.core.modules.Adapter` plus the facts read
+from the file's header (:class:`FileFacts`) in, a dict out. It touches tensor shapes and dtypes
+only, never tensor values, unless ``modules=True`` asks for each module's ‖ΔW‖_F.
+:func:`inspect_file` is the thin I/O wrapper the CLI and benchmarks use.
+
+‖ΔW‖_F of a LoRA is computed on the factors, never on the dense product:
+``‖up·down‖_F² = tr((upᵀup)(down downᵀ))``, two ``r×r`` Gram matrices (float64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loratool.core.modules import Adapter, LoraModule, flat2d
+from loratool.ops.ratio import adapter_ratio, module_trained_params
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class FileFacts:
+    """What the file itself says, independent of how its keys are understood."""
+
+    path: str
+    size_bytes: int
+    dtypes: dict[str, int] = field(default_factory=dict)  # stored dtype -> number of tensors
+    tensors: int = 0
+    metadata: dict[str, str] = field(default_factory=dict)
+    hash_ok: bool | None = None  # None: no hash stored, or not checked
+    hash_checked: bool = False
+    container: str = "safetensors"  # safetensors, pickle, folder
+
+
+# -- ΔW norms on factors -----------------------------------------------------------------------
+
+
+def lora_delta_norm(module: LoraModule) -> float:
+    """‖ΔW‖_F of a LoRA/LoCon module from ``r×r`` Gram matrices (the scale included)."""
+    up = flat2d(module.up).to(torch.float64)
+    down = flat2d(module.down).to(torch.float64)
+    gram_up = up.T @ up  # [r_up, r_up]
+    gram_down = down @ down.T  # [r_down, r_down]
+    if module.mid is None:
+        sq = float((gram_up * gram_down).sum())  # tr(Gu Gd), both symmetric
+    else:  # Tucker: ΔW[:, :, h, w] = up · mid[:, :, h, w] · down
+        mid = module.mid.to(torch.float64)
+        sq = 0.0
+        for h in range(mid.shape[2]):
+            for w in range(mid.shape[3]):
+                core = mid[:, :, h, w]
+                sq += float((core * (gram_up @ core @ gram_down)).sum())
+    return abs(module.scale) * math.sqrt(max(sq, 0.0))
+
+
+def delta_norm(module) -> float:
+    """‖ΔW‖_F of any module; LoRA on its factors, other kinds on their (small) dense ΔW."""
+    if isinstance(module, LoraModule):
+        return lora_delta_norm(module)
+    return float(module.delta(torch.float64).norm())
+
+
+_WRAPPERS = ("text_model", "encoder", "model", "base_model")
+
+
+def block_of(module) -> str:
+    """A readable block label: the first part of the module path (past wrappers such as
+    ``text_model.encoder``) with its index when it has one (``unet:down_blocks.1``,
+    ``unet:mid_block``, ``text_encoder:layers.5``, ``transformer:single_transformer_blocks.7``)."""
+    parts = module.path.split(".")
+    while len(parts) > 2 and parts[0] in _WRAPPERS:
+        parts = parts[1:]
+    head = parts[0] + (f".{parts[1]}" if len(parts) > 1 and parts[1].isdigit() else "")
+    return f"{module.component}:{head}"
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    from loratool.io.safetensors import TORCH_TO_NAME
+
+    return TORCH_TO_NAME.get(t.dtype, str(t.dtype).removeprefix("torch."))
+
+
+def _num(x: float) -> float | int:
+    """An alpha or scale as JSON shows it: integral values as ints."""
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+
+
+def _sorted_distinct(values) -> list:
+    present = sorted({v for v in values if v is not None})
+    return ([None] if any(v is None for v in values) else []) + present
+
+
+def module_details(module, with_norm: bool) -> dict[str, Any]:
+    """One row of ``inspect --modules``."""
+    tensors = module.tensors()
+    row: dict[str, Any] = {
+        "key": module.key,
+        "kind": module.kind,
+        "shape": list(module.weight_shape),
+        "rank": module.rank,
+        "alpha": None if module.alpha is None else _num(module.alpha),
+        "scale": _num(module.scale),
+        "dtype": _dtype_name(tensors[0]) if tensors else None,
+        "params": module_trained_params(module),
+        "dora": module.dora is not None,
+        "bias": module.bias is not None,
+    }
+    if with_norm:
+        row["delta_norm"] = delta_norm(module)
+    return row
+
+
+def _rank_summary(mods: list) -> dict[str, Any]:
+    ranks = [m.rank for m in mods]
+    hist = Counter(r for r in ranks if r is not None)
+    alphas = [None if m.alpha is None else _num(m.alpha) for m in mods]
+    return {
+        "ranks": sorted(hist),
+        "rank_histogram": {str(r): hist[r] for r in sorted(hist)},
+        "alphas": _sorted_distinct(alphas),
+        "scales": _sorted_distinct([_num(m.scale) for m in mods]),
+    }
+
+
+def _adapter_dtypes(adapter: Adapter) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for m in adapter.modules.values():
+        for t in m.tensors():
+            counts[_dtype_name(t)] += 1
+    for t in adapter.embeddings.values():
+        counts[_dtype_name(t)] += 1
+    return dict(sorted(counts.items()))
+
+
+def describe(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The readable metadata summary (kohya ``ss_*``, ``modelspec.*``) plus the number of keys."""
+    from loratool.io.metadata import describe_metadata
+
+    out = describe_metadata(metadata)
+    out["top_tags"] = [[tag, n] for tag, n in out.get("top_tags", [])]
+    out["keys"] = len(metadata)
+    return out
+
+
+def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False) -> dict[str, Any]:
+    """The inspect report of one file (JSON-ready; the schema is documented in the CLI help).
+
+    With ``modules=True`` it adds ``module_details`` (one row per module, with ‖ΔW‖_F) and
+    ``blocks`` (‖ΔW‖_F per block: the root of the sum of its modules' squared norms).
+    """
+    mods = list(adapter.modules.values())
+    ratio = adapter_ratio(adapter)
+    total = ratio["total"]
+    params = int(total["adapter_params"]) + sum(t.numel() for t in adapter.embeddings.values())
+    report: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "path": facts.path,
+        "size_bytes": facts.size_bytes,
+        "container": facts.container,
+        "format": adapter.source_format or None,
+        "base_model": adapter.base_model,
+        "empty": not mods and not adapter.embeddings and not adapter.unknown,
+        "kinds": adapter.kinds,
+        "modules": len(mods),
+        "components": dict(sorted(adapter.components().items())),
+        **_rank_summary(mods),
+        "dtypes": dict(facts.dtypes) if facts.dtypes else _adapter_dtypes(adapter),
+        "tensors": facts.tensors,
+        "params": params,
+        "full_params": total["full_params"],
+        "reduction_ratio": total["ratio"],
+        "ratio_by_component": ratio["components"],
+        "conv_modules": sum(1 for m in mods if m.kind != "norm" and m.is_conv),
+        "dora_modules": sum(1 for m in mods if m.dora is not None),
+        "bias_modules": sum(1 for m in mods if m.bias is not None),
+        "embeddings": {tok: list(t.shape) for tok, t in adapter.embeddings.items()},
+        "unknown_keys": list(adapter.unknown),
+        "metadata": describe(facts.metadata or adapter.metadata),
+        "hash_ok": facts.hash_ok,
+        "hash_checked": facts.hash_checked,
+    }
+    if modules:
+        rows = [module_details(m, True) for m in mods]
+        report["module_details"] = rows
+        blocks: dict[str, float] = {}
+        for m, row in zip(mods, rows, strict=True):
+            label = block_of(m)
+            blocks[label] = blocks.get(label, 0.0) + row["delta_norm"] ** 2
+        report["blocks"] = {b: math.sqrt(v) for b, v in blocks.items()}
+    return report
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _path_size(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+    return os.path.getsize(path)
+
+
+def read_facts(path: str | os.PathLike[str], *, check_hash: bool = True) -> FileFacts:
+    """Header facts of a file: size, stored dtypes, metadata and (for safetensors) whether the
+    stored ``sshs_model_hash`` is right — that check streams the data region once."""
+    from loratool.io.safetensors import SafetensorsFile, is_safetensors_path
+
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        return FileFacts(p, _path_size(p), container="folder")
+    if not is_safetensors_path(p):
+        return FileFacts(p, _path_size(p), container="pickle")
+    with SafetensorsFile(p) as f:
+        dtypes = Counter(i.dtype for i in f.tensors.values())
+        facts = FileFacts(p, f.file_size, dict(sorted(dtypes.items())), len(f), dict(f.metadata))
+    if check_hash and "sshs_model_hash" in facts.metadata:
+        from loratool.io.hashes import check_hash as _check
+
+        facts.hash_ok = _check(p)
+        facts.hash_checked = True
+    return facts
+
+
+def inspect_file(path: str | os.PathLike[str], *, modules: bool = False, check_hash: bool = True) -> dict[str, Any]:
+    """Read one adapter (lazily: header, then tensors on demand) and build its report."""
+    facts = read_facts(path, check_hash=check_hash)
+    if facts.container == "safetensors" and facts.tensors == 0:
+        adapter = Adapter(metadata=dict(facts.metadata))
+    else:
+        from loratool.formats import read_adapter
+
+        adapter = read_adapter(os.fspath(path))
+    return build_report(adapter, facts, modules=modules)
