@@ -70,47 +70,92 @@ def _fail(path: str, message: str) -> SafetensorsError:
     return SafetensorsError(message, path)
 
 
-def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Validate a header (the bytes after the 8-byte length) against the file size.
+class MissingTensor(SafetensorsError, KeyError):
+    """A tensor name the file does not hold (also a KeyError, for mapping-style callers)."""
 
-    Returns (tensors in file order, metadata, data_start).
-    """
+    def __str__(self) -> str:
+        return self.one_line()
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _decode_json(raw: bytes, path: str) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise _fail(path, "not a safetensors file: the header is not UTF-8 text") from None
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as d:
+        raise _fail(path, f"invalid safetensors header: the name {d.key!r} appears twice") from None
     except (ValueError, RecursionError):
         raise _fail(path, "not a safetensors file: the header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise _fail(path, "not a safetensors file: the header is not a JSON object")
+        raise _fail(path, f"not a safetensors file: the header is JSON but not an object "
+                          f"(a {type(header).__name__})")
+    return header
 
-    metadata: dict[str, str] = {}
-    raw_meta = header.pop("__metadata__", None)
-    if raw_meta is not None:
-        if not isinstance(raw_meta, dict):
-            raise _fail(path, "invalid safetensors header: __metadata__ is not an object")
-        for k, v in raw_meta.items():
-            if not isinstance(v, str):
-                raise _fail(path, f"invalid safetensors header: metadata value of {k!r} is not a string")
-        metadata = dict(raw_meta)
 
+def _parse_metadata(raw_meta: object, path: str) -> dict[str, str]:
+    if raw_meta is None:
+        return {}
+    if not isinstance(raw_meta, dict):
+        raise _fail(path, "invalid safetensors header: __metadata__ is not an object")
+    for k, v in raw_meta.items():
+        if not isinstance(v, str):
+            raise _fail(path, f"invalid safetensors header: metadata value of {k!r} is a "
+                              f"{_json_type(v)}, not a string")
+    return dict(raw_meta)
+
+
+def _json_type(v: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "list", dict: "object",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Validate a header (the bytes after the 8-byte length) against the file size.
+
+    Returns (tensors in file order, metadata, data_start).
+    """
+    header = _decode_json(raw, path)
+    metadata = _parse_metadata(header.pop("__metadata__", None), path)
     infos = [_tensor_info(path, name, entry) for name, entry in header.items()]
     data_start = 8 + len(raw)
-    data_size = file_size - data_start
+    _check_layout(path, infos, file_size - data_start)
+    return {i.name: i for i in infos}, metadata, data_start
+
+
+def _check_layout(path: str, infos: list[TensorInfo], data_size: int) -> None:
+    """Tensors, sorted by offsets, must tile the data region exactly: no overlap, no gap, nothing
+    past the end of the file and nothing after the last tensor."""
     expected = 0
     for info in sorted(infos, key=lambda i: (i.begin, i.end)):
-        if info.begin != expected:
-            what = "overlap" if info.begin < expected else "leave a gap"
-            raise _fail(path, f"invalid safetensors header: offsets of tensor {info.name!r} {what} "
-                              f"(begins at {info.begin}, expected {expected})")
+        if info.begin < expected:
+            raise _fail(path, f"invalid safetensors header: tensor {info.name!r} overlaps the tensor before it "
+                              f"(its data begins at {info.begin}, the previous one ends at {expected})")
+        if info.begin > expected:
+            raise _fail(path, f"invalid safetensors header: a gap of {info.begin - expected} bytes before "
+                              f"tensor {info.name!r} (data begins at {info.begin}, expected {expected})")
         expected = info.end
     if expected > data_size:
-        raise _fail(path, f"truncated: {max(data_size, 0)} of {expected} data bytes present")
+        raise _fail(path, f"truncated: {max(data_size, 0)} of {expected} bytes of tensor data present "
+                          f"(the file is incomplete)")
     if expected < data_size:
         raise _fail(path, f"invalid safetensors file: {data_size - expected} unexpected bytes after the tensor data")
-    return {i.name: i for i in infos}, metadata, data_start
 
 
 def _tensor_info(path: str, name: str, entry: object) -> TensorInfo:
@@ -120,16 +165,18 @@ def _tensor_info(path: str, name: str, entry: object) -> TensorInfo:
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise _fail(path, f"invalid safetensors header: tensor {name!r} has unknown dtype {dtype!r}")
+        raise _fail(path, f"invalid safetensors header: tensor {name!r} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**48 for s in shape):
-        raise _fail(path, f"invalid safetensors header: tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(path, f"invalid safetensors header: tensor {name!r} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int and 0 <= o < 2**63 for o in offsets)
-        or offsets[1] < offsets[0]
+        or not all(type(o) is int and 0 <= o < 2**48 for o in offsets)
     ):
-        raise _fail(path, f"invalid safetensors header: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"invalid safetensors header: tensor {name!r} has invalid data_offsets {_short(offsets)}")
+    if offsets[1] < offsets[0]:
+        raise _fail(path, f"invalid safetensors header: tensor {name!r} has data_offsets out of order "
+                          f"(ends at {offsets[1]} before it begins at {offsets[0]})")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
     bits = DTYPES[dtype][1]
     if info.numel * bits != info.nbytes * 8:
@@ -138,11 +185,36 @@ def _tensor_info(path: str, name: str, entry: object) -> TensorInfo:
     return info
 
 
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _sniff(first: bytes) -> str:
+    """What a file that is not safetensors looks like, from its first bytes."""
+    if first.startswith(b"PK\x03\x04"):
+        return " (it is a zip archive, like a torch .pt/.bin/.ckpt pickle)"
+    if first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return " (it is a Python pickle)"
+    stripped = first.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        return " (it is a JSON text file)"
+    if first and all(32 <= c < 127 or c in (9, 10, 13) for c in first):
+        return " (it is a text file)"
+    return ""
+
+
 class SafetensorsFile:
-    """An open safetensors file. Use as a context manager or call :meth:`close`."""
+    """An open safetensors file. Use as a context manager or call :meth:`close`.
+
+    Tensors from :meth:`get` are views of a private (copy-on-write) memory map of the file: writing
+    to them never changes the file, and they stay valid after :meth:`close` (the map is released
+    when the last of them is gone).
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
+        self._mmap: mmap.mmap | None = None
         try:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except FileNotFoundError:
@@ -156,19 +228,28 @@ class SafetensorsFile:
         except BaseException:
             self._fh.close()
             raise
-        self._mmap: mmap.mmap | None = None
 
     def _read_header(self) -> None:
-        size = os.fstat(self._fh.fileno()).st_size
-        self.file_size = size
-        if size < 8:
-            raise _fail(self.path, f"not a safetensors file: too small ({size} bytes)")
-        n = int.from_bytes(self._fh.read(8), "little")
+        try:
+            size = os.fstat(self._fh.fileno()).st_size
+            self.file_size = size
+            first = self._fh.read(8)
+        except OSError as e:
+            raise _fail(self.path, f"cannot read: {e.strerror}") from None
+        if size < 8 or len(first) < 8:
+            raise _fail(self.path, f"not a safetensors file{_sniff(first)}: too small ({size} bytes)")
+        n = int.from_bytes(first, "little")
         if n > MAX_HEADER_BYTES:
-            raise _fail(self.path, f"not a safetensors file: header length {n} is over the 100 MB limit")
-        if n < 2 or 8 + n > size:
-            raise _fail(self.path, f"not a safetensors file: header length {n} does not fit the file ({size} bytes)")
+            raise _fail(self.path, f"not a safetensors file{_sniff(first)}: header length {n} is over "
+                                   f"the 100 MB limit")
+        if 8 + n > size:
+            raise _fail(self.path, f"not a safetensors file{_sniff(first)}: header length {n} is beyond the "
+                                   f"end of the file ({size} bytes)")
+        if n < 2:
+            raise _fail(self.path, f"not a safetensors file: header length {n} is too short for a JSON object")
         raw = self._fh.read(n)
+        if len(raw) != n:
+            raise _fail(self.path, f"truncated: {len(raw)} of {n} header bytes present")
         self.header_bytes = n
         self.tensors, self.metadata, self.data_start = parse_header(raw, self.path, size)
 
@@ -185,15 +266,33 @@ class SafetensorsFile:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def info(self, key: str) -> TensorInfo:
-        return self.tensors[key]
+    @property
+    def closed(self) -> bool:
+        return self._fh.closed
 
-    def get(self, key: str) -> torch.Tensor:
-        """One tensor, backed by the memory map (read-only view; copy before writing to it)."""
-        info = self.tensors[key]
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self.tensors[key]
+        except KeyError:
+            raise MissingTensor(f"no tensor named {key!r}", self.path) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The torch dtype of a tensor (an error when this torch cannot hold it)."""
+        info = self.info(key)
         torch_dtype = DTYPES[info.dtype][0]
         if torch_dtype is None:
             raise _fail(self.path, f"tensor {key!r} has dtype {info.dtype}, which this torch cannot hold")
+        return torch_dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, backed by the private memory map (copy-on-write; the file never changes)."""
+        info = self.info(key)
+        torch_dtype = self.dtype(key)
+        if self.closed:
+            raise _fail(self.path, f"cannot read tensor {key!r}: the file was closed")
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype)
         buf = self._map()
@@ -202,16 +301,28 @@ class SafetensorsFile:
         return flat.view(torch_dtype).reshape(info.shape)
 
     def _map(self) -> mmap.mmap:
+        if self._fh.closed:
+            raise _fail(self.path, "the file was closed")
+        try:
+            size = os.fstat(self._fh.fileno()).st_size
+        except OSError as e:
+            raise _fail(self.path, f"cannot read: {e.strerror}") from None
+        if size != self.file_size:  # changed under us: mapping it could crash on access
+            raise _fail(self.path, f"the file changed size while open ({self.file_size} -> {size} bytes)")
         if self._mmap is None:
-            self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            try:
+                self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise _fail(self.path, f"cannot memory-map the file: {e}") from None
         return self._mmap
 
     def raw_data(self) -> memoryview:
-        """The data region (for hashing)."""
+        """The data region (for hashing small files; large files: stream it, see io.hashes)."""
         return memoryview(self._map())[self.data_start:]
 
     def close(self) -> None:
-        # tensors handed out keep views into the map; let the GC close it when they are gone
+        """Close the file. The map itself is never closed here: tensors handed out hold a reference
+        to it (unmapping under them would crash), so it goes when the last of them does."""
         self._mmap = None
         self._fh.close()
 
@@ -220,6 +331,11 @@ class SafetensorsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        fh = getattr(self, "_fh", None)
+        if fh is not None:
+            fh.close()
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
