@@ -1,0 +1,242 @@
+"""``convert``: decide what every module of an adapter becomes in another file layout.
+
+Pure: a canonical :class:`~loratool.core.modules.Adapter` in, the adapter the target codec will
+write (and a report of what was done) out. Nothing is read or written here.
+
+Per module, in order of preference:
+
+* **rename** — the target holds the module as it is; its tensors are the very same objects, so
+  the written bytes are bit-identical;
+* **exact rewrite** — rsLoRA written as a plain alpha (``alpha·√r``), the scale folded as
+  ``√scale`` into both factors where the target has no alpha, a Tucker core folded into ``down``,
+  Flux fused projections split or joined (the same ΔW, up to float rounding);
+* **lossy** — only when asked (``rank`` or ``lossy``): LoHa, LoKr, full diffs (and anything else
+  the target cannot hold) as plain LoRA from a truncated SVD of ΔW, with the relative error;
+* **refused** — a module the target cannot express stops the conversion with its name and the
+  reason, unless ``drop_unknown`` (then it is listed as dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loratool.core.modules import Adapter, LoraModule, Module
+from loratool.errors import LoraToolError
+from loratool.ops.convert_flux import regroup_flux
+from loratool.ops.convert_math import (
+    DEFAULT_ENERGY,
+    DEFAULT_RANK_CAP,
+    fold_scale,
+    fold_tucker,
+    lower_to_lora,
+    unfold_rslora,
+)
+from loratool.ops.convert_targets import TargetSpec, resolve_target
+
+LYCORIS_KINDS = ("loha", "lokr", "full")
+
+
+class Unexpressible(Exception):
+    """A module the target layout cannot hold (its message says why)."""
+
+
+@dataclass
+class ModuleChange:
+    """What happened to one source module."""
+
+    key: str
+    kind: str
+    action: str  # rename, unfold-rslora, fold-alpha, fold-tucker, svd, fuse, split, drop
+    targets: list[str] = field(default_factory=list)
+    rank_in: int | None = None
+    rank_out: int | None = None
+    rel_error: float | None = None  # measured, for lossy changes
+    note: str = ""
+
+    def to_json(self) -> dict:
+        out = {"key": self.key, "kind": self.kind, "action": self.action, "targets": self.targets,
+               "rank_in": self.rank_in, "rank_out": self.rank_out}
+        if self.rel_error is not None:
+            out["rel_error"] = self.rel_error
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass
+class ConvertReport:
+    source_format: str
+    target: str
+    changes: list[ModuleChange] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
+    embeddings: list[str] = field(default_factory=list)
+
+    @property
+    def lossy(self) -> list[ModuleChange]:
+        return [c for c in self.changes if c.action == "svd"]
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((c.rel_error or 0.0 for c in self.lossy), default=0.0)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.changes:
+            out[c.action] = out.get(c.action, 0) + 1
+        if self.dropped:
+            out["drop"] = len(self.dropped)
+        return out
+
+    @property
+    def exact(self) -> bool:
+        return not self.lossy and not self.dropped
+
+    def to_json(self) -> dict:
+        return {
+            "source_format": self.source_format, "target": self.target, "exact": self.exact,
+            "counts": self.counts(), "max_rel_error": self.max_rel_error,
+            "modules": [c.to_json() for c in self.changes],
+            "dropped": [{"key": k, "why": w} for k, w in self.dropped],
+            "embeddings": self.embeddings,
+        }
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    rank: int | None = None  # lossy lowering at this rank
+    lossy: bool = False  # lowering allowed (implied by rank)
+    energy: float = DEFAULT_ENERGY
+    rank_cap: int = DEFAULT_RANK_CAP
+    drop_unknown: bool = False
+    dtype: torch.dtype | None = None
+
+    @property
+    def lowering(self) -> bool:
+        return self.lossy or self.rank is not None
+
+
+def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool = False,
+            energy: float = DEFAULT_ENERGY, rank_cap: int = DEFAULT_RANK_CAP, drop_unknown: bool = False,
+            dtype: torch.dtype | None = None) -> tuple[Adapter, ConvertReport]:
+    """The adapter as ``to`` will hold it, and what was done to each module.
+
+    Raises :class:`LoraToolError` naming every module (or unknown key) the target cannot hold,
+    unless ``drop_unknown``. Metadata is left to :func:`loratool.ops.convert_meta.target_metadata`.
+    """
+    if rank is not None and rank < 1:
+        raise LoraToolError(f"--rank must be at least 1 (got {rank})")
+    spec = resolve_target(to)
+    opts = ConvertOptions(rank, lossy, energy, rank_cap, drop_unknown, dtype)
+    report = ConvertReport(adapter.source_format or "unknown", spec.name)
+    problems: list[tuple[str, str]] = [(k, "no format recognises this key") for k in adapter.unknown]
+    result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
+                     embeddings=dict(adapter.embeddings))
+    report.embeddings = sorted(adapter.embeddings)
+    if spec.single_component and len(adapter.components()) > 1:
+        names = ", ".join(sorted(adapter.components()))
+        raise LoraToolError(f"a {spec.name} adapter holds one model, this one adapts {names}: convert to "
+                            "diffusers (one file for the pipeline) instead")
+    for key, module in adapter.modules.items():
+        try:
+            new, change = convert_module(module, spec, opts)
+        except Unexpressible as e:
+            problems.append((key, str(e)))
+            continue
+        report.changes.append(change)
+        result.add(new)
+    if problems and not drop_unknown:
+        raise LoraToolError(_refusal(problems, spec))
+    report.dropped = problems
+    result = regroup_flux(result, spec, report)
+    if dtype is not None:
+        result = cast_adapter(result, dtype)
+    return result, report
+
+
+def _refusal(problems: list[tuple[str, str]], spec: TargetSpec) -> str:
+    shown = "; ".join(f"{k}: {why}" for k, why in problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return (f"{len(problems)} module(s) cannot be written as {spec.name}: {shown}{more}. "
+            "Nothing was written; --drop-unknown converts the rest and lists what was dropped")
+
+
+def convert_module(module: Module, spec: TargetSpec, opts: ConvertOptions) -> tuple[Module, ModuleChange]:
+    """One module as the target holds it (raises :class:`Unexpressible`)."""
+    if module.component not in spec.components:
+        raise Unexpressible(f"{spec.name} has no place for a {module.component!r} component")
+    if module.bias is not None and not spec.bias:
+        raise Unexpressible(f"a bias change; {spec.name} stores only weight factors")
+    rank_in = module.rank if isinstance(module.rank, int) else None
+    change = ModuleChange(module.key, module.kind, "rename", [module.key], rank_in, rank_in)
+    if module.kind == "norm":
+        if "norm" not in spec.kinds:
+            raise Unexpressible(f"a LyCORIS norm-layer change; {spec.name} holds only LoRA factors")
+        return module, change
+    if module.kind in LYCORIS_KINDS and (opts.lowering or module.kind not in spec.kinds):
+        if not opts.lowering:
+            raise Unexpressible(f"a {module.kind} module; {spec.name} holds only plain LoRA: --rank N or "
+                                "--lossy turns it into LoRA by a truncated SVD of ΔW (lossy, measured)")
+        module, err = lower_to_lora(module, opts.rank, energy=opts.energy, cap=opts.rank_cap)
+        change.action, change.rel_error, change.rank_out = "svd", err, module.rank
+    if isinstance(module, LoraModule):
+        module = _lora_for(module, spec, change)
+    _check_dora(module, spec)
+    return module, change
+
+
+def _lora_for(module: LoraModule, spec: TargetSpec, change: ModuleChange) -> LoraModule:
+    """The exact rewrites a plain LoRA/LoCon needs for this target, recorded on ``change``."""
+    def did(action: str) -> None:
+        if change.action == "rename":
+            change.action = action
+        elif action not in change.action:
+            change.action = f"{change.action}+{action}"
+
+    if module.mid is not None and not spec.tucker:
+        module = fold_tucker(module)
+        did("fold-tucker")
+    if module.rslora and not spec.rslora:
+        module = unfold_rslora(module)
+        did("unfold-rslora")
+    if not spec.alpha and module.alpha is not None:
+        if module.scale != 1.0:
+            did("fold-alpha")
+        module = fold_scale(module)
+    change.rank_out = module.rank
+    return module
+
+
+def _check_dora(module: Module, spec: TargetSpec) -> None:
+    if module.dora is None:
+        return
+    if not spec.dora_axes:
+        raise Unexpressible(f"a DoRA module; {spec.name} has no place for a DoRA magnitude")
+    if module.dora.axis not in spec.dora_axes:
+        have = "per input column (older LyCORIS/A1111)" if module.dora.axis == "in" else "per output row"
+        raise Unexpressible(f"a DoRA magnitude taken {have}; {spec.name} stores only "
+                            f"{'/'.join(sorted(spec.dora_axes))}-axis magnitudes, and one cannot be turned "
+                            "into the other without the base weight")
+
+
+def cast_adapter(adapter: Adapter, dtype: torch.dtype) -> Adapter:
+    """Every stored tensor of every module cast to ``dtype`` (alphas are plain floats)."""
+    out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
+                  embeddings={k: v.to(dtype) for k, v in adapter.embeddings.items()}, unknown=list(adapter.unknown))
+    for module in adapter.modules.values():
+        out.add(_cast_module(module, dtype))
+    return out
+
+
+def _cast_module(module: Module, dtype: torch.dtype) -> Module:
+    from dataclasses import fields, replace
+
+    changes = {}
+    for f in fields(module):
+        value = getattr(module, f.name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            changes[f.name] = value.to(dtype)
+    if module.dora is not None:
+        changes["dora"] = replace(module.dora, magnitude=module.dora.magnitude.to(dtype))
+    return replace(module, **changes)
