@@ -1,0 +1,200 @@
+"""Extract a LoRA from a base and a fine-tuned model: ΔW = W_tuned − W_base, truncated per module.
+
+The pipeline streams: a background thread reads tensor pairs (``os.pread`` into pinned buffers on
+CUDA) batch by batch, batches hold same-shaped modules, the host→device copy of the next batch is
+issued on a side stream before the current batch is decomposed, and only the small factors come
+back. Peak memory is a few batches, not two models. Pure library code: progress goes to a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from loratool.core.modules import Adapter, LoraModule
+from loratool.errors import LoraToolError
+from loratool.linalg import clamp_factors, decompose
+from loratool.ops.extract_io import TensorFiles, prefetch, read_weight
+from loratool.ops.extract_plan import ExtractOptions, Plan, PlannedModule, build_plan
+from loratool.ops.extract_report import ModuleReport, compact, summarize
+
+Progress = Callable[[int, int, str], None]  # (modules done, total, last module key)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BATCH_BYTES = {"cuda": 768 << 20, "cpu": 96 << 20}  # fp32 ΔW per batch
+
+
+@dataclass
+class ExtractResult:
+    adapter: Adapter
+    plan: Plan
+    reports: list[ModuleReport]
+    summary: dict
+    dtype: torch.dtype
+
+    def compact_report(self) -> str:
+        return compact(self.reports, self.summary)
+
+    def full_report(self) -> dict:
+        return {"arch": self.plan.arch, "summary": self.summary, "modules": [r.as_dict() for r in self.reports]}
+
+
+def plan_extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions) -> Plan:
+    """The plan alone (``--dry-run``): modules, shapes and ranks; no tensor is read."""
+    b, t = TensorFiles(base), TensorFiles(tuned)
+    try:
+        return build_plan(b, t, options)
+    finally:
+        b.close()
+        t.close()
+
+
+def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions,
+            progress: Progress | None = None) -> ExtractResult:
+    b, t = TensorFiles(base), TensorFiles(tuned)
+    try:
+        plan = build_plan(b, t, options)
+        dtype = output_dtype(options.dtype, t, plan)
+        reports, modules = _run(b, t, plan, options, dtype, progress)
+    finally:
+        b.close()
+        t.close()
+    adapter = Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
+    for m in modules:
+        adapter.add(m)
+    order = {m.key: i for i, m in enumerate(plan.modules)}
+    reports.sort(key=lambda r: order[r.key])
+    summary = summarize(reports, plan.excluded, plan.missing)
+    return ExtractResult(adapter, plan, reports, summary, dtype)
+
+
+def output_dtype(name: str | None, tuned: TensorFiles, plan: Plan) -> torch.dtype:
+    if name is not None:
+        if name not in DTYPES:
+            raise LoraToolError(f"--dtype {name}: use fp16, bf16 or fp32")
+        return DTYPES[name]
+    stored = tuned.dtype(plan.modules[0].ref.segments[0].key)
+    return stored if stored in DTYPES.values() else torch.float32
+
+
+def batches(modules: list[PlannedModule], budget: int) -> list[list[PlannedModule]]:
+    """Same-shaped, same-rank modules grouped (in plan order of first appearance), cut to the budget."""
+    groups: dict[tuple, list[PlannedModule]] = {}
+    for m in modules:
+        groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder), []).append(m)
+    out = []
+    for (shape, _, _), group in groups.items():
+        per = max(1, budget // (4 * math.prod(shape)))
+        out.extend(group[i:i + per] for i in range(0, len(group), per))
+    return out
+
+
+def _run(b: TensorFiles, t: TensorFiles, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
+         progress: Progress | None) -> tuple[list[ModuleReport], list[LoraModule]]:
+    device = torch.device(options.device)
+    cuda = device.type == "cuda"
+    jobs = batches(plan.modules, BATCH_BYTES["cuda" if cuda else "cpu"])
+
+    def load(batch: list[PlannedModule]):
+        return ([read_weight(b, m.ref, pin=cuda) for m in batch], [read_weight(t, m.ref, pin=cuda) for m in batch])
+
+    reports: list[ModuleReport] = []
+    modules: list[LoraModule] = []
+    done = 0
+    for batch, (base_w, tuned_w) in _on_device(prefetch(jobs, load), device):
+        r, mods = _extract_batch(batch, base_w, tuned_w, options, dtype)
+        reports += r
+        modules += mods
+        done += len(batch)
+        if progress:
+            progress(done, len(plan.modules), batch[-1].key)
+    return reports, modules
+
+
+def _on_device(items: Iterator, device: torch.device) -> Iterator:
+    """Move each batch to ``device``; on CUDA the next batch's copy is issued before this one is used."""
+    if device.type != "cuda":
+        yield from items
+        return
+    stream = torch.cuda.Stream(device)
+
+    def upload(item):
+        batch, (base_w, tuned_w) = item
+        with torch.cuda.stream(stream):
+            moved = ([x.to(device, non_blocking=True) for x in base_w],
+                     [x.to(device, non_blocking=True) for x in tuned_w])
+            event = torch.cuda.Event()
+            event.record(stream)
+        return batch, moved, event, (base_w, tuned_w)
+
+    pending = None
+    for item in items:
+        nxt = upload(item)
+        if pending is not None:
+            yield _ready(pending)
+        pending = nxt
+    if pending is not None:
+        yield _ready(pending)
+
+
+def _ready(pending):
+    batch, moved, event, _host = pending  # the host buffers stay referenced until the copy is done
+    torch.cuda.current_stream().wait_event(event)
+    for x in (*moved[0], *moved[1]):
+        x.record_stream(torch.cuda.current_stream())
+    return batch, moved
+
+
+def _extract_batch(batch: list[PlannedModule], base_w: list[torch.Tensor], tuned_w: list[torch.Tensor],
+                   options: ExtractOptions, dtype: torch.dtype) -> tuple[list[ModuleReport], list[LoraModule]]:
+    m, n = batch[0].matrix_shape
+    base = torch.stack([x.reshape(m, n) for x in base_w]).float()
+    delta = torch.stack([x.reshape(m, n) for x in tuned_w]).float() - base
+    d2 = delta.norm(dim=(1, 2)).double().square().cpu().tolist()
+    b2 = base.norm(dim=(1, 2)).double().square().cpu().tolist()
+    del base
+    reports, keep = [], []
+    for i, mod in enumerate(batch):
+        change = math.sqrt(d2[i] / b2[i]) if b2[i] > 0 else (math.inf if d2[i] > 0 else 0.0)
+        if d2[i] == 0:
+            reports.append(ModuleReport(mod.key, mod.shape, "unchanged", 0.0))
+        elif mod.is_text_encoder and change < options.min_change:
+            reports.append(ModuleReport(mod.key, mod.shape, "below_min_change", change))
+        else:
+            keep.append((i, change))
+    if not keep:
+        return reports, []
+    idx = [i for i, _ in keep]
+    sub = delta[idx]
+    truncs = decompose(sub, [batch[i].key for i in idx], batch[0].rank, options.rank_mode, options.policy)
+    modules = []
+    for (i, change), a, tr in zip(keep, sub, truncs, strict=True):
+        mod = batch[i]
+        up, down = _factors(tr, options.clamp_quantile, dtype)
+        err = float((a - up.float() @ down.float()).norm() / a.norm())
+        reports.append(ModuleReport(mod.key, mod.shape, "ok", change, tr.rank, err, tr.retained, tr.method))
+        modules.append(_lora_module(mod, up.cpu(), down.cpu()))
+    return reports, modules
+
+
+def _factors(tr, clamp_q: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``up = U·√S``, ``down = √S·Vh`` (the split keeps both in fp16 range), clamped if asked, cast."""
+    root = tr.s.float().clamp_min(0).sqrt()
+    up = tr.u.float() * root[None, :]
+    down = root[:, None] * tr.vh.float()
+    if clamp_q is not None:
+        up, down = clamp_factors(up, down, clamp_q)
+    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
+
+
+def _lora_module(mod: PlannedModule, up: torch.Tensor, down: torch.Tensor) -> LoraModule:
+    r = up.shape[1]
+    if len(mod.shape) == 4:
+        up = up.reshape(mod.shape[0], r, 1, 1)
+        down = down.reshape(r, *mod.shape[1:])
+    elif len(mod.shape) > 2:  # generic n-d weights: the factor keeps the flattened trailing dims
+        down = down.reshape(r, -1)
+    return LoraModule(component=mod.component, path=mod.path, alpha=float(r), down=down, up=up)

@@ -1,0 +1,203 @@
+"""What an extraction will do, decided before any tensor is read: the modules, their shapes, ranks.
+
+Two ways to list modules:
+
+* an architecture table (sd1, sd2, sdxl, flux, sd3): the ``--targets`` set of its modules, each
+  found in the files as a single-file key (with or without the component prefix, e.g. bare BFL
+  keys), a diffusers component key (``path.weight``) or a folder key (``component.path.weight``);
+  fused weights (Flux/SD3 qkv) are read as kohya trains them, whole;
+* ``generic``: every floating tensor of two or more dims present in both files, named as it is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from loratool.errors import LoraToolError
+from loratool.linalg import RankMode, SvdPolicy
+from loratool.ops.extract_io import Segment, TensorFiles, WeightRef
+
+TEXT_PREFIX = "text_encoder"
+DEFAULT_MIN_CHANGE = 2e-3  # relative Frobenius change; a bf16 round trip alone is ~1e-3
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    rank: int = 32
+    conv_rank: int | None = None  # k×k convs; None: same as rank
+    rank_mode: RankMode = field(default_factory=RankMode)
+    targets: str = "attn"
+    arch: str | None = None  # None: detect; "generic": keep names
+    min_change: float = DEFAULT_MIN_CHANGE
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    policy: SvdPolicy = field(default_factory=SvdPolicy)
+    clamp_quantile: float | None = None
+    dtype: str | None = None  # fp16 | bf16 | fp32; None: the inputs'
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
+            raise LoraToolError("ranks must be at least 1")
+        if self.clamp_quantile is not None and not 0 < self.clamp_quantile <= 1:
+            raise LoraToolError(f"--clamp-quantile {self.clamp_quantile}: use a value in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    component: str
+    path: str
+    shape: tuple[int, ...]  # the layer weight's shape
+    ref: WeightRef
+    rank: int  # the cap (the rank itself in fixed mode)
+
+    @property
+    def key(self) -> str:
+        return f"{self.component}.{self.path}" if self.component else self.path
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        return self.shape[0], math.prod(self.shape[1:])
+
+    @property
+    def is_text_encoder(self) -> bool:
+        return self.component.startswith(TEXT_PREFIX)
+
+    def lora_params(self) -> int:
+        m, n = self.matrix_shape
+        return self.rank * (m + n)
+
+
+@dataclass
+class Plan:
+    arch: str
+    modules: list[PlannedModule]
+    excluded: list[str]  # by --include/--exclude
+    missing: list[str]  # targets of the table that neither file holds (e.g. no text encoder in a unet file)
+
+    def output_bytes(self, bytes_per_value: int) -> int:
+        return sum(m.lora_params() * bytes_per_value + 4 for m in self.modules)
+
+
+def detect_arch(src: TensorFiles) -> str:
+    from loratool.arch import detect_arch_from_checkpoint
+
+    name = detect_arch_from_checkpoint({k: src.shape(k) for k in src.keys()})
+    return "generic" if name in (None, "unknown") else name
+
+
+def build_plan(base: TensorFiles, tuned: TensorFiles, options: ExtractOptions) -> Plan:
+    arch = options.arch or detect_arch(tuned)
+    if arch == "generic":
+        modules, missing = _generic_modules(base, tuned, options), []
+    else:
+        modules, missing = _arch_modules(arch, tuned, options)
+    keep, excluded = _filter(modules, options.include, options.exclude)
+    for m in keep:
+        _check_pair(base, tuned, m)
+    if not keep:
+        raise LoraToolError(f"nothing to extract: no {options.targets} module of {arch} was found in the inputs "
+                            "or every one was excluded", tuned.path)
+    return Plan(arch, keep, excluded, missing)
+
+
+def _rank_for(shape: tuple[int, ...], options: ExtractOptions) -> int:
+    is_kxk = len(shape) == 4 and math.prod(shape[2:]) > 1
+    cap = options.conv_rank if (is_kxk and options.conv_rank) else options.rank
+    return max(1, min(cap, shape[0], math.prod(shape[1:])))
+
+
+def _generic_modules(base: TensorFiles, tuned: TensorFiles, options: ExtractOptions) -> list[PlannedModule]:
+    only_base = sorted(set(base.keys()) - set(tuned.keys()))
+    only_tuned = sorted(set(tuned.keys()) - set(base.keys()))
+    if only_base or only_tuned:
+        key, where = (only_base[0], tuned.path) if only_base else (only_tuned[0], base.path)
+        extra = len(only_base) + len(only_tuned) - 1
+        raise LoraToolError(f"tensor {key} is missing from this file"
+                            + (f" ({extra} more keys differ)" if extra else "") + "; --arch generic needs "
+                            "the same keys in BASE and TUNED", where)
+    out = []
+    for key in tuned.keys():
+        shape = tuned.shape(key)
+        if len(shape) < 2 or not tuned.dtype(key).is_floating_point or 0 in shape:
+            continue
+        path = key.removesuffix(".weight")
+        ref = WeightRef((Segment(key),), shape)
+        out.append(PlannedModule("model", path, shape, ref, _rank_for(shape, options)))
+    return out
+
+
+def _arch_modules(name: str, src: TensorFiles, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:
+    from loratool.arch import load_arch
+
+    arch = load_arch(name)
+    keys = set(src.keys())
+    out, missing = [], []
+    for spec in arch.targets(options.targets, fused=True):
+        ref = _locate(arch, spec, keys)
+        if ref is None:
+            missing.append(spec.key)
+            continue
+        out.append(PlannedModule(spec.component, spec.path, tuple(spec.shape), ref, _rank_for(spec.shape, options)))
+    return out, missing
+
+
+def _locate(arch, spec, keys: set[str]) -> WeightRef | None:
+    """Where ``spec``'s weight is in a file with ``keys``: single-file, bare, diffusers or folder naming."""
+    shape = tuple(spec.shape)
+    diffusers = [spec.path + ".weight", f"{spec.component}.{spec.path}.weight"]
+    for k in diffusers:
+        if k in keys:
+            return WeightRef((Segment(k),), shape)
+    if spec.parts:  # a fused module in diffusers naming: its parts stacked
+        for prefix in ("", f"{spec.component}."):
+            names = [prefix + part.split(".", 1)[1] + ".weight" for part, _ in spec.parts]
+            if all(n in keys for n in names):
+                return WeightRef(tuple(Segment(n) for n in names), shape)
+    if not spec.checkpoint_key:
+        return None
+    prefix = arch.checkpoint_prefix.get(spec.component, "")
+    for ckey in (spec.checkpoint_key, spec.checkpoint_key.removeprefix(prefix)):
+        if ckey in keys:
+            return _checkpoint_ref(arch, spec, ckey, shape)
+    return None
+
+
+def _checkpoint_ref(arch, spec, ckey: str, shape: tuple[int, ...]) -> WeightRef:
+    param = arch.params.get((spec.component, spec.path + ".weight"))
+    transpose = bool(param and param.op == "T")
+    if spec.row_order:
+        return WeightRef(tuple(Segment(ckey, a, b) for a, b in spec.row_order), shape, transpose)
+    if spec.checkpoint_rows:
+        a, b = spec.checkpoint_rows
+        return WeightRef((Segment(ckey, a, b),), shape, transpose)
+    return WeightRef((Segment(ckey),), shape, transpose)
+
+
+def _filter(modules: list[PlannedModule], include: tuple[str, ...], exclude: tuple[str, ...]):
+    try:
+        inc = [re.compile(p) for p in include]
+        exc = [re.compile(p) for p in exclude]
+    except re.error as e:
+        raise LoraToolError(f"bad --include/--exclude regular expression: {e}") from None
+    keep, dropped = [], []
+    for m in modules:
+        ok = (not inc or any(r.search(m.key) for r in inc)) and not any(r.search(m.key) for r in exc)
+        (keep if ok else dropped).append(m)
+    return keep, [m.key for m in dropped]
+
+
+def _check_pair(base: TensorFiles, tuned: TensorFiles, m: PlannedModule) -> None:
+    for seg in m.ref.segments:
+        if seg.key not in base.files:
+            raise LoraToolError(f"tensor {seg.key} (module {m.key}) is missing from BASE", base.path)
+        if base.shape(seg.key) != tuned.shape(seg.key):
+            raise LoraToolError(f"tensor {seg.key} has shape {list(base.shape(seg.key))} in BASE but "
+                                f"{list(tuned.shape(seg.key))} in TUNED", tuned.path)
+    rows = sum((s.stop if s.stop is not None else tuned.shape(s.key)[0]) - s.start for s in m.ref.segments)
+    numel = rows * math.prod(tuned.shape(m.ref.segments[0].key)[1:])
+    if numel != math.prod(m.shape):
+        raise LoraToolError(f"tensor {m.ref.segments[0].key} does not have the shape the architecture table "
+                            f"gives for {m.key} ({list(m.shape)})", tuned.path)

@@ -1,0 +1,172 @@
+"""extract as a library call, on tiny checkpoints built here, against dense float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loratool.errors import LoraToolError
+from loratool.io.writer import write_safetensors
+from loratool.linalg import SvdPolicy, parse_rank_mode
+from loratool.ops.extract import extract, plan_extract
+from loratool.ops.extract_plan import ExtractOptions
+
+
+def low_rank(shape, rank, gen, scale=0.1):
+    m, n = shape[0], math.prod(shape[1:])
+    return (torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen) * scale / rank).reshape(shape)
+
+
+def pair(tmp_path, base: dict, deltas: dict, dtype=torch.float32):
+    tuned = {k: (v.float() + deltas[k]).to(dtype) if k in deltas else v.to(dtype) for k, v in base.items()}
+    b, t = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    write_safetensors(b, {k: v.to(dtype) for k, v in base.items()}, None)
+    write_safetensors(t, tuned, None)
+    return b, t
+
+
+def dense(module) -> torch.Tensor:
+    return module.delta(torch.float64)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def test_generic_recovers_exact_low_rank_deltas_linear_and_convs(tmp_path, gen):
+    shapes = {"lin.weight": (96, 160), "conv3.weight": (48, 24, 3, 3), "conv1.weight": (64, 32, 1, 1)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    base["norm.weight"] = torch.randn(96, generator=gen)
+    deltas = {k: low_rank(s, 4, gen) for k, s in shapes.items()}
+    b, t = pair(tmp_path, base, deltas)
+    res = extract(b, t, ExtractOptions(rank=6, arch="generic", dtype="fp32"))
+    assert sorted(res.adapter.modules) == ["model.conv1", "model.conv3", "model.lin"]
+    for k, d in deltas.items():
+        mod = res.adapter.modules["model." + k.removesuffix(".weight")]
+        want = (base[k] + d).double() - base[k].double()
+        assert float((dense(mod) - want).norm() / want.norm()) < 1e-5
+        assert mod.alpha == mod.rank == 6
+    conv3 = res.adapter.modules["model.conv3"]
+    assert tuple(conv3.down.shape) == (6, 24, 3, 3) and tuple(conv3.up.shape) == (48, 6, 1, 1)
+    assert all(r.rel_error < 1e-5 and r.retained > 1 - 1e-9 for r in res.reports)
+
+
+def test_error_is_within_one_percent_of_optimal_and_reported(tmp_path, gen):
+    m, n = 256, 384
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))[0]
+    d = (u @ torch.diag(torch.arange(1, m + 1, dtype=torch.float64) ** -0.6) @ v.T).float()
+    b, t = pair(tmp_path, {"w.weight": torch.randn(m, n, generator=gen)}, {"w.weight": d})
+    res = extract(b, t, ExtractOptions(rank=16, arch="generic", dtype="fp32"))
+    from loratool.io.safetensors import load_file
+    delta = load_file(t)["w.weight"].double() - load_file(b)["w.weight"].double()
+    s = torch.linalg.svdvals(delta)
+    optimal = float(s[16:].square().sum().sqrt() / s.square().sum().sqrt())
+    (rep,) = res.reports
+    got = float((dense(res.adapter.modules["model.w"]) - delta).norm() / delta.norm())
+    assert got <= 1.01 * optimal
+    assert rep.rel_error == pytest.approx(got, rel=1e-3)
+    assert rep.retained == pytest.approx(1 - got**2, rel=1e-3)
+
+
+def test_two_runs_give_identical_factors_and_bf16_inputs_work(tmp_path, gen):
+    base = {"a.weight": torch.randn(128, 200, generator=gen), "b.weight": torch.randn(128, 200, generator=gen)}
+    deltas = {k: low_rank(v.shape, 30, gen) for k, v in base.items()}
+    b, t = pair(tmp_path, base, deltas, dtype=torch.bfloat16)
+    opts = ExtractOptions(rank=8, arch="generic")
+    r1, r2 = extract(b, t, opts), extract(b, t, opts)
+    assert r1.dtype == torch.bfloat16
+    for k, m in r1.adapter.modules.items():
+        assert m.up.dtype == torch.bfloat16
+        assert torch.equal(m.up, r2.adapter.modules[k].up) and torch.equal(m.down, r2.adapter.modules[k].down)
+    r3 = extract(b, t, ExtractOptions(rank=8, arch="generic", policy=SvdPolicy(seed=1)))
+    assert not torch.equal(r3.adapter.modules["model.a"].down, r1.adapter.modules["model.a"].down)
+
+
+def test_unchanged_and_zero_layers_are_skipped_and_reported(tmp_path, gen):
+    base = {"same.weight": torch.randn(64, 64, generator=gen), "moved.weight": torch.randn(64, 64, generator=gen)}
+    b, t = pair(tmp_path, base, {"moved.weight": low_rank((64, 64), 2, gen)})
+    res = extract(b, t, ExtractOptions(rank=4, arch="generic"))
+    assert list(res.adapter.modules) == ["model.moved"]
+    assert res.summary["skipped_unchanged"] == ["model.same"]
+    assert '"modules":{"model.moved":[4,' in res.compact_report()
+
+
+def test_dynamic_rank_is_minimal(tmp_path, gen):
+    m = 128
+    q = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))[0]
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0] + [1e-3] * 4, dtype=torch.float64)
+    d = (q[:, :8] @ torch.diag(s) @ q[:, 8:16].T).float()
+    b, t = pair(tmp_path, {"w.weight": torch.zeros(m, m)}, {"w.weight": d})
+    for mode, want in (("fro:0.9", 2), ("fro:0.99", 3), ("ratio:4", 2), ("cumulative:0.9", 3), ("fixed", 16)):
+        res = extract(b, t, ExtractOptions(rank=16, arch="generic", rank_mode=parse_rank_mode(mode)))
+        assert res.adapter.modules["model.w"].rank == want, mode
+        assert res.adapter.modules["model.w"].alpha == want
+
+
+def test_mismatches_are_one_clear_error(tmp_path, gen):
+    a = {"x.weight": torch.randn(8, 8, generator=gen)}
+    write_safetensors(tmp_path / "a.safetensors", a, None)
+    write_safetensors(tmp_path / "b.safetensors", {"x.weight": torch.randn(8, 9, generator=gen)}, None)
+    write_safetensors(tmp_path / "c.safetensors", {**a, "y.weight": a["x.weight"]}, None)
+    with pytest.raises(LoraToolError, match=r"tensor x\.weight has shape \[8, 8\] in BASE but \[8, 9\]"):
+        extract(tmp_path / "a.safetensors", tmp_path / "b.safetensors", ExtractOptions(rank=2, arch="generic"))
+    with pytest.raises(LoraToolError, match=r"tensor y\.weight is missing"):
+        extract(tmp_path / "a.safetensors", tmp_path / "c.safetensors", ExtractOptions(rank=2, arch="generic"))
+
+
+def test_clamp_is_off_by_default_and_clamps_when_asked(tmp_path, gen):
+    base = {"w.weight": torch.randn(64, 96, generator=gen)}
+    b, t = pair(tmp_path, base, {"w.weight": low_rank((64, 96), 8, gen)})
+    plain = extract(b, t, ExtractOptions(rank=8, arch="generic", dtype="fp32")).adapter.modules["model.w"]
+    clamped = extract(b, t, ExtractOptions(rank=8, arch="generic", dtype="fp32", clamp_quantile=0.9))
+    cm = clamped.adapter.modules["model.w"]
+    pooled = torch.cat([plain.up.flatten(), plain.down.flatten()])
+    hi = float(torch.quantile(pooled, 0.9))
+    assert float(cm.up.abs().max()) <= hi * (1 + 1e-5) < float(plain.up.abs().max())
+    assert clamped.reports[0].rel_error > 1e-3 > extract(b, t, ExtractOptions(rank=8, arch="generic")).reports[0].rel_error
+
+
+SD1_ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+SD1_CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+SD1_TE = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight"
+SD1_TE2 = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+
+
+def test_sd1_layout_targets_text_encoder_threshold_and_filters(tmp_path, gen):
+    base = {SD1_ATTN: torch.randn(320, 320, generator=gen), SD1_CONV: torch.randn(320, 320, 3, 3, generator=gen) * .1,
+            SD1_TE: torch.randn(768, 768, generator=gen), SD1_TE2: torch.randn(768, 768, generator=gen)}
+    deltas = {SD1_ATTN: low_rank((320, 320), 4, gen), SD1_CONV: low_rank((320, 320, 3, 3), 4, gen),
+              SD1_TE: low_rank((768, 768), 4, gen, scale=1e-3), SD1_TE2: low_rank((768, 768), 4, gen, scale=30)}
+    b, t = pair(tmp_path, base, deltas, dtype=torch.float16)
+    plan = plan_extract(b, t, ExtractOptions(rank=4))
+    assert plan.arch == "sd1" and len(plan.modules) == 3 and len(plan.missing) == 264 - 3
+    res = extract(b, t, ExtractOptions(rank=4))
+    keys = sorted(res.adapter.modules)
+    assert keys == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+                    "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    assert res.summary["skipped_below_min_change"] == ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]
+    res = extract(b, t, ExtractOptions(rank=4, targets="attn+conv", exclude=("text_encoder",), conv_rank=2))
+    assert sorted(res.adapter.modules) == ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                           "unet.down_blocks.0.resnets.0.conv1"]
+    assert res.adapter.modules["unet.down_blocks.0.resnets.0.conv1"].rank == 2
+    assert res.adapter.base_model == "sd1" and len(res.summary["excluded"]) == 2
+
+
+def test_sdxl_fused_in_proj_rows_are_read_per_module(tmp_path, gen):
+    key = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+    base = {key: torch.randn(3840, 1280, generator=gen)}
+    d = torch.zeros(3840, 1280)
+    d[1280:2560] = low_rank((1280, 1280), 3, gen)  # only k changes
+    b, t = pair(tmp_path, base, {key: d})
+    res = extract(b, t, ExtractOptions(rank=3, dtype="fp32"))
+    assert res.plan.arch == "sdxl"
+    assert list(res.adapter.modules) == ["text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"]
+    got = dense(res.adapter.modules["text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"])
+    assert float((got - d[1280:2560].double()).norm() / d[1280:2560].norm()) < 1e-5
+    assert sorted(res.summary["skipped_unchanged"]) == [
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj"]
