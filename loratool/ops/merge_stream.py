@@ -1,0 +1,222 @@
+"""Streaming checkpoint rewrite for ``merge``: header first, then tensor by tensor.
+
+Every shape and dtype of the output is known before a byte is written (a merge changes values, never
+layouts), so the header is written first and the data follows in the input's order. Runs of untouched
+tensors are copied byte for byte with ``copy_file_range`` (the kernel moves the pages; they never
+enter this process), and only a changed tensor is read — with plain reads, not a memory map, so
+the pages it touched do not stay in the process — changed in float32 and written. Peak memory is
+one layer, whatever the checkpoint's size. A single-file output goes through :class:`AtomicFile`;
+a diffusers folder is built beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratool.errors import LoraToolError
+from loratool.io.metadata import loratool_keys
+from loratool.io.safetensors import DTYPES, SafetensorsFile, TensorInfo
+from loratool.io.writer import AtomicFile, check_output, header_bytes, tensor_bytes
+from loratool.ops.merge import Application, MergePlan, apply_to_tensor, plan_merge
+from loratool.ops.mix import MixInput
+
+Progress = Callable[[int], None]  # called with the number of bytes just written
+_CHUNK = 16 << 20
+
+
+@dataclass
+class _Run:
+    start: int = 0
+    end: int = 0
+
+
+def _read_tensor(fh, f: SafetensorsFile, info: TensorInfo) -> torch.Tensor:
+    buf = bytearray(info.nbytes)
+    fh.seek(f.data_start + info.begin)
+    if fh.readinto(buf) != info.nbytes:
+        raise LoraToolError(f"tensor {info.name} is cut short", f.path)
+    dtype = DTYPES[info.dtype][0]
+    if dtype is None or not dtype.is_floating_point:
+        raise LoraToolError(f"tensor {info.name} has dtype {info.dtype}; only float weights can be merged", f.path)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+
+def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at ``offset`` of ``src_fd`` to the end of the open file ``dst``."""
+    dst.flush()
+    dst_fd = dst.fileno()
+    while length > 0:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(length, 1 << 30), offset)
+        except (OSError, AttributeError):
+            n = 0
+        if n <= 0:  # not supported here (or across file systems): plain reads
+            data = os.pread(src_fd, min(length, _CHUNK), offset)
+            if not data:
+                raise LoraToolError("the checkpoint ended early while copying")
+            dst.write(data)
+            dst.flush()
+            n = len(data)
+        offset += n
+        length -= n
+
+
+def rewrite_file(src: Path, dst_fh, changes: dict[str, list[Application]], metadata: dict[str, str] | None,
+                 device: torch.device | None = None, progress: Progress | None = None) -> int:
+    """Write ``src`` to the open ``dst_fh`` with ``changes`` applied; returns the tensors changed."""
+    with SafetensorsFile(src) as f, open(src, "rb") as fh:
+        infos = sorted(f.tensors.values(), key=lambda i: i.begin)
+        meta = dict(f.metadata) if metadata is None else metadata
+        dst_fh.write(header_bytes([(i.name, i.dtype, i.shape, i.nbytes) for i in infos], meta))
+        run, src_fd, changed = _Run(), fh.fileno(), 0
+
+        def flush() -> None:
+            if run.end > run.start:
+                _copy_range(src_fd, dst_fh, f.data_start + run.start, run.end - run.start)
+                if progress:
+                    progress(run.end - run.start)
+            run.start = run.end = 0
+
+        for info in infos:
+            apps = changes.get(info.name)
+            if not apps:
+                if run.end != info.begin or run.end == run.start:
+                    flush()
+                    run.start = info.begin
+                run.end = info.end
+                continue
+            flush()
+            tensor = _read_tensor(fh, f, info)
+            try:
+                new = apply_to_tensor(tensor.to(device) if device is not None else tensor, apps)
+            except LoraToolError as e:
+                raise LoraToolError(f"{info.name}: {e.message}", src) from None
+            dst_fh.write(tensor_bytes(new))
+            changed += 1
+            if progress:
+                progress(info.nbytes)
+        flush()
+    return changed
+
+
+def _list_files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out.extend(Path(dirpath, n) for n in sorted(filenames))
+    return out
+
+
+def file_keys(checkpoint: Path) -> tuple[dict[str, set[str]], dict[str, tuple[int, ...]]]:
+    """Tensor names per file (``""`` for a single file) and ``{component-qualified key: shape}``."""
+    if not checkpoint.is_dir():
+        with SafetensorsFile(checkpoint) as f:
+            return {"": set(f.keys())}, {k: i.shape for k, i in f.tensors.items()}
+    keys: dict[str, set[str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in _list_files(checkpoint):
+        if p.name.endswith(".safetensors"):
+            rel = p.relative_to(checkpoint).as_posix()
+            with SafetensorsFile(p) as f:
+                keys[rel] = set(f.keys())
+                comp = rel.split("/")[0]
+                shapes.update({f"{comp}.{k}": i.shape for k, i in f.tensors.items()})
+    if not keys:
+        raise LoraToolError("no .safetensors files in this folder (a diffusers model folder is expected)", checkpoint)
+    return keys, shapes
+
+
+def detect_arch(checkpoint: Path, shapes: dict[str, tuple[int, ...]]) -> str:
+    try:
+        from loratool.arch import detect_arch_from_checkpoint
+    except ImportError:
+        return "unknown"
+    return detect_arch_from_checkpoint(shapes)
+
+
+def _check_folder_output(src: Path, out: Path, force: bool) -> None:
+    s, o = src.resolve(), out.resolve()
+    if s == o or o.is_relative_to(s) or s.is_relative_to(o):
+        raise LoraToolError("refusing to write the output inside (or over) the input folder", out)
+    if out.exists() and not force:
+        raise LoraToolError("output exists (use --force to overwrite)", out)
+    if out.exists() and not out.is_dir():
+        raise LoraToolError("output exists and is not a folder", out)
+    if not out.parent.exists():
+        raise LoraToolError("the output's folder does not exist", out)
+
+
+def _write_folder(src: Path, out: Path, plan: MergePlan, params: dict, device, progress) -> int:
+    tmp = out.parent / f".{out.name}.loratool-tmp-{os.getpid()}"
+    changed = 0
+    try:
+        tmp.mkdir()
+        for p in _list_files(src):
+            rel = p.relative_to(src).as_posix()
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            changes = plan.files.get(rel)
+            if changes:
+                meta = _with_keys(p, params)
+                with open(target, "wb") as fh:
+                    changed += rewrite_file(p, fh, changes, meta, device, progress)
+            else:
+                shutil.copyfile(p, target)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.loratool-old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return changed
+
+
+def _with_keys(path: Path, params: dict) -> dict[str, str]:
+    with SafetensorsFile(path) as f:
+        meta = dict(f.metadata)
+    meta.update(loratool_keys("merge", params))
+    return meta
+
+
+def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
+                     output: str | os.PathLike[str] | None, *, arch: str | None = None,
+                     allow_unmatched: bool = False, dry_run: bool = False, force: bool = False,
+                     device: torch.device | None = None, progress: Progress | None = None) -> dict:
+    """Bake ``inputs`` into ``checkpoint`` (a single file or a diffusers folder) and write ``output``.
+
+    Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
+    """
+    src = Path(checkpoint)
+    keys, shapes = file_keys(src)
+    arch_name = arch or detect_arch(src, shapes)
+    plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir())
+    report = plan.summary()
+    if plan.unmatched and not allow_unmatched:
+        shown = ", ".join(plan.unmatched[:8]) + (f" and {len(plan.unmatched) - 8} more" if len(plan.unmatched) > 8 else "")
+        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {arch_name} checkpoint weight: {shown} "
+                            "(--allow-unmatched skips them)", src)
+    if dry_run or output is None:
+        return report
+    params = {"checkpoint": src.name, "arch": arch_name,
+              "inputs": [f"{i.name}:{i.weight:g}" + (f":lbw={i.lbw}" if i.lbw else "") for i in inputs]}
+    out = Path(output)
+    if src.is_dir():
+        _check_folder_output(src, out, force)
+        report["tensors_written"] = _write_folder(src, out, plan, params, device, progress)
+    else:
+        check_output(out, force=force, inputs=[src, *(i.name for i in inputs if i.name)])
+        with AtomicFile(out) as fh:
+            report["tensors_written"] = rewrite_file(src, fh, plan.files.get("", {}), _with_keys(src, params),
+                                                     device, progress)
+    report["output"] = str(out)
+    return report
