@@ -140,7 +140,7 @@ def finalize_metadata(tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None) -> dict[str, str]:
     """Metadata ready to write with ``tensors`` (exactly as they will be written, after any cast):
     every value a string, stale ``sshs_*`` values replaced by the right ones."""
-    meta = {k: v for k, v in check_metadata(metadata).items() if not k.startswith("sshs_")}
+    meta = {k: v for k, v in (check_metadata(metadata) or {}).items() if not k.startswith("sshs_")}
     meta.update(tensor_hashes(tensors, meta))
     return dict(sorted(meta.items()))
 

@@ -131,12 +131,18 @@ def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, Tenso
 
     Returns (tensors in file order, metadata, data_start).
     """
+    tensors, metadata, data_start, _ = _parse(raw, path, file_size)
+    return tensors, metadata, data_start
+
+
+def _parse(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int, bool]:
     header = _decode_json(raw, path)
+    present = "__metadata__" in header
     metadata = _parse_metadata(header.pop("__metadata__", None), path)
     infos = [_tensor_info(path, name, entry) for name, entry in header.items()]
     data_start = 8 + len(raw)
     _check_layout(path, infos, file_size - data_start)
-    return {i.name: i for i in infos}, metadata, data_start
+    return {i.name: i for i in infos}, metadata, data_start, present
 
 
 def _check_layout(path: str, infos: list[TensorInfo], data_size: int) -> None:
@@ -251,7 +257,8 @@ class SafetensorsFile:
         if len(raw) != n:
             raise _fail(self.path, f"truncated: {len(raw)} of {n} header bytes present")
         self.header_bytes = n
-        self.tensors, self.metadata, self.data_start = parse_header(raw, self.path, size)
+        # metadata_present: the header has a __metadata__ entry (possibly empty), for exact rewrites
+        self.tensors, self.metadata, self.data_start, self.metadata_present = _parse(raw, self.path, size)
 
     # -- mapping-like access -------------------------------------------------------------
     def keys(self) -> list[str]:

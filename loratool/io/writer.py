@@ -48,19 +48,26 @@ def ordered_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes of a tensor (a contiguous CPU copy when needed)."""
+    if t.layout != torch.strided:
+        raise LoraToolError(f"a {t.layout} tensor cannot be stored in safetensors (make it dense first)")
+    if t.device.type == "meta":
+        raise LoraToolError("a tensor on the meta device has no data to write")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    t = t.contiguous()
+    t = t.resolve_conj().resolve_neg().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    """Metadata as the file will hold it (sorted by key); every key and value must be a string."""
-    if not metadata:
-        return {}
+def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Metadata as the file will hold it (sorted by key); every key and value must be a string.
+
+    ``None`` means no ``__metadata__`` entry at all; ``{}`` an empty one (as the reference writer does).
+    """
+    if metadata is None:
+        return None
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise LoraToolError(f"metadata {k!r} must map a string to a string, not {type(v).__name__}")
@@ -73,7 +80,7 @@ def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
     entries given in data order."""
     header: dict[str, object] = {}
     meta = check_metadata(metadata)
-    if meta:
+    if meta is not None:
         header["__metadata__"] = meta
     offset = 0
     for name, dtype, shape, n in entries:
@@ -131,6 +138,10 @@ class AtomicFile:
 
     def __enter__(self):
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            os.fchmod(fd, _new_file_mode(self.path))  # mkstemp makes 0600; give the usual mode
+        except (OSError, AttributeError):
+            pass
         self.fh = os.fdopen(fd, "wb")
         return self.fh
 
@@ -146,6 +157,18 @@ class AtomicFile:
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain ``open(path, "wb")`` would give: an existing file's mode is kept, a new file
+    gets 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(folder: Path) -> None:

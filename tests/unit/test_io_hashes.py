@@ -45,13 +45,14 @@ def _tensors(big: bool) -> dict[str, torch.Tensor]:
 META = {"ss_network_dim": "8", "ss_network_alpha": "4.0", "modelspec.title": "x" * 500, "other": "y"}
 
 
+@pytest.mark.parametrize("meta", [META, {}, None, {"modelspec.title": "only non-ss keys"}])
 @pytest.mark.parametrize("big", [False, True])
-def test_tensor_hashes_match_kohya_definition(big: bool) -> None:
+def test_tensor_hashes_match_kohya_definition(big: bool, meta) -> None:
     tensors = _tensors(big)
-    expected_model, expected_legacy = _kohya_style(tensors, META)
+    expected_model, expected_legacy = _kohya_style(tensors, meta or {})
     assert model_hash(tensors) == expected_model
-    assert legacy_hash(tensors, META) == expected_legacy
-    assert tensor_hashes(tensors, META) == {"sshs_model_hash": expected_model, "sshs_legacy_hash": expected_legacy}
+    assert legacy_hash(tensors, meta) == expected_legacy
+    assert tensor_hashes(tensors, meta) == {"sshs_model_hash": expected_model, "sshs_legacy_hash": expected_legacy}
     if not big:
         assert expected_legacy == hashlib.sha256(b"").hexdigest()[:8]  # window past the end
 
