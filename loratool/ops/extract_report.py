@@ -17,6 +17,7 @@ class ModuleReport:
     rel_error: float = 0.0  # ‖ΔW − up·down‖_F / ‖ΔW‖_F with the factors as stored
     retained: float = 1.0  # Σ_{i≤r} σ_i² / ‖ΔW‖_F²
     method: str = ""
+    old_rank: int | None = None  # resize: the rank before
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -1,0 +1,127 @@
+"""Resize an adapter's ranks on its factors.
+
+A plain LoRA/LoCon module is re-compressed with the factored SVD (QR of ``up`` and of ``downᵀ``,
+SVD of the small core; :func:`loratool.linalg.factored.factored_svd`): the dense ``[out, in]``
+product is never formed. The scale is kept: ``new_alpha = old_alpha / old_rank × new_rank`` (for
+rsLoRA, ``old_scale × new_rank``), so ΔW is exactly the best rank-k truncation of the old ΔW.
+
+Modules that are not a product of two factors (Tucker/CP LoCon, LoHa, LoKr, full diffs) have no
+factored form: their dense ΔW is built and decomposed with the truncated-SVD engine, and the report
+says so (method ``dense``). DoRA magnitudes are kept as they are: the truncation applies to the
+directional update, as DoRA trains it. Norm modules pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from loratool.core.modules import Adapter, FullModule, LohaModule, LokrModule, LoraModule, NormModule, flat2d
+from loratool.linalg import RankMode, SvdPolicy, decompose, select_rank
+from loratool.linalg.factored import factored_svd
+from loratool.ops.extract_report import ModuleReport
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    rank: int = 16
+    conv_rank: int | None = None
+    rank_mode: RankMode = RankMode()
+    policy: SvdPolicy = SvdPolicy()
+    dtype: str | None = None  # None: each module's own factor dtype
+    device: str = "cpu"
+
+
+@dataclass
+class ResizeResult:
+    adapter: Adapter
+    reports: list[ModuleReport]
+    summary: dict
+
+
+def resize(adapter: Adapter, options: ResizeOptions) -> ResizeResult:
+    """A new adapter with every module truncated to its rank; the input is not modified."""
+    out = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model,
+                  source_format=adapter.source_format, embeddings=dict(adapter.embeddings),
+                  unknown=list(adapter.unknown))
+    reports: list[ModuleReport] = []
+    for module in adapter.modules.values():
+        if isinstance(module, NormModule):
+            out.add(module)
+            continue
+        new, rep = resize_module(module, options)
+        out.add(new)
+        reports.append(rep)
+    return ResizeResult(out, reports, _summary(reports))
+
+
+def rank_cap(shape: tuple[int, ...], options: ResizeOptions) -> int:
+    is_kxk = len(shape) == 4 and math.prod(shape[2:]) > 1
+    return options.conv_rank if (is_kxk and options.conv_rank) else options.rank
+
+
+def resize_module(module, options: ResizeOptions):
+    """One module resized: ``(new LoraModule, ModuleReport)``."""
+    dev = torch.device(options.device)
+    shape = tuple(module.weight_shape)
+    cap = rank_cap(shape, options)
+    if isinstance(module, LoraModule) and module.mid is None:
+        up2d, down2d = flat2d(module.up).to(dev), flat2d(module.down).to(dev)
+        u, s, vh = factored_svd(up2d, down2d)
+        scale = module.scale
+        k = select_rank(s, options.rank_mode, cap)
+        method = "factored"
+        dtype = module.down.dtype
+    elif isinstance(module, (LoraModule, LohaModule, LokrModule, FullModule)):
+        dense = module.delta(torch.float32).to(dev).reshape(shape[0], -1)
+        (tr,) = decompose(dense, [module.key], cap, options.rank_mode, options.policy)
+        u, s, vh, k = tr.u, tr.s, tr.vh, tr.rank
+        s_all_sq = tr.total_sq
+        scale, method = 1.0, "dense"
+        dtype = module.tensors()[0].dtype
+    else:
+        raise TypeError(f"cannot resize a {type(module).__name__}")
+    if options.dtype is not None:
+        dtype = DTYPES[options.dtype]
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    total = float(s.double().square().sum()) if method == "factored" else s_all_sq
+    kept = float(s[:k].double().square().sum())
+    root = s[:k].float().clamp_min(0).sqrt()
+    up = (u[:, :k].float() * root[None, :]).to(dtype).cpu()
+    down = (root[:, None] * vh[:k].float()).to(dtype).cpu()
+    new = _new_module(module, shape, up, down, alpha=scale * k)
+    retained = kept / total if total > 0 else 1.0
+    rel_error = math.sqrt(max(0.0, total - kept) / total) if total > 0 else 0.0
+    rep = ModuleReport(module.key, shape, "ok", 0.0, k, rel_error, min(1.0, retained), method,
+                       old_rank=getattr(module, "rank", None))
+    return new, rep
+
+
+def _new_module(module, shape, up: torch.Tensor, down: torch.Tensor, alpha: float) -> LoraModule:
+    r = up.shape[1]
+    if len(shape) == 4:
+        up = up.reshape(shape[0], r, 1, 1)
+        down = down.reshape(r, *shape[1:])
+    if isinstance(module, LoraModule):
+        return replace(module, down=down, up=up, mid=None, alpha=float(alpha), rslora=False)
+    return LoraModule(component=module.component, path=module.path, alpha=float(alpha), dora=module.dora,
+                      bias=module.bias, down=down, up=up)
+
+
+def _summary(reports: list[ModuleReport]) -> dict:
+    ranks = [r.rank for r in reports]
+    worst = max(reports, key=lambda r: r.rel_error, default=None)
+    return {
+        "modules": len(reports),
+        "dense": [r.key for r in reports if r.method == "dense"],
+        "ranks": sorted(set(ranks)) if len(set(ranks)) <= 8 else [min(ranks), max(ranks)],
+        "mean_retained": sum(r.retained for r in reports) / len(reports) if reports else 1.0,
+        "mean_rel_error": sum(r.rel_error for r in reports) / len(reports) if reports else 0.0,
+        "worst_rel_error": worst.rel_error if worst else 0.0,
+        "worst_module": worst.key if worst else None,
+    }
