@@ -1,0 +1,128 @@
+"""Torch pickle files (``.pt``, ``.bin``, ``.ckpt``, ``.pth``), read safely or not at all.
+
+Only torch's weights-only unpickler is ever used: it rebuilds tensors, containers and plain values
+and refuses every other global, so no code in the file can run. A file that needs full
+unpickling is refused with :class:`UnsupportedInput`, never loaded "just this once".
+
+What comes back:
+
+* a state dict (``name -> tensor``), unwrapped from ``{"state_dict": {...}}`` (Lightning /
+  original SD ``.ckpt``) and with nested dicts of tensors flattened to dotted names;
+* a bare list (or tuple) of tensors, returned as a list: cloneofsimo's legacy ``.pt`` LoRA,
+  which the formats codec interprets (up/down pairs in order).
+
+Non-tensor entries (``global_step``, ``epoch``, …) are not tensors; they are listed in
+:attr:`PickleContents.ignored` so that nothing disappears without a word.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from loratool.errors import LoraToolError, UnsupportedInput
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_WHY = re.compile(r"(Unsupported global: GLOBAL [\w.<>]+|Unsupported operand \d+|Trying to [^.\n]+)")
+
+
+@dataclass
+class PickleContents:
+    path: str
+    layout: Literal["state_dict", "tensor_list"]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # for a list: "0", "1", …
+    wrapper: str | None = None  # "state_dict" when the tensors were nested under it
+    ignored: list[str] = field(default_factory=list)  # non-tensor entries, by dotted name
+
+    def as_list(self) -> list[torch.Tensor]:
+        return [self.tensors[str(i)] for i in range(len(self.tensors))]
+
+
+def is_pickle_path(path: str | os.PathLike[str]) -> bool:
+    return os.fspath(path).lower().endswith(PICKLE_SUFFIXES)
+
+
+def _torch_load(path: str) -> object:
+    """``torch.load`` with weights_only=True (memory-mapped for zip-format files)."""
+    if not os.path.exists(path):
+        raise LoraToolError("no such file", path)
+    if os.path.isdir(path):
+        raise LoraToolError("is a folder, not a torch file", path)
+    if os.path.getsize(path) == 0:
+        raise LoraToolError("not a torch file: it is empty (0 bytes)", path)
+    use_mmap = zipfile.is_zipfile(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" in text:
+            found = _WHY.search(text)
+            why = f" ({found.group(1)})" if found else ""
+            raise UnsupportedInput(
+                "this pickle needs full unpickling, which could run code hidden in it, so it is "
+                f"refused{why}; convert it to .safetensors with a trusted tool (or ask its author for one)",
+                path,
+            ) from None
+        raise LoraToolError(f"not a readable torch file: {_first_line(text)}", path) from None
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, AttributeError, IndexError,
+            TypeError, MemoryError, zipfile.BadZipFile) as e:
+        raise LoraToolError(f"not a readable torch file: {type(e).__name__}: {_first_line(str(e))}", path) from None
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "unreadable"
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], ignored: list[str]) -> None:
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out[name] = v
+        elif isinstance(v, Mapping):
+            _flatten(v, f"{name}.", out, ignored)
+        else:
+            ignored.append(name)
+
+
+def read_pickle(path: str | os.PathLike[str]) -> PickleContents:
+    """Read a torch pickle with the weights-only unpickler and say what shape it has."""
+    p = os.fspath(path)
+    obj = _torch_load(p)
+    if isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(t, torch.Tensor) for t in obj):
+            return PickleContents(p, "tensor_list", {str(i): t for i, t in enumerate(obj)})
+        raise LoraToolError("holds a list that is not a list of tensors; nothing to read", p)
+    if isinstance(obj, torch.Tensor):
+        return PickleContents(p, "tensor_list", {"0": obj})
+    if not isinstance(obj, Mapping):
+        raise LoraToolError(f"holds a {type(obj).__name__}, not a state dict or a list of tensors", p)
+    wrapper = None
+    inner = obj.get("state_dict")
+    if isinstance(inner, Mapping):
+        wrapper = "state_dict"
+        ignored = [k for k in obj if k != "state_dict"]
+        obj = inner
+    else:
+        ignored = []
+    tensors: dict[str, torch.Tensor] = {}
+    _flatten(obj, "", tensors, ignored)
+    if not tensors and obj:
+        raise LoraToolError("holds no tensors", p)
+    return PickleContents(p, "state_dict", tensors, wrapper, ignored)
+
+
+def load_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+    """A state dict, or the bare list of tensors of a legacy cloneofsimo ``.pt``."""
+    contents = read_pickle(path)
+    return contents.as_list() if contents.layout == "tensor_list" else contents.tensors
