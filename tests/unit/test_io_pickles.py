@@ -43,7 +43,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, how) -> None:
     msg = str(e.value)
     assert msg.startswith(f"{p}: ") and "\n" not in msg
     assert "full unpickling" in msg and "safetensors" in msg
-    assert "exec" in msg or "Unsupported operand" in msg  # what the unpickler stumbled on
+    assert "(Unsupported " in msg  # says what the unpickler stumbled on
     assert not marker.exists()
 
 
