@@ -256,8 +256,8 @@ class LokrModule(ModuleBase):
         w1 = self._w1(dtype)
         w2 = self._w2(dtype)
         shape = self.weight_shape
-        if w2.dim() == 2 and len(shape) == 4:
-            w2 = w2.reshape(w2.shape[0], -1, *shape[2:])  # flat conv side: [b, d·kh·kw] -> [b, d, kh, kw]
+        # a flat conv side [b, d·kh·kw]: the 2-D kron reshaped to the weight is LyCORIS' rebuild, and
+        # also right when w1's columns do not divide in (old LyCORIS factors in·kh·kw as a whole)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         return (torch.kron(w1, w2) * self.scale).reshape(shape)
