@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from loratool.core.modules import Adapter, LoraModule, flat2d
+from loratool.errors import LoraToolError
 from loratool.ops.ratio import adapter_ratio, module_trained_params
 
 SCHEMA_VERSION = 1
@@ -216,6 +217,8 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool = True) -> File
     from loratool.io.safetensors import SafetensorsFile, is_safetensors_path
 
     p = os.fspath(path)
+    if not os.path.exists(p):
+        raise LoraToolError("no such file", p)
     if os.path.isdir(p):
         return FileFacts(p, _path_size(p), container="folder")
     if not is_safetensors_path(p):

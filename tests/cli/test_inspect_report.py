@@ -121,3 +121,17 @@ def test_report_of_empty_adapter():
     rep = build_report(Adapter(), FileFacts("e.safetensors", 16))
     assert rep["empty"] is True and rep["modules"] == 0 and rep["params"] == 0
     assert rep["ranks"] == [] and rep["reduction_ratio"] is None and rep["format"] is None
+
+
+def test_lokr_flat_conv_norm_when_w1_columns_do_not_divide_in():
+    # old LyCORIS factors in·kh·kw = 2880 as 60 × 48 for a 320×320×3×3 conv (the real SD1.5 LoKr
+    # file does this); ΔW = kron(w1, w2) (2-D) reshaped to the weight
+    from loratool.core.modules import LokrModule
+
+    g = _g(6)
+    w1a, w1b = torch.randn(20, 4, generator=g), torch.randn(4, 60, generator=g)
+    w2a, w2b = torch.randn(16, 4, generator=g), torch.randn(4, 48, generator=g)
+    m = LokrModule("unet", "conv", alpha=4.0, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, shape=(320, 320, 3, 3))
+    ref = torch.kron((w1a @ w1b).double(), (w2a @ w2b).double()).reshape(320, 320, 3, 3)
+    assert torch.allclose(m.delta(torch.float64), ref)
+    assert delta_norm(m) == pytest.approx(float(ref.norm()), rel=1e-12)

@@ -1,0 +1,187 @@
+"""``loratool inspect FILE...``: what an adapter file holds, as a rich summary or JSON."""
+
+from __future__ import annotations
+
+import click
+
+from loratool.cli import render as rd
+from loratool.cli.options import debug_option, emit_json, json_option
+from loratool.errors import LoraToolError
+
+HELP = """Summarise adapter files: format, base model, modules, ranks, alphas, sizes, metadata.
+
+\b
+Reads each file's header and only the small tensors it needs (alpha scalars); tensor data is
+read only for --modules/--plot (‖ΔW‖_F, computed on the LoRA factors) and, when the file
+stores an sshs_model_hash, once to check it (--no-hash skips that).
+
+\b
+Several files: each good one is reported; each bad one gets one line on stderr
+(loratool: error: <file>: <what>). The exit code is 1 if any file failed, else 0.
+With --json, stdout holds one JSON list with an object per good file, in the order given.
+
+\b
+JSON fields (schema 1): path, size_bytes, container, format, base_model, empty, kinds,
+modules (count), components {name: count}, ranks [distinct], rank_histogram {rank: count},
+alphas [distinct, null = none stored], scales, dtypes {dtype: tensors}, tensors, params,
+full_params (Σ d·k of the adapted weights), reduction_ratio (full_params / params),
+ratio_by_component, conv_modules, dora_modules, bias_modules, embeddings {token: shape},
+unknown_keys, metadata (kohya ss_* decoded: network, training dates, top_tags; modelspec),
+hash_ok (true/false; null when no hash is stored or --no-hash), hash_checked.
+--modules adds module_details (key, kind, shape, rank, alpha, scale, dtype, params, dora,
+bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
+"""
+
+
+@click.command(help=HELP, short_help="Summarise adapter files (format, ranks, sizes, metadata)")
+@click.argument("files", nargs=-1, required=True, metavar="FILE...")
+@click.option("--modules", "show_modules", is_flag=True, help="List every module with shape, rank, alpha, ‖ΔW‖_F.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Draw ‖ΔW‖_F per block and the rank histogram to this PNG (needs matplotlib).")
+@click.option("--no-hash", "no_hash", is_flag=True, help="Do not check the stored sshs_model_hash.")
+@click.option("--top-tags", default=10, show_default=True, help="How many training tags to show.")
+@json_option
+@debug_option
+@click.pass_context
+def command(ctx, files, show_modules, plot_path, no_hash, top_tags, as_json) -> None:
+    from loratool.ops.inspect import inspect_file
+
+    if plot_path:
+        rd.pyplot()  # fail early, before any work, when matplotlib is missing
+    reports, failed = [], 0
+    con = rd.console()
+    for path in files:
+        try:
+            rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=not no_hash)
+        except LoraToolError as e:
+            if ctx.meta.get("loratool.debug"):
+                raise
+            click.echo(f"loratool: error: {e.one_line()}", err=True)
+            failed += 1
+            continue
+        rep["metadata"]["top_tags"] = rep["metadata"]["top_tags"][:top_tags]
+        reports.append(rep)
+        if not as_json:
+            render_report(con, rep, show_modules)
+    if plot_path and reports:
+        plot_reports(reports, plot_path)
+    if as_json:
+        if not show_modules:  # computed only for the plot
+            for rep in reports:
+                rep.pop("module_details", None)
+                rep.pop("blocks", None)
+        emit_json(reports)
+    if failed:
+        ctx.exit(1)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def _ranks_line(rep: dict) -> str:
+    hist = rep["rank_histogram"]
+    if not hist:
+        return "—"
+    if len(hist) == 1:
+        return next(iter(hist))
+    return ", ".join(f"{r} ×{n}" for r, n in hist.items())
+
+
+def _hash_line(rep: dict) -> str:
+    if not rep["hash_checked"]:
+        stored = rep["metadata"].get("hashes", {}).get("sshs_model_hash")
+        return "not checked (--no-hash)" if stored else "none stored"
+    return "sshs_model_hash matches the data" if rep["hash_ok"] else "[bold red]sshs_model_hash is WRONG[/]"
+
+
+def summary_rows(rep: dict) -> list[tuple[str, str]]:
+    comps = ", ".join(f"{c} {n}" for c, n in rep["components"].items()) or "—"
+    rows = [
+        ("size", f"{rd.fmt_bytes(rep['size_bytes'])} ({rd.fmt_int(rep['size_bytes'])} bytes)"),
+        ("format", f"{rep['format'] or '—'}   base model: {rep['base_model']}"),
+        ("kinds", ", ".join(rep["kinds"]) or "—"),
+        ("modules", f"{rep['modules']} ({comps})"),
+        ("rank", _ranks_line(rep)),
+        ("alpha", rd.fmt_list(rep["alphas"])),
+        ("scale", rd.fmt_list(rep["scales"])),
+        ("dtypes", ", ".join(f"{d} ×{n}" for d, n in rep["dtypes"].items()) or "—"),
+        ("parameters", f"{rd.fmt_int(rep['params'])}   (adapted weights: {rd.fmt_int(rep['full_params'])}, "
+                       f"reduction ratio {rd.fmt_ratio(rep['reduction_ratio'])})"),
+        ("extras", f"conv {rep['conv_modules']}, DoRA {rep['dora_modules']}, bias {rep['bias_modules']}"),
+    ]
+    if rep["embeddings"]:
+        rows.append(("embeddings", ", ".join(f"{t} {s}" for t, s in rep["embeddings"].items())))
+    unknown = rep["unknown_keys"]
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f", … and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        rows.append(("unknown keys", f"[yellow]{len(unknown)}[/]: {shown}"))
+    rows.append(("hash", _hash_line(rep)))
+    return rows
+
+
+def metadata_rows(meta: dict) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if meta.get("base_model_version"):
+        rows.append(("ss base model", str(meta["base_model_version"])))
+    net = meta.get("network") or {}
+    if net:
+        rows.append(("network", ", ".join(f"{k} {v}" for k, v in net.items())))
+    train = meta.get("training") or {}
+    if train:
+        rows.append(("training", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in train.items())))
+    if meta.get("top_tags"):
+        rows.append(("top tags", ", ".join(f"{t} ({n})" for t, n in meta["top_tags"])))
+    for k, v in (meta.get("modelspec") or {}).items():
+        text = v if len(v) <= 100 else v[:97] + "…"
+        rows.append((f"modelspec.{k}", text))
+    for k, v in (meta.get("loratool") or {}).items():
+        rows.append((f"loratool.{k}", v))
+    return rows
+
+
+def render_report(con, rep: dict, show_modules: bool = False) -> None:
+    con.print(f"[bold]{rep['path']}[/]")
+    if rep["empty"]:
+        con.print("  [yellow]empty: this file holds no tensors[/]"
+                  + (f" ({rep['metadata']['keys']} metadata keys)" if rep["metadata"]["keys"] else ""))
+        return
+    con.print(rd.key_value_table(summary_rows(rep)))
+    meta_rows = metadata_rows(rep["metadata"])
+    if meta_rows:
+        con.print(rd.key_value_table(meta_rows, title=f"metadata ({rep['metadata']['keys']} keys)"))
+    if len(rep["rank_histogram"]) > 1:
+        t = rd.make_table("rank histogram", ["rank", "modules", ""], ("rank", "modules"))
+        most = max(rep["rank_histogram"].values())
+        for r, n in rep["rank_histogram"].items():
+            t.add_row(r, str(n), "█" * max(1, round(30 * n / most)))
+        con.print(t)
+    if show_modules and "module_details" in rep:
+        con.print(modules_table(rep["module_details"]))
+    con.print()
+
+
+def modules_table(rows: list[dict]):
+    cols = ["module", "kind", "shape", "rank", "alpha", "scale", "dtype", "params", "‖ΔW‖_F"]
+    t = rd.make_table(None, cols, ("rank", "alpha", "scale", "params", "‖ΔW‖_F"))
+    for r in rows:
+        kind = r["kind"] + (" +DoRA" if r["dora"] else "") + (" +bias" if r["bias"] else "")
+        t.add_row(r["key"], kind, "×".join(map(str, r["shape"])), rd.fmt_int(r["rank"]),
+                  rd.fmt_float(r["alpha"]), rd.fmt_float(r["scale"]), r["dtype"] or "—", rd.fmt_int(r["params"]),
+                  rd.fmt_float(r.get("delta_norm")))
+    return t
+
+
+def plot_reports(reports: list[dict], path: str) -> None:
+    plt = rd.pyplot()
+    fig, axes = plt.subplots(len(reports), 2, figsize=(13, 3.6 * len(reports)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1]})
+    for (ax_blocks, ax_ranks), rep in zip(axes, reports, strict=True):
+        blocks = rep.get("blocks") or {}
+        ax_blocks.bar(range(len(blocks)), list(blocks.values()))
+        ax_blocks.set_xticks(range(len(blocks)), list(blocks), rotation=90, fontsize=6)
+        ax_blocks.set(ylabel="‖ΔW‖_F", title=f"{rep['path']}: ‖ΔW‖_F per block")
+        hist = rep["rank_histogram"]
+        ax_ranks.bar(list(hist), list(hist.values()))
+        ax_ranks.set(xlabel="rank", ylabel="modules", title="rank histogram")
+    fig.tight_layout()
+    rd.save_figure(fig, path)

@@ -1,0 +1,243 @@
+"""``loratool ratio``: parameter counts and reduction ratios of LoRA, for a shape, a model or a file."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from loratool.cli import render as rd
+from loratool.cli.options import debug_option, emit_json, json_option
+from loratool.errors import LoraToolError
+from loratool.ops import ratio as R
+
+DEFAULT_RANKS = (4, 8, 16, 32, 64, 128)
+MODELS = ("sd15", "sd1", "sd2", "sdxl", "flux")
+GIB = 1 << 30
+
+HELP = """Reduction ratio of LoRA against full fine-tuning: d·k / (r·(d+k)).
+
+\b
+A d×k weight has d·k parameters; a rank-r LoRA on it has r·(d+k) (up [d,r], down [r,k]).
+A kh×kw conv counts as d = out, k = in·kh·kw. A square layer at r = d/10 gives 5×, not 10×.
+
+\b
+Exactly one of:
+  --shape 1280x1280 -r 8 16 32        one layer (conv: OUTxINxKHxKW), per rank
+  FILE [-r ...]                       an adapter as it is, per component and in total
+                                      (with -r: its layers at each of those ranks too)
+  --model sdxl --targets attn -r ...  a model's targeted layers, per rank: LoRA parameters,
+                                      file size, ratio and a training-memory estimate
+
+\b
+The memory estimate counts weights + gradients + Adam's two moments, nothing else: no
+activations, no CUDA/framework overhead, no EMA, no fp32 master copy, no 8-bit optimizers.
+Weights are every tensor of the architecture table (denoiser, text encoders and VAE, biases,
+norms and embeddings included). A full fine-tune trains the denoiser and text encoders (the VAE
+stays frozen); LoRA trains only its own parameters (its targets lie in the denoiser and the
+text encoders), the whole model frozen. Bytes per parameter:
+  fp32        weight 4, gradient 4, Adam 4+4
+  fp16-mixed  weight 2, gradient 2, Adam 4+4 (moments in fp32)
+File sizes are tensor data: the factors plus one alpha per module (the header is not counted).
+
+-r takes one or more ranks: -r 8 16 32, -r 8,16,32 or -r 8 -r 16.
+"""
+
+
+def _ranks(given: tuple[str, ...], extra: list[str]) -> list[int]:
+    out: list[int] = []
+    for token in [*given, *extra]:
+        for part in token.split(","):
+            if not part.strip():
+                continue
+            try:
+                r = int(part)
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not a rank", param_hint="-r/--rank") from None
+            if r <= 0:
+                raise click.BadParameter(f"ranks must be positive, got {r}", param_hint="-r/--rank")
+            out.append(r)
+    return out
+
+
+def _split_args(args: tuple[str, ...], ranks_given: bool) -> tuple[list[str], list[str]]:
+    """Positional arguments: integers after ``-r`` are more ranks; anything else is a file."""
+    files, extra = [], []
+    for a in args:
+        (extra if ranks_given and a.replace(",", "").isdigit() else files).append(a)
+    return files, extra
+
+
+@click.command(help=HELP, short_help="Reduction ratios, LoRA sizes and training-memory estimates")
+@click.argument("args", nargs=-1, metavar="[FILE]")
+@click.option("--shape", "shapes", multiple=True, metavar="DxK", help="A layer's weight shape (repeatable).")
+@click.option("--model", type=click.Choice(MODELS), help="An architecture's targeted layers.")
+@click.option("--targets", type=click.Choice(["attn", "attn+conv", "all"]), default="attn", show_default=True,
+              help="Which layers of --model a LoRA covers.")
+@click.option("-r", "--rank", "rank_opts", multiple=True, metavar="R...", help="Ranks (default 4 8 16 32 64 128).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a chart to this PNG.")
+@json_option
+@debug_option
+def command(args, shapes, model, targets, rank_opts, plot_path, as_json) -> None:
+    files, extra = _split_args(args, bool(rank_opts))
+    ranks = _ranks(rank_opts, extra)
+    modes = sum([bool(shapes), bool(model), bool(files)])
+    if modes != 1 or len(files) > 1:
+        raise click.UsageError("give exactly one of --shape, --model or one FILE")
+    if shapes:
+        result = _shape_mode(shapes, ranks or list(DEFAULT_RANKS))
+    elif model:
+        result = _model_mode(model, targets, ranks or list(DEFAULT_RANKS))
+    else:
+        result = _file_mode(files[0], ranks)
+    if plot_path:
+        _plot(result, plot_path)
+    if as_json:
+        emit_json(result)
+    else:
+        _render(result)
+
+
+# -- the three modes ---------------------------------------------------------------------------
+
+
+def _shape_mode(shapes: tuple[str, ...], ranks: list[int]) -> dict:
+    rows = []
+    for text in shapes:
+        try:
+            shape = R.parse_shape(text)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--shape") from None
+        d, k = R.layer_dims(shape)
+        for row in R.shapes_table([shape], ranks):
+            rows.append({"shape": list(shape), "d": d, "k": k, **row.as_dict()})
+    return {"mode": "shape", "rows": rows}
+
+
+def model_totals(arch) -> tuple[int, int]:
+    """(weights a full fine-tune trains, weights it keeps frozen) of an architecture table."""
+    trainable = frozen = 0
+    for (component, _name), p in arch.diffusers_param_map().items():
+        n = math.prod(p.shape)
+        if component in arch.components:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen
+
+
+def _model_mode(model: str, targets: str, ranks: list[int]) -> dict:
+    from loratool.arch import load_arch
+
+    arch = load_arch(model)
+    specs = arch.targets(targets)
+    shapes = [s.shape for s in specs]
+    trainable, frozen = model_totals(arch)
+    per_comp: dict[str, int] = {}
+    for s in specs:
+        per_comp[s.component] = per_comp.get(s.component, 0) + 1
+    return {
+        "mode": "model", "model": arch.name, "targets": targets, "layers": len(specs),
+        "layers_by_component": per_comp, "full_params": sum(R.full_params(s) for s in shapes),
+        "model_params": {"trainable": trainable, "frozen": frozen},
+        "precisions": R.PRECISIONS,
+        "rows": R.model_rows(shapes, ranks, trainable, frozen),
+    }
+
+
+def _file_mode(path: str, ranks: list[int]) -> dict:
+    from loratool.formats import read_adapter
+
+    adapter = read_adapter(path)
+    if not adapter.modules:
+        raise LoraToolError("no adapter modules in this file (nothing to compare)", path)
+    result = {"mode": "file", "path": path, "format": adapter.source_format or None,
+              "base_model": adapter.base_model, **R.adapter_ratio(adapter)}
+    if ranks:
+        shapes = [m.weight_shape for m in adapter.modules.values() if m.kind != "norm"]
+        result["rows"] = [r.as_dict() for r in R.shapes_table(shapes, ranks)]
+    return result
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+NUM = ("d", "k", "rank", "layers", "modules", "full d·k", "LoRA r(d+k)", "adapter params", "ratio",
+       "fp16 MiB", "fp32 MiB", "full fp32", "LoRA fp32", "full fp16-mixed", "LoRA fp16-mixed")
+
+
+def _render(result: dict) -> None:
+    con = rd.console()
+    if result["mode"] == "shape":
+        t = rd.make_table(None, ["shape", "d", "k", "rank", "full d·k", "LoRA r(d+k)", "ratio"], NUM)
+        for r in result["rows"]:
+            t.add_row("×".join(map(str, r["shape"])), rd.fmt_int(r["d"]), rd.fmt_int(r["k"]), str(r["rank"]),
+                      rd.fmt_int(r["full_params"]), rd.fmt_int(r["lora_params"]), rd.fmt_ratio(r["ratio"]))
+        con.print(t)
+    elif result["mode"] == "model":
+        _render_model(con, result)
+    else:
+        _render_file(con, result)
+
+
+def _render_model(con, result: dict) -> None:
+    mp = result["model_params"]
+    con.print(f"[bold]{result['model']}[/], targets {result['targets']}: {result['layers']} layers "
+              f"({', '.join(f'{c} {n}' for c, n in result['layers_by_component'].items())}), "
+              f"Σ d·k = {rd.fmt_int(result['full_params'])}; model weights "
+              f"{rd.fmt_int(mp['trainable'] + mp['frozen'])} ({rd.fmt_int(mp['frozen'])} frozen in a full "
+              "fine-tune)")
+    cols = ["rank", "LoRA r(d+k)", "fp16 MiB", "fp32 MiB", "ratio", "full fp32", "LoRA fp32",
+            "full fp16-mixed", "LoRA fp16-mixed"]
+    t = rd.make_table("training memory: weights + gradients + Adam states only (see --help)", cols, NUM)
+    for r in result["rows"]:
+        m = r["memory_bytes"]
+        t.add_row(str(r["rank"]), rd.fmt_int(r["lora_params"]), rd.fmt_mib(r["fp16_mib"]), rd.fmt_mib(r["fp32_mib"]),
+                  rd.fmt_ratio(r["ratio"]), rd.fmt_bytes(m["fp32"]["full"]["total"]),
+                  rd.fmt_bytes(m["fp32"]["lora"]["total"]), rd.fmt_bytes(m["fp16-mixed"]["full"]["total"]),
+                  rd.fmt_bytes(m["fp16-mixed"]["lora"]["total"]))
+    con.print(t)
+
+
+def _render_file(con, result: dict) -> None:
+    con.print(f"[bold]{result['path']}[/]  ({result['format']}, base {result['base_model']})")
+    t = rd.make_table(None, ["component", "modules", "full d·k", "adapter params", "ratio"], NUM)
+    for comp, c in result["components"].items():
+        t.add_row(comp, rd.fmt_int(c["modules"]), rd.fmt_int(c["full_params"]), rd.fmt_int(c["adapter_params"]),
+                  rd.fmt_ratio(c["ratio"]))
+    tot = result["total"]
+    t.add_row("[bold]total[/]", rd.fmt_int(tot["modules"]), rd.fmt_int(tot["full_params"]),
+              rd.fmt_int(tot["adapter_params"]), rd.fmt_ratio(tot["ratio"]))
+    con.print(t)
+    if result.get("rows"):
+        t = rd.make_table("the same layers at other ranks", ["rank", "layers", "full d·k", "LoRA r(d+k)", "ratio"],
+                          NUM)
+        for r in result["rows"]:
+            t.add_row(str(r["rank"]), rd.fmt_int(r["layers"]), rd.fmt_int(r["full_params"]),
+                      rd.fmt_int(r["lora_params"]), rd.fmt_ratio(r["ratio"]))
+        con.print(t)
+
+
+def _plot(result: dict, path: str) -> None:
+    plt = rd.pyplot()
+    rows = result.get("rows") or []
+    if not rows:
+        raise LoraToolError("nothing to plot: give ranks with -r", path)
+    if result["mode"] == "model":
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        ranks = [r["rank"] for r in rows]
+        a1.plot(ranks, [r["ratio"] for r in rows], "o-")
+        a1.set(xscale="log", yscale="log", xlabel="rank", ylabel="reduction ratio d·k / r(d+k)",
+               title=f"{result['model']} {result['targets']}")
+        for prec in ("fp32", "fp16-mixed"):
+            a2.plot(ranks, [r["memory_bytes"][prec]["lora"]["total"] / GIB for r in rows], "o-", label=f"LoRA {prec}")
+            a2.axhline(rows[0]["memory_bytes"][prec]["full"]["total"] / GIB, ls="--", label=f"full {prec}")
+        a2.set(xscale="log", xlabel="rank", ylabel="GiB (weights+grads+Adam)", title="training memory")
+        a2.legend(fontsize=8)
+    else:
+        fig, a1 = plt.subplots(figsize=(6, 4))
+        for label in sorted({"×".join(map(str, r.get("shape", []))) for r in rows}):
+            sel = [r for r in rows if "×".join(map(str, r.get("shape", []))) == label]
+            a1.plot([r["rank"] for r in sel], [r["ratio"] for r in sel], "o-", label=label or "file layers")
+        a1.set(xscale="log", yscale="log", xlabel="rank", ylabel="reduction ratio")
+        a1.legend(fontsize=8)
+    rd.save_figure(fig, path)
