@@ -132,6 +132,6 @@ def test_lokr_flat_conv_norm_when_w1_columns_do_not_divide_in():
     w1a, w1b = torch.randn(20, 4, generator=g), torch.randn(4, 60, generator=g)
     w2a, w2b = torch.randn(16, 4, generator=g), torch.randn(4, 48, generator=g)
     m = LokrModule("unet", "conv", alpha=4.0, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b, shape=(320, 320, 3, 3))
-    ref = torch.kron((w1a @ w1b).double(), (w2a @ w2b).double()).reshape(320, 320, 3, 3)
+    ref = torch.kron(w1a.double() @ w1b.double(), w2a.double() @ w2b.double()).reshape(320, 320, 3, 3)
     assert torch.allclose(m.delta(torch.float64), ref)
     assert delta_norm(m) == pytest.approx(float(ref.norm()), rel=1e-12)
