@@ -59,10 +59,14 @@ __all__ = [
 _ALIASES = {"sd15": "sd1", "sd1.5": "sd1", "sd_1.5": "sd1", "sd21": "sd2", "sd2.1": "sd2", "flux1": "flux"}
 
 
-@cache
 def load_arch(name: str) -> Arch:
     """The table of one architecture (cached). Accepts sd15/sd21/flux1 as spellings too."""
     key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if key not in ARCH_NAMES:
         raise LoraToolError(f"unknown architecture {name!r}: use one of {', '.join(ARCH_NAMES)}")
-    return Arch(read_table(key))
+    return _load(key)
+
+
+@cache
+def _load(name: str) -> Arch:
+    return Arch(read_table(name))
