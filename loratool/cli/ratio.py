@@ -228,9 +228,11 @@ def _plot(result: dict, path: str) -> None:
         a1.plot(ranks, [r["ratio"] for r in rows], "o-")
         a1.set(xscale="log", yscale="log", xlabel="rank", ylabel="reduction ratio d·k / r(d+k)",
                title=f"{result['model']} {result['targets']}")
-        for prec in ("fp32", "fp16-mixed"):
-            a2.plot(ranks, [r["memory_bytes"][prec]["lora"]["total"] / GIB for r in rows], "o-", label=f"LoRA {prec}")
-            a2.axhline(rows[0]["memory_bytes"][prec]["full"]["total"] / GIB, ls="--", label=f"full {prec}")
+        for prec, color in (("fp32", "C0"), ("fp16-mixed", "C1")):
+            a2.plot(ranks, [r["memory_bytes"][prec]["lora"]["total"] / GIB for r in rows], "o-", color=color,
+                    label=f"LoRA {prec}")
+            a2.axhline(rows[0]["memory_bytes"][prec]["full"]["total"] / GIB, ls="--", color=color,
+                       label=f"full fine-tune {prec}")
         a2.set(xscale="log", xlabel="rank", ylabel="GiB (weights+grads+Adam)", title="training memory")
         a2.legend(fontsize=8)
     else:

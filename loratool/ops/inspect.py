@@ -83,6 +83,19 @@ def block_of(module) -> str:
     return f"{module.component}:{head}"
 
 
+_COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "model")
+_BLOCK_ORDER = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "input_blocks": 1, "mid_block": 2,
+                "middle_block": 2, "up_blocks": 3, "output_blocks": 3}
+
+
+def block_sort_key(label: str) -> tuple:
+    """Blocks in model order: denoiser first, down → mid → up, indices numerically."""
+    component, _, head = label.partition(":")
+    name, _, index = head.partition(".")
+    comp = _COMPONENT_ORDER.index(component) if component in _COMPONENT_ORDER else len(_COMPONENT_ORDER)
+    return (comp, component, _BLOCK_ORDER.get(name, 4), name, int(index) if index.isdigit() else -1)
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -198,7 +211,7 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False) -
         for m, row in zip(mods, rows, strict=True):
             label = block_of(m)
             blocks[label] = blocks.get(label, 0.0) + row["delta_norm"] ** 2
-        report["blocks"] = {b: math.sqrt(v) for b, v in blocks.items()}
+        report["blocks"] = {b: math.sqrt(blocks[b]) for b in sorted(blocks, key=block_sort_key)}
     return report
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loratool.core.modules import Adapter, Dora, LohaModule, LoraModule
-from loratool.ops.inspect import FileFacts, block_of, build_report, delta_norm, lora_delta_norm
+from loratool.ops.inspect import FileFacts, block_of, block_sort_key, build_report, delta_norm, lora_delta_norm
 
 
 def _g(seed: int) -> torch.Generator:
@@ -65,6 +65,13 @@ def test_block_labels():
     assert lab("unet", "mid_block.attentions.0.proj_in") == "unet:mid_block"
     assert lab("text_encoder", "text_model.encoder.layers.5.self_attn.q_proj") == "text_encoder:layers.5"
     assert lab("transformer", "single_transformer_blocks.7.proj_out") == "transformer:single_transformer_blocks.7"
+
+
+def test_blocks_sort_in_model_order():
+    labels = ["text_encoder:layers.10", "unet:up_blocks.1", "text_encoder:layers.2", "unet:mid_block",
+              "unet:down_blocks.2", "unet:down_blocks.0"]
+    assert sorted(labels, key=block_sort_key) == ["unet:down_blocks.0", "unet:down_blocks.2", "unet:mid_block",
+                                                  "unet:up_blocks.1", "text_encoder:layers.2", "text_encoder:layers.10"]
 
 
 def _adapter() -> Adapter:
