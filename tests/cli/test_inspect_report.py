@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from loratool.core.modules import Adapter, Dora, LohaModule, LoraModule
-from loratool.ops.inspect import FileFacts, block_of, block_sort_key, build_report, delta_norm, lora_delta_norm
+from loratool.ops.inspect import (
+    FileFacts,
+    block_of,
+    block_sort_key,
+    build_report,
+    delta_norm,
+    lora_delta_norm,
+)
 
 
 def _g(seed: int) -> torch.Generator:
