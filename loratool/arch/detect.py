@@ -28,11 +28,11 @@ def detect_arch_from_checkpoint(
         return "flux"
     if has("joint_blocks.") or (has("transformer_blocks.", "attn.add_q_proj") and has("pos_embed")):
         return "sd3"
+    for key, shape in shapes.items():  # the context width decides; 1280 is the SDXL refiner (no table)
+        if _CROSS.search(key) and len(shape) == 2:
+            return _WIDTH.get(shape[1], "unknown")
     if has("conditioner.embedders.") or has("label_emb.0.0.") or has("add_embedding.linear_1."):
         return "sdxl"
-    for key, shape in shapes.items():
-        if _CROSS.search(key) and len(shape) == 2 and shape[1] in _WIDTH:
-            return _WIDTH[shape[1]]
     if has("cond_stage_model.model.transformer.resblocks."):
         return "sd2"
     if has("cond_stage_model.transformer.text_model."):

@@ -182,3 +182,54 @@ def test_flux_diffusers_and_aitoolkit_loras_map(real_dir):
         entries = arch.checkpoint_map[f"model.diffusion_model.{module}.weight"]
         spec = arch.modules[entries[0][0]]
         _check_lora_shape(spec.shape, tensors["A.weight"], tensors["B.weight"])
+
+
+@pytest.mark.parametrize(("arch_name", "fixture"), [
+    ("sd1", "sd15_diffusers_attnprocs.safetensors"),
+    ("sd1", "sd15_diffusers_lora_down_up.safetensors"),
+    ("sd2", "sd2_diffusers_attnprocs_unet_prefix.safetensors"),
+    ("sd2", "sd2_diffusers_lora_down_up.safetensors"),
+])
+def test_real_diffusers_unet_loras_match_the_table(real_dir, arch_name, fixture):
+    from loratool.io.safetensors import SafetensorsFile
+
+    arch = load_arch(arch_name)
+    other = load_arch("sd2" if arch_name == "sd1" else "sd1")
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    with SafetensorsFile(real_dir / "adapters" / fixture) as f:
+        for key in f.keys():
+            path = key.removeprefix("unet.").replace(".processor.", ".").replace("_lora.", ".lora.")
+            path = path.replace("to_out.lora", "to_out.0.lora")
+            module, _, suffix = path.partition(".lora.")
+            pairs.setdefault(f"unet.{module}", {})[suffix] = f.info(key).shape
+    assert len(pairs) == 128
+    mismatched_other = 0
+    for key, t in pairs.items():
+        _check_lora_shape(arch.modules[key].shape, list(t["down.weight"]), list(t["up.weight"]))
+        mismatched_other += other.modules[key].shape != arch.modules[key].shape
+    assert mismatched_other == 32  # attn2.to_k/to_v of all 16 transformers: 768 vs 1024 context width
+
+
+def test_real_lycoris_lokr_locon_names_map(real_dir):
+    """A real SD1 LyCORIS file with conv layers: every kohya id is in the table, shapes agree."""
+    import math
+
+    from loratool.io.safetensors import SafetensorsFile
+
+    arch = load_arch("sd1")
+    mods: dict[str, dict[str, tuple[int, ...]]] = {}
+    with SafetensorsFile(real_dir / "adapters" / "sd15_kohya_lycoris_lokr_r4.safetensors") as f:
+        for key in f.keys():
+            module, _, suffix = key.partition(".")
+            mods.setdefault(module, {})[suffix] = f.info(key).shape
+    groups = set()
+    for module_id, t in mods.items():
+        key = arch.from_kohya(module_id)
+        assert key is not None, module_id
+        spec = arch.modules[key]
+        groups.add(spec.group)
+        w1 = t.get("lokr_w1") or (t["lokr_w1_a"][0], t["lokr_w1_b"][1])
+        w2 = t.get("lokr_w2") or (t["lokr_w2_a"][0], *t["lokr_w2_b"][1:])
+        assert w1[0] * w2[0] == spec.shape[0], module_id
+        assert w1[1] * math.prod(w2[1:]) == math.prod(spec.shape[1:]), module_id
+    assert groups == {"attn", "conv"}

@@ -190,6 +190,10 @@ def test_detect_from_diffusers_and_lora_free_keys():
     sdxl = load_arch("sdxl")
     assert detect_arch_from_checkpoint({k: sdxl.checkpoint_shape(k) for k in sdxl.checkpoint_params}) == "sdxl"
     assert detect_arch_from_checkpoint({"model.layers.0.mlp.up_proj.weight": (11008, 4096)}) == "unknown"
+    refiner = {"conditioner.embedders.0.model.ln_final.weight": (1280,),
+               "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280)}
+    assert detect_arch_from_checkpoint(refiner) == "unknown"
+    assert detect_arch_from_checkpoint({"conditioner.embedders.1.model.ln_final.weight": (1280,)}) == "sdxl"
 
 
 @pytest.mark.parametrize("arch_name", ARCH_NAMES)
