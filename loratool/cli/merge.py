@@ -1,0 +1,71 @@
+"""``loratool merge CHECKPOINT LORA[:w] ... -o OUT``: bake adapters into a checkpoint, streamed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from loratool.cli.mix import SPEC_HELP, read_inputs
+from loratool.cli.options import (
+    debug_option,
+    device_option,
+    emit_json,
+    force_option,
+    json_option,
+    quiet_option,
+    resolve_device,
+)
+
+
+def _total_bytes(path: Path) -> int:
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
+
+
+@click.command(help="Bake adapters into a single-file checkpoint (LDM/SGM/BFL) or a diffusers folder: "
+                    f"W ← W + w·ΔW, streamed, dtype kept. Each LORA is {SPEC_HELP}")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=True))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:W][:lbw=…] …")
+@click.option("-o", "--output", type=click.Path(dir_okay=True), default=None,
+              help="Output file (a folder for a diffusers input).")
+@click.option("--arch", default=None, help="Override the detected architecture (sd1, sd2, sdxl, flux, sd3, generic).")
+@click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that match no checkpoint weight.")
+@click.option("--dry-run", is_flag=True, help="Show matched/unmatched counts; write nothing.")
+@json_option
+@quiet_option
+@force_option
+@device_option
+@debug_option
+def command(checkpoint: str, loras: tuple[str, ...], output: str | None, arch: str | None, allow_unmatched: bool,
+            dry_run: bool, as_json: bool, quiet: bool, force: bool, device: str) -> None:
+    from loratool.ops.merge_stream import merge_checkpoint
+
+    if output is None and not dry_run:
+        raise click.UsageError("-o/--output is required (or --dry-run)")
+    items = read_inputs(loras)
+    dev = resolve_device(device)
+    kwargs = dict(arch=arch, allow_unmatched=allow_unmatched, dry_run=dry_run, force=force,
+                  device=None if dev.type == "cpu" else dev)
+    if dry_run or as_json or quiet or not os.isatty(2):
+        report = merge_checkpoint(checkpoint, items, output, **kwargs)
+    else:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        with Progress("merging", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True) as bar:
+            task = bar.add_task("merge", total=_total_bytes(Path(checkpoint)))
+            report = merge_checkpoint(checkpoint, items, output, progress=lambda n: bar.advance(task, n), **kwargs)
+    report["dry_run"] = dry_run
+    if as_json:
+        emit_json(report)
+        return
+    if quiet:
+        return
+    click.echo(f"arch {report['arch']}: {report['matched_modules']} LoRA modules matched, "
+               f"{report['unmatched_modules']} unmatched, {report['tensors_changed']} checkpoint tensors to change")
+    for name in report["unmatched"][:20]:
+        click.echo(f"  unmatched: {name}")
+    if not dry_run:
+        click.echo(f"wrote {report['output']}")

@@ -1,0 +1,120 @@
+"""``loratool mix A[:w][:lbw=...] B[:w] ... -o OUT``: several adapters into one.
+
+Thin: parse the input specs (loratool.ops.lbw), read (loratool.formats), mix (loratool.ops.mix),
+write (loratool.formats) and render the per-module report. ``read_inputs`` and ``output_format``
+are shared with ``merge`` and ``scale``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+
+from loratool.cli.options import (
+    debug_option,
+    device_option,
+    emit_json,
+    force_option,
+    json_option,
+    quiet_option,
+    resolve_device,
+)
+from loratool.errors import LoraToolError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SPEC_HELP = "PATH[:WEIGHT][:lbw=BLOCKS] — BLOCKS is a preset (ALL, INS, MIDD, OUTD, …) or 12/17/20/26 numbers."
+
+
+def read_inputs(specs: tuple[str, ...] | list[str]) -> list:
+    """``MixInput`` for each command-line spec, the file read in any layout."""
+    from loratool.formats import read_adapter
+    from loratool.ops.lbw import parse_input_spec
+    from loratool.ops.mix import MixInput
+
+    out = []
+    for text in specs:
+        spec = parse_input_spec(text)
+        adapter = read_adapter(spec.path)
+        if not adapter.modules:
+            raise LoraToolError("holds no adapter modules", spec.path)
+        out.append(MixInput(adapter, spec.weight, spec.lbw, name=spec.path))
+    return out
+
+
+def output_format(requested: str | None, adapter) -> str:
+    """``--to`` when given, else the input's own layout when it can be written, else kohya."""
+    from loratool.formats import canonical_format
+
+    if requested:
+        return canonical_format(requested)
+    source = adapter.source_format
+    try:
+        return canonical_format(source) if isinstance(source, str) and source else "kohya"
+    except LoraToolError:
+        return "kohya"
+
+
+def to_option(f):
+    return click.option("--to", "to", default=None, metavar="FORMAT",
+                        help="Output layout: kohya (webui/comfyui/a1111/forge), diffusers, peft, aitoolkit, bfl.")(f)
+
+
+@click.command(help="Mix adapters with weights into one: exact (concat, rank Σr), optimal at a rank (svd), "
+                    f"or kohya-style factor averaging (linear). Each input is {SPEC_HELP}")
+@click.argument("inputs", nargs=-1, required=True, metavar="A[:W][:lbw=…] B[:W] …")
+@click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file.")
+@click.option("--mode", type=click.Choice(["concat", "svd", "linear"]), default="concat", show_default=True,
+              help="concat: exact sum; svd: best rank-r approximation of the sum; linear: factor averaging.")
+@click.option("-r", "--rank", type=click.IntRange(min=1), default=None,
+              help="svd: output rank (default: the largest input rank). concat: caps the SVD of LoHa/LoKr/full inputs.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+              help="Output dtype (default: the inputs' when they agree, else fp32).")
+@to_option
+@json_option
+@quiet_option
+@force_option
+@device_option
+@debug_option
+def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, dtype: str | None, to: str | None,
+            as_json: bool, quiet: bool, force: bool, device: str) -> None:
+    from loratool.formats import write_adapter
+    from loratool.io.metadata import loratool_keys
+    from loratool.ops.mix import mix
+
+    items = read_inputs(inputs)
+    dev = resolve_device(device)
+    result = mix(items, mode=mode, rank=rank, dtype=DTYPES[dtype] if dtype else None,
+                 device=None if dev.type == "cpu" else dev)
+    fmt = output_format(to, items[0].adapter)
+    params = {"mode": mode, "rank": rank, "inputs": [f"{Path(i.name).name}:{i.weight:g}"
+                                                     + (f":lbw={i.lbw}" if i.lbw else "") for i in items]}
+    result.adapter.metadata = {}
+    path = write_adapter(result.adapter, output, fmt, force=force, inputs=[i.name for i in items],
+                         metadata=loratool_keys("mix", params))
+    _render(result, str(path), fmt, as_json=as_json, quiet=quiet)
+
+
+def _render(result, output: str, fmt: str, *, as_json: bool, quiet: bool) -> None:
+    worst = max((r.rel_error for r in result.modules), default=0.0)
+    if as_json:
+        emit_json({"output": output, "format": fmt, "modules": len(result.modules), "max_rel_error": worst,
+                   "warnings": result.warnings,
+                   "per_module": [{"key": r.key, "inputs": r.inputs, "rank": r.rank, "method": r.method,
+                                   "rel_error": r.rel_error} for r in result.modules]})
+        return
+    for w in result.warnings:
+        click.echo(f"loratool: warning: {w}", err=True)
+    if quiet:
+        return
+    from rich.table import Table
+
+    from loratool.cli.render import console
+
+    con = console()
+    table = Table("module", "inputs", "rank", "method", "rel. error")
+    for r in result.modules:
+        table.add_row(r.key, str(r.inputs), "—" if r.rank is None else str(r.rank), r.method, f"{r.rel_error:.2e}")
+    con.print(table)
+    con.print(f"{len(result.modules)} modules, largest relative error {worst:.2e}; wrote {output} ({fmt})")
