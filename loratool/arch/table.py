@@ -84,6 +84,14 @@ class Arch:
             self._load_component(comp, table)
         for key, f in data["fused"].items():
             self._load_fused(key, f)
+        if self.fused:  # table order: a fused pseudo-module right before its first part
+            first = {parts[0][0]: key for key, parts in self.fused.items()}
+            order: dict[str, ModuleSpec] = {}
+            for key, spec in self.modules.items():
+                if key in first:
+                    order[first[key]] = self.modules[first[key]]
+                order.setdefault(key, spec)
+            self.modules = order
 
     def _load_component(self, comp: str, table: dict) -> None:
         prefix = table["checkpoint_prefix"]
