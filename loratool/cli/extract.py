@@ -1,0 +1,217 @@
+"""``loratool extract BASE TUNED -r 32``: a LoRA from the difference of two models.
+
+Thin: parse options, call :mod:`loratool.ops.extract`, write through :mod:`loratool.formats`, render.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from loratool.cli.options import (
+    debug_option,
+    device_option,
+    emit_json,
+    force_option,
+    json_option,
+    quiet_option,
+    resolve_device,
+)
+
+TARGETS = ("attn", "attn+conv", "all")
+FORMATS = ("kohya", "webui", "comfyui", "a1111", "forge", "diffusers", "peft", "aitoolkit", "bfl")
+
+
+def svd_options(f):
+    """--rank-mode, --svd, --niter, --oversample, --seed, --dtype (shared with resize)."""
+    for opt in reversed([
+        click.option("--rank-mode", default="fixed", show_default=True, metavar="fixed|fro:T|ratio:T|cumulative:T",
+                     help="Per-module rank: the minimal one meeting the target, -r/--conv-rank as the cap."),
+        click.option("--svd", "svd", type=click.Choice(["randomized", "exact"]), default="randomized",
+                     show_default=True, help="Randomized truncated SVD, or the exact float64 reference."),
+        click.option("--niter", type=click.IntRange(0, 20), default=2, show_default=True,
+                     help="Power iterations of the randomized SVD."),
+        click.option("--oversample", type=click.IntRange(8, None), default=None,
+                     help="Extra sketch columns (default: the rank, so the sketch is 2r wide)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-module sketches."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+                     help="Output dtype (default: the inputs')."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def policy_from(svd: str, niter: int, oversample: int | None, seed: int):
+    from loratool.linalg import SvdPolicy
+
+    return SvdPolicy(method=svd, niter=niter, oversample=oversample, seed=seed)
+
+
+def default_output(tuned: str, rank: int, fmt: str) -> str:
+    stem = Path(tuned.rstrip("/")).name.removesuffix(".safetensors")
+    return f"{stem}-lora-r{rank}" + ("" if fmt == "peft" else ".safetensors")
+
+
+@click.command(help="Extract a LoRA from BASE and TUNED (single-file checkpoints, diffusers folders or "
+                    "component files; --arch generic: any two safetensors with the same keys).")
+@click.argument("base", type=click.Path(exists=True, dir_okay=True))
+@click.argument("tuned", type=click.Path(exists=True, dir_okay=True))
+@click.option("-r", "--rank", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Rank (the cap with a dynamic --rank-mode).")
+@click.option("-o", "--output", type=click.Path(dir_okay=True), default=None,
+              help="Output file (a folder for --to peft). Default: <TUNED>-lora-r<RANK>.safetensors here.")
+@click.option("--arch", default=None, metavar="sd1|sd2|sdxl|flux|sd3|generic", help="Override detection.")
+@click.option("--targets", type=click.Choice(TARGETS), default="attn", show_default=True,
+              help="attn: transformer blocks (kohya's default); attn+conv: LoCon; all: every layer.")
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None, help="Rank of k×k convs (default: -r).")
+@click.option("--min-change", type=click.FloatRange(min=0), default=None,
+              help="Text-encoder modules whose ‖ΔW‖/‖W‖ is below this are skipped (default 2e-3).")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only modules whose key matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Drop modules whose key matches (repeatable).")
+@svd_options
+@click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Clamp factors at this quantile of their entries (kohya's 0.99; off by default).")
+@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default=None,
+              help="Output layout (default: kohya; peft for --arch generic).")
+@device_option
+@click.option("--dry-run", is_flag=True, help="Print the plan (modules, shapes, ranks, size); read no tensor.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the full per-module report as JSON here.")
+@json_option
+@force_option
+@quiet_option
+@debug_option
+def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
+            niter, oversample, seed, dtype, clamp_quantile, fmt, device, dry_run, report_path, as_json, force,
+            quiet) -> None:
+    from loratool.linalg import parse_rank_mode
+    from loratool.ops.extract_plan import DEFAULT_MIN_CHANGE, ExtractOptions
+
+    dev = resolve_device(device)
+    options = ExtractOptions(
+        rank=rank, conv_rank=conv_rank, rank_mode=parse_rank_mode(rank_mode), targets=targets,
+        arch=arch.lower() if arch else None, min_change=DEFAULT_MIN_CHANGE if min_change is None else min_change,
+        include=tuple(include), exclude=tuple(exclude), policy=policy_from(svd, niter, oversample, seed),
+        clamp_quantile=clamp_quantile, dtype=dtype, device=str(dev))
+    if dry_run:
+        return _dry_run(base, tuned, options, as_json, quiet)
+    fmt = (fmt or ("peft" if options.arch == "generic" else "kohya")).lower()
+    output = output or default_output(tuned, rank, fmt)
+    _check_output_first(output, fmt, force, (base, tuned))
+    result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json))
+    path = _write(result, output, fmt, force, (base, tuned), _parameters(options, fmt))
+    full = {"output": str(path), **result.full_report()}
+    if report_path:
+        from loratool.io.writer import AtomicFile, check_output
+
+        check_output(report_path, force=True, inputs=(base, tuned))
+        with AtomicFile(report_path) as fh:
+            fh.write(json.dumps(full, indent=1).encode() + b"\n")
+    if as_json:
+        emit_json(full)
+    elif not quiet:
+        render_summary(result.summary, str(path), result.plan.arch, result.reports)
+
+
+def _check_output_first(output: str, fmt: str, force: bool, inputs) -> None:
+    """Fail on an existing output before the work, not after it."""
+    if fmt == "peft":
+        return
+    from loratool.io.writer import check_output
+
+    check_output(output, force=force, inputs=inputs)
+
+
+def _parameters(options, fmt: str) -> dict:
+    return {"rank": options.rank, "conv_rank": options.conv_rank, "rank_mode": str(options.rank_mode),
+            "targets": options.targets, "svd": options.policy.method, "niter": options.policy.niter,
+            "oversample": options.policy.oversample, "seed": options.policy.seed,
+            "clamp_quantile": options.clamp_quantile, "min_change": options.min_change, "to": fmt,
+            "dtype": options.dtype,
+            "include": list(options.include), "exclude": list(options.exclude)}
+
+
+def _write(result, output: str, fmt: str, force: bool, inputs, params: dict):
+    from loratool.formats.write import write_adapter
+    from loratool.io.metadata import loratool_keys
+
+    meta = {**loratool_keys("extract", {**params, "arch": result.plan.arch}),
+            "loratool.extract_report": result.compact_report()}
+    return write_adapter(result.adapter, output, fmt, force=force, inputs=inputs, metadata=meta)
+
+
+def _extract_with_progress(base: str, tuned: str, options, show: bool):
+    from loratool.cli.render import console
+    from loratool.ops.extract import extract
+
+    if not show or not console(stderr=True).is_terminal:
+        return extract(base, tuned, options)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
+        task = bar.add_task("extract", total=None, rate="")
+
+        def update(done: int, total: int, _key: str) -> None:
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate=f"{speed:.1f} mod/s" if speed else "")
+
+        return extract(base, tuned, options, progress=update)
+
+
+def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None:
+    from loratool.ops.extract import plan_extract
+
+    plan = plan_extract(base, tuned, options)
+    size = plan.output_bytes(4 if options.dtype == "fp32" else 2)
+    data = {"arch": plan.arch, "modules": [{"key": m.key, "shape": list(m.shape), "rank": m.rank}
+                                           for m in plan.modules],
+            "excluded": plan.excluded, "not_in_inputs": len(plan.missing), "output_bytes_at_most": size,
+            "rank_mode": str(options.rank_mode),
+            "note": "text-encoder modules below --min-change and unchanged modules are skipped at run time"}
+    if as_json:
+        return emit_json(data)
+    if quiet:
+        return None
+    from rich.table import Table
+
+    from loratool.cli.render import console, fmt_bytes
+
+    table = Table(title=f"extract plan: {plan.arch}, {len(plan.modules)} modules, rank mode {options.rank_mode}")
+    for col in ("module", "shape", "rank"):
+        table.add_column(col)
+    for m in plan.modules:
+        table.add_row(m.key, "×".join(map(str, m.shape)), str(m.rank))
+    con = console()
+    con.print(table)
+    con.print(f"output ≤ {fmt_bytes(size)}; excluded {len(plan.excluded)}; table modules not in the inputs "
+              f"{len(plan.missing)}; {data['note']}")
+    return None
+
+
+def render_summary(summary: dict, path: str, arch: str, reports) -> None:
+    from rich.table import Table
+
+    from loratool.cli.render import console
+
+    con = console()
+    table = Table(title=f"{os.path.basename(path)} ({arch})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("modules", str(summary["modules"]))
+    table.add_row("ranks", ", ".join(map(str, summary["ranks"])))
+    table.add_row("mean rel. error", f"{summary['mean_rel_error']:.4g}")
+    table.add_row("worst rel. error", f"{summary['worst_rel_error']:.4g} ({summary.get('worst_module')})")
+    table.add_row("mean retained energy", f"{summary['mean_retained']:.4%}")
+    for key, label in (("skipped_unchanged", "skipped, unchanged"),
+                       ("skipped_below_min_change", "skipped, below --min-change"), ("excluded", "excluded"),
+                       ("dense", "decomposed from dense ΔW")):
+        if summary.get(key):
+            names = summary[key]
+            table.add_row(label, f"{len(names)}: " + ", ".join(names[:4]) + (" …" if len(names) > 4 else ""))
+    con.print(table)
+    con.print(f"wrote {path}")

@@ -1,0 +1,76 @@
+"""``loratool resize IN -r 16 -o OUT``: lower an adapter's ranks on its factors (no dense ΔW for LoRA).
+
+Thin: read (loratool.formats), resize (loratool.ops.resize), write (loratool.formats), render.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from loratool.cli.extract import FORMATS, policy_from, render_summary, svd_options
+from loratool.cli.options import (
+    debug_option,
+    device_option,
+    emit_json,
+    force_option,
+    json_option,
+    quiet_option,
+    resolve_device,
+)
+from loratool.errors import LoraToolError
+
+
+@click.command(help="Resize an adapter's ranks: QR of each factor and an SVD of the small core, so the dense "
+                    "ΔW is never built for LoRA/LoCon; the scale alpha/rank is kept.")
+@click.argument("input_path", metavar="IN", type=click.Path(exists=True, dir_okay=True))
+@click.option("-r", "--rank", type=click.IntRange(min=1), required=True, help="New rank (the cap with --rank-mode).")
+@click.option("--conv-rank", type=click.IntRange(min=1), default=None, help="Rank of k×k convs (default: -r).")
+@click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file (a folder for peft).")
+@svd_options
+@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default="kohya", show_default=True,
+              help="Output layout.")
+@device_option
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the per-module report as JSON here.")
+@json_option
+@force_option
+@quiet_option
+@debug_option
+def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversample, seed, dtype, fmt, device,
+            report_path, as_json, force, quiet) -> None:
+    from loratool.formats import read_adapter
+    from loratool.formats.write import write_adapter
+    from loratool.io.metadata import loratool_keys
+    from loratool.linalg import parse_rank_mode
+    from loratool.ops.resize import ResizeOptions, resize
+
+    options = ResizeOptions(rank=rank, conv_rank=conv_rank, rank_mode=parse_rank_mode(rank_mode),
+                            policy=policy_from(svd, niter, oversample, seed), dtype=dtype,
+                            device=str(resolve_device(device)))
+    source = read_adapter(input_path)
+    if not source.modules:
+        raise LoraToolError("holds no adapter modules: nothing to resize", input_path)
+    result = resize(source, options)
+    params = {"rank": rank, "conv_rank": conv_rank, "rank_mode": str(options.rank_mode), "dtype": dtype,
+              "to": fmt.lower()}
+    per = {r.key: [r.old_rank, r.rank, round(r.retained, 6)] for r in result.reports}
+    meta = {**loratool_keys("resize", params),
+            "loratool.resize_report": json.dumps({"summary": {k: v for k, v in result.summary.items()
+                                                              if not isinstance(v, list) or len(v) <= 8},
+                                                  "modules": per}, sort_keys=True, separators=(",", ":")),
+            "ss_training_comment": f"resized by loratool to rank {rank} ({options.rank_mode})"}
+    path = write_adapter(result.adapter, output, fmt.lower(), force=force, inputs=[input_path], metadata=meta)
+    full = {"output": str(path), "summary": result.summary, "modules": [r.as_dict() for r in result.reports]}
+    if report_path:
+        from loratool.io.writer import AtomicFile, check_output
+
+        check_output(report_path, force=True, inputs=[input_path])
+        with AtomicFile(report_path) as fh:
+            fh.write(json.dumps(full, indent=1).encode() + b"\n")
+    if as_json:
+        emit_json(full)
+    elif not quiet:
+        summary = {**result.summary, "skipped_unchanged": [], "skipped_below_min_change": [], "excluded": []}
+        render_summary(summary, str(path), source.base_model, result.reports)

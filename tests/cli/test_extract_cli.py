@@ -1,0 +1,112 @@
+"""``loratool extract`` through click's CliRunner on tiny checkpoints built here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loratool.cli.main import cli
+from loratool.formats import read_adapter
+from loratool.io.safetensors import SafetensorsFile
+from loratool.io.writer import write_safetensors
+
+ATTN = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONV = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+TE = "cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.weight"
+
+
+def low_rank(m, n, r, gen):
+    return torch.randn(m, r, generator=gen) @ torch.randn(r, n, generator=gen) * 0.05
+
+
+@pytest.fixture
+def sd1_pair(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    base = {ATTN: torch.randn(320, 768, generator=gen), CONV: torch.randn(320, 320, 3, 3, generator=gen) * .05,
+            TE: torch.randn(768, 3072, generator=gen)}
+    tuned = {ATTN: base[ATTN] + low_rank(320, 768, 3, gen),
+             CONV: base[CONV] + low_rank(320, 2880, 3, gen).reshape(320, 320, 3, 3),
+             TE: base[TE] + low_rank(768, 3072, 2, gen)}
+    write_safetensors(tmp_path / "base.safetensors", {k: v.half() for k, v in base.items()}, None)
+    write_safetensors(tmp_path / "tuned.safetensors", {k: v.half() for k, v in tuned.items()}, None)
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+
+
+@pytest.fixture
+def generic_pair(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(96, 64, generator=gen),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(64, 96, generator=gen),
+            "model.norm.weight": torch.ones(64)}
+    tuned = {k: v + (low_rank(*v.shape, 2, gen) if v.dim() == 2 else 0) for k, v in base.items()}
+    write_safetensors(tmp_path / "b.safetensors", base, None)
+    write_safetensors(tmp_path / "t.safetensors", tuned, None)
+    return tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_sd1_checkpoint_to_kohya_with_report_and_metadata(sd1_pair, tmp_path):
+    base, tuned = sd1_pair
+    out, rep = tmp_path / "lora.safetensors", tmp_path / "report.json"
+    res = run("extract", base, tuned, "-r", 4, "--targets", "attn+conv", "--conv-rank", 3, "-o", out,
+              "--report", rep, "-q")
+    assert res.exit_code == 0, res.output
+    assert res.output == ""
+    f = SafetensorsFile(out)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight" in f.keys()
+    assert tuple(f.info("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight").shape) == (3, 320, 3, 3)
+    assert f.info("lora_te_text_model_encoder_layers_3_mlp_fc2.lora_up.weight").shape == (768, 4)
+    assert f.metadata["ss_base_model_version"].startswith("sd_v1")
+    compact = json.loads(f.metadata["loratool.extract_report"])
+    assert compact["summary"]["modules"] == 3
+    full = json.loads(rep.read_text())
+    assert {m["key"] for m in full["modules"]} >= {"unet.down_blocks.0.resnets.0.conv1"}
+    assert full["summary"]["worst_rel_error"] < 2e-2  # fp16 storage of a rank-3 ΔW
+    adapter = read_adapter(out)
+    assert adapter.base_model == "sd1" and len(adapter.modules) == 3
+
+
+def test_generic_to_peft_json_and_identical_bytes(generic_pair, tmp_path):
+    base, tuned = generic_pair
+    outs = []
+    for name in ("a", "b"):
+        res = run("extract", base, tuned, "-r", 2, "--arch", "generic", "-o", tmp_path / name, "--json")
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.output)
+        assert data["summary"]["modules"] == 2 and data["arch"] == "generic"
+        outs.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    adapter = read_adapter(tmp_path / "a")
+    assert sorted(adapter.modules) == ["model.model.layers.0.mlp.down_proj", "model.model.layers.0.mlp.up_proj"]
+
+
+def test_dry_run_writes_nothing_and_lists_the_plan(sd1_pair, tmp_path):
+    base, tuned = sd1_pair
+    res = run("extract", base, tuned, "-r", 8, "--dry-run", "--json", "-o", tmp_path / "x.safetensors")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output)
+    assert plan["arch"] == "sd1" and [m["rank"] for m in plan["modules"]] == [8, 8]
+    assert plan["output_bytes_at_most"] == 8 * (320 + 768) * 2 + 8 * (768 + 3072) * 2 + 8
+    assert not (tmp_path / "x.safetensors").exists()
+    res = run("extract", base, tuned, "-r", 8, "--dry-run", "--include", "attn2")
+    assert "attn2.to_k" in res.output and "mlp.fc2" not in res.output
+
+
+def test_errors_are_one_line(sd1_pair, generic_pair, tmp_path):
+    base, tuned = sd1_pair
+    res = run("extract", base, generic_pair[1], "-r", 2, "--arch", "generic", "-o", tmp_path / "o")
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "loratool: error:" in res.output
+    assert "missing" in res.output
+    (tmp_path / "exists.safetensors").write_bytes(b"x")
+    res = run("extract", base, tuned, "-r", 2, "-o", tmp_path / "exists.safetensors")
+    assert res.exit_code == 1 and "--force" in res.output
+    res = run("extract", base, tuned, "-r", 2, "--rank-mode", "fro:3", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 1 and "fro:3" in res.output
+    res = run("extract", base, tuned, "-r", 2, "--include", "nothing-matches", "-o", tmp_path / "o.safetensors")
+    assert res.exit_code == 1 and "nothing to extract" in res.output
