@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 
 from loratool.errors import LoraToolError, UnsupportedInput
+from loratool.io.safetensors import looks_like_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WHY = re.compile(r"(Unsupported global: GLOBAL [\w.<>]+|Unsupported operand \d+|Trying to [^.\n]+)")
@@ -58,6 +59,8 @@ def _torch_load(path: str) -> object:
         raise LoraToolError("is a folder, not a torch file", path)
     if os.path.getsize(path) == 0:
         raise LoraToolError("not a torch file: it is empty (0 bytes)", path)
+    if looks_like_safetensors(path):
+        raise LoraToolError("is a safetensors file despite its name: read it as safetensors", path)
     use_mmap = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():

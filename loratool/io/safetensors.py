@@ -358,3 +358,17 @@ def load_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 def is_safetensors_path(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in (".safetensors", ".sft")
+
+
+def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether a file begins like a safetensors file (a plausible header length, then ``{``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= min(size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{"

@@ -122,3 +122,12 @@ def test_wrong_shapes_of_content(tmp_path) -> None:
 def test_suffixes() -> None:
     assert all(is_pickle_path(f"a{s}") for s in (".pt", ".PTH", ".bin", ".ckpt"))
     assert not is_pickle_path("a.safetensors") and not is_pickle_path(os.path.join("x", "a.json"))
+
+
+def test_safetensors_under_a_pickle_name_is_not_unpickled(tmp_path) -> None:
+    from loratool.io.writer import serialize
+
+    p = tmp_path / "model.bin"
+    p.write_bytes(serialize({"a" * 72: torch.ones(2)}))  # header length 128: its first byte is 0x80
+    with pytest.raises(LoraToolError, match="is a safetensors file despite its name"):
+        read_pickle(p)

@@ -1,0 +1,385 @@
+"""Tensor sources: one lazy, read-only view of whatever a user points a command at.
+
+``open_source(path)`` accepts
+
+* a safetensors file (``kind="safetensors"``), or a folder holding only a diffusers
+  ``pytorch_lora_weights.safetensors``;
+* a torch pickle (``kind="pickle"``), read with the weights-only loader only;
+* a peft adapter folder (``kind="peft"``): ``adapter_config.json`` (parsed, as ``.config``) plus
+  ``adapter_model.safetensors`` (or ``.bin``);
+* a diffusers pipeline folder (``kind="diffusers"``): ``model_index.json`` and component folders;
+  keys are ``"<component>.<param>"`` (``unet.conv_in.weight``) and ``.components`` maps each
+  component to its own parameter names;
+* a single component folder (``kind="component"``: ``unet/``, ``text_encoder/``, …) with its
+  weights in one file or sharded with a ``*.index.json``.
+
+Headers are read up front; tensors are read one at a time by :meth:`TensorSource.get`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratool.errors import LoraToolError
+from loratool.io.pickles import PickleContents, is_pickle_path, read_pickle
+from loratool.io.safetensors import SafetensorsFile, is_safetensors_path, looks_like_safetensors
+
+COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
+                   "prior", "decoder", "image_encoder")
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+LORA_FILES = ("pytorch_lora_weights.safetensors",)
+MAX_JSON_BYTES = 50_000_000
+
+
+class MissingKey(LoraToolError, KeyError):
+    """A key the source does not hold (also a KeyError, for mapping-style callers)."""
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a small config file, or a one-line error naming it."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise LoraToolError(f"{what} is too large to be a config file", path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise LoraToolError(f"cannot read {what}: {e.strerror}", path) from None
+    except (ValueError, RecursionError):
+        raise LoraToolError(f"{what} is not valid JSON", path) from None
+    if not isinstance(data, dict):
+        raise LoraToolError(f"{what} is not a JSON object", path)
+    return data
+
+
+class TensorSource:
+    """Common interface; subclasses fill ``_locate``/``_files``. Keys are in a stable order."""
+
+    kind: str = ""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self.metadata: dict[str, str] = {}
+        self.config: dict[str, Any] | None = None
+        self.components: dict[str, list[str]] = {}
+
+    # subclasses -----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # shared -------------------------------------------------------------------------------
+    def _missing(self, key: str) -> MissingKey:
+        return MissingKey(f"no tensor named {key!r}", self.path)
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) one at a time."""
+        for k in self.keys():
+            yield k, self.get(k)
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.kind} {self.path!r} ({len(self)} tensors)>"
+
+
+class SafetensorsSource(TensorSource):
+    kind = "safetensors"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(path)
+        self.file = SafetensorsFile(path)
+        self.metadata = dict(self.file.metadata)
+
+    def keys(self) -> list[str]:
+        return self.file.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.file.dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.file.get(key)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class PickleSource(TensorSource):
+    """A weights-only pickle; ``layout`` is "state_dict" or "tensor_list" (cloneofsimo legacy)."""
+
+    kind = "pickle"
+
+    def __init__(self, path: str | os.PathLike[str]):
+        super().__init__(path)
+        self.contents: PickleContents = read_pickle(path)
+        self.layout = self.contents.layout
+        self.ignored = list(self.contents.ignored)
+
+    def _t(self, key: str) -> torch.Tensor:
+        try:
+            return self.contents.tensors[key]
+        except KeyError:
+            raise self._missing(key) from None
+
+    def keys(self) -> list[str]:
+        return list(self.contents.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._t(key).dtype
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._t(key)
+
+    def as_list(self) -> list[torch.Tensor]:
+        return self.contents.as_list()
+
+    def close(self) -> None:
+        self.contents.tensors = {}
+
+
+def open_file(path: str | os.PathLike[str]) -> TensorSource:
+    """A single tensor file: ``.safetensors``/``.sft`` and pickle suffixes by name; any other name by
+    its first bytes (a safetensors header, else zip/pickle magic), defaulting to safetensors (whose
+    reader then says what is wrong)."""
+    p = Path(path)
+    if is_safetensors_path(p) or looks_like_safetensors(p):  # people do rename safetensors to .bin
+        return SafetensorsSource(p)
+    if is_pickle_path(p) or _looks_like_pickle(p):
+        return PickleSource(p)
+    return SafetensorsSource(p)
+
+
+def _head(p: Path, n: int) -> bytes:
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+def _looks_like_pickle(p: Path) -> bool:
+    head = _head(p, 4)
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+class MultiSource(TensorSource):
+    """Several files seen as one: ``key -> (file, key in that file)``, files opened when first needed."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str, where: dict[str, tuple[Path, str]]):
+        super().__init__(path)
+        self.kind = kind
+        self._where = where
+        self._open: dict[Path, TensorSource] = {}
+
+    def _file(self, key: str) -> tuple[TensorSource, str]:
+        try:
+            file, inner = self._where[key]
+        except KeyError:
+            raise self._missing(key) from None
+        src = self._open.get(file)
+        if src is None:
+            src = self._open[file] = open_file(file)
+        return src, inner
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        src, inner = self._file(key)
+        return src.shape(inner)
+
+    def dtype(self, key: str) -> torch.dtype:
+        src, inner = self._file(key)
+        return src.dtype(inner)
+
+    def get(self, key: str) -> torch.Tensor:
+        src, inner = self._file(key)
+        try:
+            return src.get(inner)
+        except KeyError:
+            raise LoraToolError(f"the shard index lists {inner!r} in {file_name(src)}, which lacks it",
+                                self.path) from None
+
+    def component(self, name: str) -> MultiSource:
+        """One component of a diffusers folder, with its own (unprefixed) keys."""
+        if name not in self.components:
+            raise LoraToolError(f"no component {name!r} (it has: {', '.join(self.components) or 'none'})",
+                                self.path)
+        prefix = f"{name}."
+        where = {k[len(prefix):]: v for k, v in self._where.items() if k.startswith(prefix)}
+        sub = MultiSource(Path(self.path) / name, "component", where)
+        sub.components = {name: list(where)}
+        return sub
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()
+
+
+def file_name(src: TensorSource) -> str:
+    return os.path.basename(src.path)
+
+
+def _variant_of(name: str) -> str | None:
+    """``fp16`` for ``model.fp16.safetensors`` / ``model.fp16.safetensors.index.json``; None otherwise."""
+    base = name[: -len(".index.json")] if name.endswith(".index.json") else name
+    parts = base.split(".")
+    return parts[1] if len(parts) == 3 else None
+
+
+def _weight_files(folder: Path, variant: str | None) -> Path | None:
+    """The weight file (or shard index) of a component folder; None when there is none."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    var = f".{variant}" if variant else ""
+    for stem in WEIGHT_STEMS:
+        for ext in ("safetensors", "bin"):
+            single, index = f"{stem}{var}.{ext}", f"{stem}{var}.{ext}.index.json"
+            if index in names:
+                return folder / index
+            if single in names:
+                return folder / single
+    if variant is None:  # only variant files (e.g. fp16): take them when there is one choice
+        variants = {v for n in names if n.split(".")[0] in WEIGHT_STEMS and (v := _variant_of(n))}
+        if len(variants) == 1:
+            return _weight_files(folder, variants.pop())
+        if len(variants) > 1:
+            raise LoraToolError(f"holds weights in several variants ({', '.join(sorted(variants))}); "
+                                "say which one to read", folder)
+    return None
+
+
+def _component_where(folder: Path, variant: str | None, prefix: str,
+                     opened: dict[Path, TensorSource]) -> dict[str, tuple[Path, str]] | None:
+    """``prefix + param -> (file, param)`` for one component folder (None: no weights there)."""
+    found = _weight_files(folder, variant)
+    if found is None:
+        return None
+    if found.name.endswith(".index.json"):
+        index = read_json(found, "the shard index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise LoraToolError("the shard index has no weight_map of names to files", found)
+        for shard in sorted(set(weight_map.values())):
+            if "/" in shard or "\\" in shard or not (folder / shard).is_file():
+                raise LoraToolError(f"the shard index names {shard!r}, which is not a file beside it", found)
+        return {prefix + k: (folder / v, k) for k, v in sorted(weight_map.items())}
+    src = opened[found] = open_file(found)
+    return {prefix + k: (found, k) for k in src.keys()}
+
+
+def open_diffusers(folder: Path, variant: str | None = None) -> MultiSource:
+    """A diffusers pipeline folder: every component folder that holds weights."""
+    index = read_json(folder / "model_index.json", "model_index.json")
+    listed = [k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()]
+    names = listed + [n for n in COMPONENT_NAMES if n not in listed and (folder / n).is_dir()]
+    where: dict[str, tuple[Path, str]] = {}
+    components: dict[str, list[str]] = {}
+    opened: dict[Path, TensorSource] = {}
+    try:
+        for name in names:
+            part = _component_where(folder / name, variant, f"{name}.", opened)
+            if part:
+                where.update(part)
+                components[name] = [k[len(name) + 1:] for k in part]
+    except BaseException:
+        for src in opened.values():
+            src.close()
+        raise
+    if not components:
+        raise LoraToolError("a diffusers folder (model_index.json) without any component weights", folder)
+    source = MultiSource(folder, "diffusers", where)
+    source._open.update(opened)
+    source.config = index
+    source.components = components
+    return source
+
+
+def open_component(folder: Path, variant: str | None = None) -> MultiSource | None:
+    opened: dict[Path, TensorSource] = {}
+    where = _component_where(folder, variant, "", opened)
+    if where is None:
+        return None
+    source = MultiSource(folder, "component", where)
+    source._open.update(opened)
+    if (folder / "config.json").is_file():
+        source.config = read_json(folder / "config.json", "config.json")
+    source.components = {folder.name: list(where)}
+    return source
+
+
+def open_peft(folder: Path) -> TensorSource:
+    config = read_json(folder / "adapter_config.json", "adapter_config.json")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            src = open_file(folder / name)
+            src.kind = "peft"
+            src.config = config
+            return src
+    raise LoraToolError("a peft folder (adapter_config.json) without adapter_model.safetensors or "
+                        "adapter_model.bin", folder)
+
+
+def open_source(path: str | os.PathLike[str], variant: str | None = None) -> TensorSource:
+    """Open whatever ``path`` is (see the module docstring) for lazy reading."""
+    p = Path(path)
+    if not p.exists():
+        raise LoraToolError("no such file or folder", p)
+    if not p.is_dir():
+        return open_file(p)
+    try:
+        entries = sorted(x.name for x in p.iterdir())
+    except OSError as e:
+        raise LoraToolError(f"cannot list the folder: {e.strerror}", p) from None
+    if not entries:
+        raise LoraToolError("the folder is empty", p)
+    if "adapter_config.json" in entries:
+        return open_peft(p)
+    if "model_index.json" in entries:
+        return open_diffusers(p, variant)
+    source = open_component(p, variant)
+    if source is not None:
+        return source
+    for name in LORA_FILES:
+        if name in entries:
+            return open_file(p / name)
+    raise LoraToolError("nothing loratool can read in this folder (expected adapter_config.json, "
+                        "model_index.json, pytorch_lora_weights.safetensors or a component's "
+                        "diffusion_pytorch_model / model weights)", p)
