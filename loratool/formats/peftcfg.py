@@ -1,0 +1,152 @@
+"""peft's alpha bookkeeping: ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``/``use_rslora``.
+
+peft keeps alpha out of the tensors, in ``adapter_config.json`` (native folders) or in the
+``lora_adapter_metadata`` safetensors entry (diffusers pipeline files, keys prefixed by component).
+A pattern applies to a module when ``re.match(rf"(.*\\.)?({pattern})$", module_path)`` succeeds,
+first pattern first (peft's own rule), so reading and writing agree with peft.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from loratool.core.modules import LoraModule, Module
+from loratool.errors import LoraToolError
+
+METADATA_KEY = "lora_adapter_metadata"
+_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
+_TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
+                      "time_text_embed.", "norm_out.", "proj_out", "pos_embed")
+_TE_ROOTS = ("text_model.", "encoder.layers.", "embeddings.", "encoder.block.", "text_projection")
+
+
+def pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
+    for pattern in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", path):
+                return pattern
+        except re.error:
+            continue
+    return None
+
+
+@dataclass
+class PeftConfig:
+    r: int | None = None
+    lora_alpha: float | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+
+    def alpha_for(self, path: str) -> float | None:
+        key = pattern_key(self.alpha_pattern, path)
+        if key is not None:
+            return float(self.alpha_pattern[key])
+        return None if self.lora_alpha is None else float(self.lora_alpha)
+
+
+@dataclass
+class AlphaSource:
+    """peft configs per component ("" = every component)."""
+
+    configs: dict[str, PeftConfig]
+
+    def apply(self, module: LoraModule) -> None:
+        cfg = self.configs.get(module.component) or self.configs.get("")
+        if cfg is None:
+            return
+        module.alpha = cfg.alpha_for(module.path)
+        module.rslora = bool(cfg.use_rslora)
+
+
+def _config(d: Mapping[str, object], where: str) -> PeftConfig:
+    try:
+        return PeftConfig(
+            r=int(d["r"]) if d.get("r") is not None else None,  # type: ignore[arg-type]
+            lora_alpha=float(d["lora_alpha"]) if d.get("lora_alpha") is not None else None,  # type: ignore[arg-type]
+            rank_pattern={str(k): int(v) for k, v in dict(d.get("rank_pattern") or {}).items()},  # type: ignore[arg-type]
+            alpha_pattern={str(k): float(v) for k, v in dict(d.get("alpha_pattern") or {}).items()},  # type: ignore[arg-type]
+            use_rslora=bool(d.get("use_rslora", False)),
+        )
+    except (TypeError, ValueError) as e:
+        raise LoraToolError(f"peft config has a value of the wrong type ({e})", where) from None
+
+
+def alpha_source_from_config(config: Mapping[str, object], where: str) -> AlphaSource:
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoraToolError(f"peft adapter type {peft_type} is not supported (only LORA)", where)
+    return AlphaSource({"": _config(config, where)})
+
+
+def alpha_source_from_metadata(metadata: Mapping[str, str], where: str) -> AlphaSource | None:
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise LoraToolError(f"{METADATA_KEY} metadata is not valid JSON", where) from None
+    if not isinstance(data, dict):
+        raise LoraToolError(f"{METADATA_KEY} metadata is not a JSON object", where)
+    per: dict[str, dict] = {}
+    for key, value in data.items():
+        comp, dot, name = key.partition(".")
+        if dot and name in PeftConfig.__dataclass_fields__ or (dot and name in ("target_modules", "use_dora")):
+            per.setdefault(comp, {})[name] = value
+        else:
+            per.setdefault("", {})[key] = value
+    return AlphaSource({comp: _config(d, where) for comp, d in per.items()})
+
+
+def peft_component(paths: list[str]) -> str:
+    """Which model a bare peft folder adapts, from its module paths."""
+    if any(p.startswith(_UNET_ROOTS) for p in paths):
+        return "unet"
+    if any(p.startswith(_TRANSFORMER_ROOTS) for p in paths):
+        return "transformer"
+    if paths and all(p.startswith(_TE_ROOTS) for p in paths):
+        return "text_encoder"
+    return "model"
+
+
+def pattern_path(module: Module) -> str:
+    """A module's path as written in patterns: TE paths without ``text_model.`` (matches both spellings)."""
+    if module.component.startswith("text_encoder") and module.path.startswith("text_model."):
+        return module.path[len("text_model."):]
+    return module.path
+
+
+def peft_alpha(module: LoraModule, rslora: bool) -> float:
+    """The ``lora_alpha`` that gives this module its scale under peft (rsLoRA or not)."""
+    if module.alpha is None:
+        return float(module.rank) if not rslora else math.sqrt(module.rank)
+    if module.rslora == rslora:
+        return float(module.alpha)
+    if module.rslora:  # plain peft: alpha/r must equal alpha_rs/sqrt(r)
+        return float(module.alpha) * math.sqrt(module.rank)
+    return float(module.alpha) / math.sqrt(module.rank)
+
+
+def build_config(modules: list[LoraModule]) -> dict[str, object]:
+    """``r``, ``lora_alpha``, patterns and ``target_modules`` that reproduce every module's scale."""
+    rslora = bool(modules) and all(m.rslora for m in modules)
+    ranks = {pattern_path(m): m.rank for m in modules}
+    alphas = {pattern_path(m): peft_alpha(m, rslora) for m in modules}
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r)
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+        "target_modules": sorted(ranks),
+        "use_rslora": rslora,
+        "use_dora": any(m.dora is not None for m in modules),
+        "lora_bias": any(m.bias is not None for m in modules),
+    }

@@ -1,0 +1,165 @@
+"""``encode(adapter, fmt)`` -> (tensors, metadata) and ``write_adapter``: canonical form to a layout.
+
+Formats: ``kohya`` (aliases ``webui``, ``comfyui``, ``a1111``, ``forge``, ``lycoris``), ``diffusers``,
+``peft`` (a folder; one sub-folder per component when several), ``aitoolkit`` and ``bfl`` (Flux).
+Metadata: the source's ``ss_*`` training keys are kept, ``ss_network_*`` and ``modelspec.*`` are set for
+the target, and ``sshs_model_hash``/``sshs_legacy_hash`` are computed from the tensors as written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from loratool.core.modules import Adapter, LoraModule
+from loratool.errors import LoraToolError
+from loratool.formats import diffusers as diffusers_codec
+from loratool.formats import kohya as kohya_codec
+
+ALIASES = {"kohya": "kohya", "webui": "kohya", "comfyui": "kohya", "a1111": "kohya", "forge": "kohya",
+           "lycoris": "kohya", "diffusers": "diffusers", "peft": "peft", "aitoolkit": "aitoolkit",
+           "ai-toolkit": "aitoolkit", "bfl": "bfl"}
+FORMATS = tuple(ALIASES)
+# keys the target's own metadata replaces
+_REPLACED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
+             "ss_v2", "sshs_", "lora_adapter_metadata", "format")
+
+
+def canonical_format(fmt: str) -> str:
+    try:
+        return ALIASES[fmt.lower()]
+    except KeyError:
+        raise LoraToolError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})") from None
+
+
+def _kohya_meta(adapter: Adapter) -> dict[str, str]:
+    ranks = Counter(m.rank for m in adapter.modules.values() if getattr(m, "rank", None))
+    alphas = Counter(kohya_codec.kohya_alpha(m) if m.alpha is not None else float(m.rank or 1)
+                     for m in adapter.modules.values())
+    dim = ranks.most_common(1)[0][0] if ranks else 1
+    alpha = alphas.most_common(1)[0][0] if alphas else float(dim)
+    args = adapter.metadata.get("ss_network_args") or "{}"
+    try:
+        from loratool.io.metadata import ss_minimal
+
+        if adapter.base_model != "unknown":
+            meta = ss_minimal(adapter.base_model, dim, alpha, network_module=kohya_codec.network_module(adapter))
+            meta["ss_network_args"] = args
+            return meta
+    except ImportError:
+        pass
+    return {"ss_network_module": kohya_codec.network_module(adapter), "ss_network_dim": str(dim),
+            "ss_network_alpha": repr(float(alpha)), "ss_network_args": args}
+
+
+def _modelspec(adapter: Adapter) -> dict[str, str]:
+    src = adapter.metadata
+    try:
+        from loratool.io.metadata import modelspec
+    except ImportError:
+        return {}
+    if adapter.base_model == "unknown":
+        return {}
+    date = src.get("modelspec.date", "")
+    ms = modelspec(adapter.base_model, src.get("modelspec.title") or src.get("ss_output_name") or "LoRA",
+                   date=date or "1970-01-01T00:00:00")
+    if not date:
+        ms.pop("modelspec.date", None)  # none in the source: left out, so that output bytes are reproducible
+    return ms
+
+
+def target_metadata(adapter: Adapter, fmt: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The metadata a file of ``fmt`` gets (without hashes): source keys kept, target keys set."""
+    meta = {k: v for k, v in adapter.metadata.items() if not k.startswith(_REPLACED)}
+    meta.update({k: v for k, v in adapter.metadata.items() if k.startswith("modelspec.")})
+    meta.update(_modelspec(adapter))
+    if fmt == "kohya":
+        meta.update(_kohya_meta(adapter))
+    meta.update({str(k): str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def _finalize(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> dict[str, str]:
+    try:
+        from loratool.io.metadata import finalize_metadata
+    except ImportError:  # pragma: no cover - io.metadata ships with the package
+        return dict(meta)
+    return finalize_metadata(tensors, meta)
+
+
+def encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None = None
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of ``adapter`` in layout ``fmt`` (peft: one component only)."""
+    fmt = canonical_format(fmt)
+    if not adapter.modules:
+        raise LoraToolError("the adapter has no modules to write")
+    meta = target_metadata(adapter, fmt, None)
+    if fmt == "kohya":
+        tensors = kohya_codec.encode_kohya(adapter)
+    elif fmt == "diffusers":
+        tensors, own = diffusers_codec.encode_diffusers(adapter)
+        meta.update(own)
+    elif fmt == "peft":
+        parts = diffusers_codec.encode_peft(adapter)
+        if len(parts) != 1:
+            raise LoraToolError("a peft file holds one model; this adapter has "
+                                f"{', '.join(parts)}: write it as a folder with write_adapter")
+        tensors, _ = next(iter(parts.values()))
+    else:
+        if adapter.base_model not in ("flux", "unknown"):
+            raise LoraToolError(f"the {fmt} layout is for Flux adapters; this one is {adapter.base_model}")
+        tensors = diffusers_codec.encode_aitoolkit(adapter) if fmt == "aitoolkit" else diffusers_codec.encode_bfl(adapter)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    return tensors, _finalize(tensors, meta)
+
+
+def peft_config(adapter: Adapter) -> dict[str, dict[str, object]]:
+    """component -> adapter_config.json contents for a peft folder."""
+    return {comp: cfg for comp, (_, cfg) in diffusers_codec.encode_peft(adapter).items()}
+
+
+def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, force: bool = False,
+                  inputs: Iterable[str | os.PathLike[str]] = (), metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``adapter`` as ``fmt`` to ``path`` (a file, or a folder for peft) and return the path."""
+    from loratool.io.writer import write_safetensors
+
+    fmt = canonical_format(fmt)
+    if fmt == "peft":
+        return _write_peft(adapter, Path(path), force=force, inputs=list(inputs), metadata=metadata)
+    tensors, meta = encode(adapter, fmt, metadata)
+    return write_safetensors(path, tensors, meta, force=force, inputs=inputs)
+
+
+def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata) -> Path:
+    from loratool.io.writer import AtomicFile, check_output, write_safetensors
+
+    if not adapter.modules:
+        raise LoraToolError("the adapter has no modules to write")
+    parts = diffusers_codec.encode_peft(adapter)
+    if folder.exists() and not folder.is_dir():
+        raise LoraToolError("output for peft must be a folder, and a file of that name exists", folder)
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise LoraToolError("output folder exists and is not empty (use --force to overwrite)", folder)
+    for src in inputs:
+        if Path(src).resolve() == folder.resolve():
+            raise LoraToolError("refusing to overwrite an input", folder)
+    base_meta = target_metadata(adapter, "peft", metadata)
+    for comp, (tensors, config) in parts.items():
+        sub = folder if len(parts) == 1 else folder / comp
+        sub.mkdir(parents=True, exist_ok=True)
+        cfg_path = sub / "adapter_config.json"
+        check_output(cfg_path, force=True, inputs=inputs)
+        write_safetensors(sub / "adapter_model.safetensors", tensors, _finalize(tensors, base_meta),
+                          force=True, inputs=inputs)
+        with AtomicFile(cfg_path) as fh:
+            fh.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
+    return folder
+
+
+def lora_modules(adapter: Adapter) -> list[LoraModule]:
+    return [m for m in adapter.modules.values() if isinstance(m, LoraModule)]
