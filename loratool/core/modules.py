@@ -260,7 +260,8 @@ class LokrModule(ModuleBase):
         # also right when w1's columns do not divide in (old LyCORIS factors in·kh·kw as a whole)
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
-        return (torch.kron(w1, w2) * self.scale).reshape(shape)
+        # kron views its inputs: the Tucker einsum gives a permuted (non-contiguous) w2
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * self.scale).reshape(shape)
 
     def tensors(self) -> list[torch.Tensor]:
         parts = (self.w1, self.w1a, self.w1b, self.w2, self.w2a, self.w2b, self.t2)
