@@ -346,6 +346,7 @@ class Adapter:
     source_format: str = ""
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    unknown_reasons: dict[str, str] = field(default_factory=dict)  # key -> why no codec could place it
 
     def add(self, module: Module) -> None:
         if module.key in self.modules:

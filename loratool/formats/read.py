@@ -111,9 +111,7 @@ def _note_unknown(adapter: Adapter, keys: list[str], reason: str) -> None:
     for key in keys:
         if key not in adapter.unknown:
             adapter.unknown.append(key)
-        reasons = getattr(adapter, "unknown_reasons", None)
-        if isinstance(reasons, dict):
-            reasons[key] = reason
+        adapter.unknown_reasons[key] = reason
 
 
 def _base_fixes(adapter: Adapter) -> None:
@@ -145,15 +143,17 @@ def _numel(shape) -> int:
 
 def _source_format(refs: dict[str, KeyRef], adapter: Adapter, raw: RawSource) -> str | list[str]:
     families = {r.family for r in refs.values()}
-    if families == {"diffusers-peft"} and adapter.base_model == "flux":
-        has_alpha = any(r.role == "alpha" for r in refs.values()) or "lora_adapter_metadata" in raw.metadata
-        if not has_alpha:
-            families = {"flux-aitoolkit"}
-    if "lycoris" in families and "kohya" in families:
-        families.discard("kohya")
+    if families == {"diffusers-peft"} and adapter.base_model == "flux" and _made_by_aitoolkit(raw.metadata):
+        families = {"flux-aitoolkit"}
+    if families & {"lycoris", "onetrainer"}:
+        families.discard("kohya")  # their text-encoder keys are spelled like kohya's
     if not families:
         return "unknown" if adapter.unknown else "empty"
     return families.pop() if len(families) == 1 else sorted(families)
+
+
+def _made_by_aitoolkit(metadata: Mapping[str, str]) -> bool:
+    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "")
 
 
 def _read_parts(raw: RawSource) -> Adapter:
@@ -163,6 +163,7 @@ def _read_parts(raw: RawSource) -> Adapter:
         for m in a.modules.values():
             out.add(m)
         out.unknown.extend(a.unknown)
+        out.unknown_reasons.update(a.unknown_reasons)
         out.metadata.update(a.metadata)
     out.base_model = detect_base_model(out.modules)
     return out

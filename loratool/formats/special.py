@@ -81,11 +81,9 @@ def _place_pairs(adapter: Adapter, component: str, pairs: dict[int, dict[str, st
 
 
 def _unknown(adapter: Adapter, keys, reason: str) -> None:
-    reasons = getattr(adapter, "unknown_reasons", None)
     for k in keys:
         adapter.unknown.append(k)
-        if isinstance(reasons, dict):
-            reasons[k] = reason
+        adapter.unknown_reasons[k] = reason
 
 
 def read_cloneofsimo(raw: RawSource) -> Adapter:
