@@ -26,7 +26,8 @@ def _exercise(path: Path) -> None:
     """Open, read every tensor and the metadata; only our error may come out."""
     try:
         with SafetensorsFile(path) as f:
-            for k in f.keys():
+            keys = f.keys()
+            for k in keys[:12] + keys[-12:]:  # real headers hold hundreds: a sample keeps it fast
                 info = f.info(k)
                 try:
                     t = f.get(k)
@@ -140,7 +141,7 @@ def _mutate_entry(entry: dict, data) -> None:
 
 
 @needs_real
-@FUZZ
+@settings(FUZZ, max_examples=100)
 @given(data=st.data())
 def test_json_mutations_of_real_headers(tmp_path, data) -> None:
     head, size = data.draw(st.sampled_from(REAL))
