@@ -126,9 +126,20 @@ def test_byte_mutations_of_real_headers(tmp_path, data) -> None:
     _exercise(p)
 
 
+def _same_size_shapes(entry: dict) -> list:
+    """Shapes of the same element count that are still invalid: the byte-count check alone passes."""
+    shape = entry.get("shape")
+    n = 1
+    for s in shape if isinstance(shape, list) else []:
+        n *= s if isinstance(s, int) else 1
+    return [[-1, -n], [True, n], [float(n)], [n, 1.0], [str(n)], [n, None], [n, [1]], [2**48, 0, n]]
+
+
 def _mutate_entry(entry: dict, data) -> None:
-    field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "drop", "extra"]))
-    if field == "dtype":
+    field = data.draw(st.sampled_from(["dtype", "shape", "shape", "data_offsets", "drop", "extra"]))
+    if field == "shape" and data.draw(st.booleans()):
+        entry["shape"] = data.draw(st.sampled_from(_same_size_shapes(entry)))
+    elif field == "dtype":
         entry["dtype"] = data.draw(st.sampled_from([*DTYPES, "F4", "f32", "", 7, None]))
     elif field == "shape":
         entry["shape"] = data.draw(st.lists(st.integers(-2, 2**50), max_size=5) | json_values)
