@@ -140,3 +140,16 @@ def check_hash(path: str | os.PathLike[str]) -> bool | None:
         for chunk in _data_chunks(f):
             h.update(chunk)
     return stored.strip().lower().removeprefix("0x") == h.hexdigest()
+
+
+def hash_report(path: str | os.PathLike[str]) -> dict[str, dict[str, str | bool | None]]:
+    """Stored and recomputed ``sshs_*`` values of a file: ``{key: {"stored", "actual", "ok"}}``
+    (``ok`` is None when nothing is stored). The legacy hash assumes the reference writer's layout."""
+    with SafetensorsFile(path) as f:
+        stored = {k: f.metadata.get(k) for k in ("sshs_model_hash", "sshs_legacy_hash")}
+    actual = {"sshs_model_hash": file_model_hash(path), "sshs_legacy_hash": file_legacy_hash(path)}
+    report: dict[str, dict[str, str | bool | None]] = {}
+    for key, value in stored.items():
+        ok = None if value is None else value.strip().lower().removeprefix("0x") == actual[key]
+        report[key] = {"stored": value, "actual": actual[key], "ok": ok}
+    return report

@@ -93,6 +93,9 @@ def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
 
 def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
     """The 8-byte length plus the padded JSON header, and the tensor order."""
+    for name in tensors:
+        if not isinstance(name, str) or name == "__metadata__":
+            raise LoraToolError(f"{name!r} cannot name a tensor in a safetensors file")
     names = ordered_names(tensors)
     entries = []
     for name in names:

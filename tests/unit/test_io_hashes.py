@@ -120,3 +120,17 @@ def test_real_adapters_stored_hashes(real_dir) -> None:
     # ai-toolkit stored sha256 of empty data (ostris/ai-toolkit #130): wrong
     assert check_hash(ad / "flux_aitoolkit_peft_r16.safetensors") is False
     assert check_hash(ad / "sd15_diffusers_attnprocs.safetensors") is None
+
+
+def test_hash_report(real_dir, tmp_path) -> None:
+    from loratool.io.hashes import hash_report
+
+    r = hash_report(real_dir / "adapters" / "flux_aitoolkit_peft_r16.safetensors")
+    assert r["sshs_model_hash"]["ok"] is False and r["sshs_legacy_hash"]["ok"] is False
+    assert r["sshs_model_hash"]["stored"] == hashlib.sha256(b"").hexdigest()  # ai-toolkit #130
+    tensors = _tensors(True)
+    out = write_safetensors(tmp_path / "a.safetensors", tensors, finalize_metadata(tensors, META))
+    r = hash_report(out)
+    assert r["sshs_model_hash"]["ok"] is True and r["sshs_legacy_hash"]["ok"] is True
+    plain = write_safetensors(tmp_path / "b.safetensors", tensors)
+    assert hash_report(plain)["sshs_model_hash"] == {"stored": None, "actual": model_hash(tensors), "ok": None}

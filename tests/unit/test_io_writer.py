@@ -203,3 +203,10 @@ def test_refuses_output_inside_an_input_folder_and_missing_folder(tmp_path) -> N
         check_output(tmp_path / "nope" / "x.safetensors")
     with pytest.raises(LoraToolError, match="is a folder"):
         check_output(folder, force=True)
+
+
+def test_reserved_or_non_string_tensor_names(tmp_path) -> None:
+    for bad in ({"__metadata__": torch.ones(1)}, {3: torch.ones(1)}):
+        with pytest.raises(LoraToolError, match="cannot name a tensor"):
+            write_safetensors(tmp_path / "n.safetensors", bad)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
