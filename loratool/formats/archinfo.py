@@ -30,6 +30,22 @@ def module_shape(base: str, key: str) -> tuple[int, ...] | None:
     return tuple(spec.shape) if spec is not None else None
 
 
+def shape_for(base: str, key: str, numel: int) -> tuple[int, ...] | None:
+    """The weight shape of ``key`` with ``numel`` elements: from ``base``'s table, or (base unknown) any table."""
+    for b in (base,) if base in BASES else BASES:
+        shape = module_shape(b, key)
+        if shape is not None and _numel(shape) == numel:
+            return shape
+    return None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 def from_kohya(module_id: str) -> str | None:
     """The canonical key of a kohya module id according to any table that knows it."""
     for base in BASES:

@@ -133,13 +133,17 @@ def peft_alpha(module: LoraModule, rslora: bool) -> float:
     return float(module.alpha) / math.sqrt(module.rank)
 
 
+def _most_common(counts: Counter):
+    return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
 def build_config(modules: list[LoraModule]) -> dict[str, object]:
     """``r``, ``lora_alpha``, patterns and ``target_modules`` that reproduce every module's scale."""
     rslora = bool(modules) and all(m.rslora for m in modules)
     ranks = {pattern_path(m): m.rank for m in modules}
     alphas = {pattern_path(m): peft_alpha(m, rslora) for m in modules}
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else float(r)
+    r = _most_common(Counter(ranks.values())) if ranks else 8
+    alpha = _most_common(Counter(alphas.values())) if alphas else float(r)
     return {
         "r": r,
         "lora_alpha": alpha,

@@ -9,6 +9,7 @@ Keys that fit nothing are listed in ``Adapter.unknown`` with a reason, never dro
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule
-from loratool.formats import flux, special
+from loratool.formats import archinfo, flux, special
 from loratool.formats.build import Group, GroupError, build_module
 from loratool.formats.detect import detect_base_model, detect_keys
 from loratool.formats.keys import KeyRef
@@ -125,20 +126,12 @@ def _base_fixes(adapter: Adapter) -> None:
                 m.component = t5
                 moved[m.key] = m
         adapter.modules.update(moved)
-    from loratool.formats.archinfo import module_shape
-
     for m in adapter.modules.values():
         if isinstance(m, (LokrModule, LohaModule)) and not m.shape:
-            shape = module_shape(adapter.base_model, m.key)
-            if shape is not None and _numel(shape) == _numel(m.weight_shape) and tuple(shape) != m.weight_shape:
-                m.shape = tuple(shape)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+            current = m.weight_shape  # LyCORIS stores conv factors flat: the table gives the 4-D shape
+            shape = archinfo.shape_for(adapter.base_model, m.key, math.prod(current))
+            if shape is not None and shape != current:
+                m.shape = shape
 
 
 def _source_format(refs: dict[str, KeyRef], adapter: Adapter, raw: RawSource) -> str | list[str]:

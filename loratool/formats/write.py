@@ -41,8 +41,8 @@ def _kohya_meta(adapter: Adapter) -> dict[str, str]:
     ranks = Counter(m.rank for m in adapter.modules.values() if getattr(m, "rank", None))
     alphas = Counter(kohya_codec.kohya_alpha(m) if m.alpha is not None else float(m.rank or 1)
                      for m in adapter.modules.values())
-    dim = ranks.most_common(1)[0][0] if ranks else 1
-    alpha = alphas.most_common(1)[0][0] if alphas else float(dim)
+    dim = most_common(ranks) if ranks else 1
+    alpha = most_common(alphas) if alphas else float(dim)
     args = adapter.metadata.get("ss_network_args") or "{}"
     try:
         from loratool.io.metadata import ss_minimal
@@ -55,6 +55,11 @@ def _kohya_meta(adapter: Adapter) -> dict[str, str]:
         pass
     return {"ss_network_module": kohya_codec.network_module(adapter), "ss_network_dim": str(dim),
             "ss_network_alpha": repr(float(alpha)), "ss_network_args": args}
+
+
+def most_common(counts: Counter):
+    """The most frequent value; ties go to the largest value (independent of module order)."""
+    return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
 def _modelspec(adapter: Adapter) -> dict[str, str]:
