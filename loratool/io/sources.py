@@ -6,7 +6,8 @@
   ``pytorch_lora_weights.safetensors``;
 * a torch pickle (``kind="pickle"``), read with the weights-only loader only;
 * a peft adapter folder (``kind="peft"``): ``adapter_config.json`` (parsed, as ``.config``) plus
-  ``adapter_model.safetensors`` (or ``.bin``);
+  ``adapter_model.safetensors`` (or ``.bin``); or a folder of such folders, one per component
+  (``unet/``, ``text_encoder/``), with keys ``"<component>.<key>"``;
 * a diffusers pipeline folder (``kind="diffusers"``): ``model_index.json`` and component folders;
   keys are ``"<component>.<param>"`` (``unet.conv_in.weight``) and ``.components`` maps each
   component to its own parameter names;
@@ -258,107 +259,10 @@ def file_name(src: TensorSource) -> str:
     return os.path.basename(src.path)
 
 
-def _variant_of(name: str) -> str | None:
-    """``fp16`` for ``model.fp16.safetensors`` / ``model.fp16.safetensors.index.json``; None otherwise."""
-    base = name[: -len(".index.json")] if name.endswith(".index.json") else name
-    parts = base.split(".")
-    return parts[1] if len(parts) == 3 else None
-
-
-def _weight_files(folder: Path, variant: str | None) -> Path | None:
-    """The weight file (or shard index) of a component folder; None when there is none."""
-    names = {p.name for p in folder.iterdir() if p.is_file()}
-    var = f".{variant}" if variant else ""
-    for stem in WEIGHT_STEMS:
-        for ext in ("safetensors", "bin"):
-            single, index = f"{stem}{var}.{ext}", f"{stem}{var}.{ext}.index.json"
-            if index in names:
-                return folder / index
-            if single in names:
-                return folder / single
-    if variant is None:  # only variant files (e.g. fp16): take them when there is one choice
-        variants = {v for n in names if n.split(".")[0] in WEIGHT_STEMS and (v := _variant_of(n))}
-        if len(variants) == 1:
-            return _weight_files(folder, variants.pop())
-        if len(variants) > 1:
-            raise LoraToolError(f"holds weights in several variants ({', '.join(sorted(variants))}); "
-                                "say which one to read", folder)
-    return None
-
-
-def _component_where(folder: Path, variant: str | None, prefix: str,
-                     opened: dict[Path, TensorSource]) -> dict[str, tuple[Path, str]] | None:
-    """``prefix + param -> (file, param)`` for one component folder (None: no weights there)."""
-    found = _weight_files(folder, variant)
-    if found is None:
-        return None
-    if found.name.endswith(".index.json"):
-        index = read_json(found, "the shard index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise LoraToolError("the shard index has no weight_map of names to files", found)
-        for shard in sorted(set(weight_map.values())):
-            if "/" in shard or "\\" in shard or not (folder / shard).is_file():
-                raise LoraToolError(f"the shard index names {shard!r}, which is not a file beside it", found)
-        return {prefix + k: (folder / v, k) for k, v in sorted(weight_map.items())}
-    src = opened[found] = open_file(found)
-    return {prefix + k: (found, k) for k in src.keys()}
-
-
-def open_diffusers(folder: Path, variant: str | None = None) -> MultiSource:
-    """A diffusers pipeline folder: every component folder that holds weights."""
-    index = read_json(folder / "model_index.json", "model_index.json")
-    listed = [k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()]
-    names = listed + [n for n in COMPONENT_NAMES if n not in listed and (folder / n).is_dir()]
-    where: dict[str, tuple[Path, str]] = {}
-    components: dict[str, list[str]] = {}
-    opened: dict[Path, TensorSource] = {}
-    try:
-        for name in names:
-            part = _component_where(folder / name, variant, f"{name}.", opened)
-            if part:
-                where.update(part)
-                components[name] = [k[len(name) + 1:] for k in part]
-    except BaseException:
-        for src in opened.values():
-            src.close()
-        raise
-    if not components:
-        raise LoraToolError("a diffusers folder (model_index.json) without any component weights", folder)
-    source = MultiSource(folder, "diffusers", where)
-    source._open.update(opened)
-    source.config = index
-    source.components = components
-    return source
-
-
-def open_component(folder: Path, variant: str | None = None) -> MultiSource | None:
-    opened: dict[Path, TensorSource] = {}
-    where = _component_where(folder, variant, "", opened)
-    if where is None:
-        return None
-    source = MultiSource(folder, "component", where)
-    source._open.update(opened)
-    if (folder / "config.json").is_file():
-        source.config = read_json(folder / "config.json", "config.json")
-    source.components = {folder.name: list(where)}
-    return source
-
-
-def open_peft(folder: Path) -> TensorSource:
-    config = read_json(folder / "adapter_config.json", "adapter_config.json")
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (folder / name).is_file():
-            src = open_file(folder / name)
-            src.kind = "peft"
-            src.config = config
-            return src
-    raise LoraToolError("a peft folder (adapter_config.json) without adapter_model.safetensors or "
-                        "adapter_model.bin", folder)
-
-
 def open_source(path: str | os.PathLike[str], variant: str | None = None) -> TensorSource:
     """Open whatever ``path`` is (see the module docstring) for lazy reading."""
+    from loratool.io.folders import open_component, open_diffusers, open_peft, open_peft_components
+
     p = Path(path)
     if not p.exists():
         raise LoraToolError("no such file or folder", p)
@@ -380,6 +284,9 @@ def open_source(path: str | os.PathLike[str], variant: str | None = None) -> Ten
     for name in LORA_FILES:
         if name in entries:
             return open_file(p / name)
+    peft = open_peft_components(p)
+    if peft is not None:
+        return peft
     raise LoraToolError("nothing loratool can read in this folder (expected adapter_config.json, "
                         "model_index.json, pytorch_lora_weights.safetensors or a component's "
                         "diffusion_pytorch_model / model weights)", p)

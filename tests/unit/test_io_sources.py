@@ -228,3 +228,17 @@ def test_malicious_pickle_in_a_folder_is_refused(tmp_path) -> None:
     torch.save({"x": Evil()}, tmp_path / "adapter_model.bin")
     with pytest.raises(UnsupportedInput):
         open_source(tmp_path)
+
+
+def test_folder_of_peft_component_folders(tmp_path) -> None:
+    for comp, r in (("unet", 4), ("text_encoder", 2)):
+        sub = tmp_path / comp
+        sub.mkdir()
+        (sub / "adapter_config.json").write_text(json.dumps({"r": r, "peft_type": "LORA"}))
+        write_safetensors(sub / "adapter_model.safetensors", {"base_model.model.q.lora_A.weight": _t(r, 8)})
+    with open_source(tmp_path) as s:
+        assert s.kind == "peft" and list(s.components) == ["text_encoder", "unet"]
+        assert s.config == {"text_encoder": {"r": 2, "peft_type": "LORA"}, "unet": {"r": 4, "peft_type": "LORA"}}
+        assert s.keys() == ["text_encoder.base_model.model.q.lora_A.weight", "unet.base_model.model.q.lora_A.weight"]
+        assert s.shape("unet.base_model.model.q.lora_A.weight") == (4, 8)
+        assert torch.equal(s.get("text_encoder.base_model.model.q.lora_A.weight"), _t(2, 8))
