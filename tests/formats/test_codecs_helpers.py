@@ -62,6 +62,6 @@ def assert_same_factors(a: Adapter, b: Adapter) -> None:
     """Bit-identical factors, same dtype, and the same scale (to the last bit)."""
     for key, m in a.modules.items():
         n = b.modules[key]
-        for x, y in zip(m.tensors(), n.tensors()):
+        for x, y in zip(m.tensors(), n.tensors(), strict=True):
             assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), key
         assert m.scale == n.scale or abs(m.scale - n.scale) <= 1e-15 * abs(m.scale), key
