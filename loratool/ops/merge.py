@@ -140,6 +140,9 @@ def _single_file_placement(arch, key: str, part: str, file_keys: set[str]) -> tu
             ckey = spec.checkpoint_key
             if part == "bias":
                 ckey = ckey.removesuffix(".weight") + ".bias"
+            prefix = arch.checkpoint_prefix.get(spec.component, "")
+            if ckey not in file_keys and prefix and ckey.startswith(prefix):
+                ckey = ckey[len(prefix):]  # a bare component file (UNet-only / BFL transformer-only)
             if ckey in file_keys:
                 param = arch.params.get((spec.component, f"{spec.path}.{part}"))
                 op = param.op if param is not None and part == "weight" else None

@@ -180,3 +180,15 @@ def test_dora_merge(axis: str, weight: float) -> None:
     want = w + weight * (full - w)
     got = apply_to_tensor(w.float(), [Application(m, weight, Placement())])
     assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_bare_component_file_without_prefix(tmp_path: Path) -> None:
+    """A UNet-only single file (no model.diffusion_model. prefix) still matches."""
+    src = tmp_path / "unet.safetensors"
+    bare = SD1_KEYS[UNET_Q].removeprefix("model.diffusion_model.")
+    base = torch.randn(320, 320, generator=_g(2))
+    write_safetensors(src, {bare: base})
+    m = _lora(UNET_Q, SHAPES[UNET_Q], 4, 2.0, 1)
+    merge_checkpoint(src, [MixInput(_adapter(m), 1.0)], tmp_path / "o.safetensors", arch="sd1")
+    got = _read(tmp_path / "o.safetensors")[bare]
+    assert float((got.double() - base.double() - m.delta(torch.float64)).abs().max()) < 1e-5
