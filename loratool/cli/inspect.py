@@ -13,7 +13,8 @@ HELP = """Summarise adapter files: format, base model, modules, ranks, alphas, s
 \b
 Reads each file's header and only the small tensors it needs (alpha scalars); tensor data is
 read only for --modules/--plot (‖ΔW‖_F, computed on the LoRA factors) and, when the file
-stores an sshs_model_hash, once to check it (--no-hash skips that).
+stores an sshs_model_hash, once to check it: by default for files up to 256 MiB (SHA-256 runs at
+about 1 GB/s), always with --hash, never with --no-hash.
 
 \b
 Several files: each good one is reported; each bad one gets one line on stderr
@@ -27,7 +28,7 @@ alphas [distinct, null = none stored], scales, dtypes {dtype: tensors}, tensors,
 full_params (Σ d·k of the adapted weights), reduction_ratio (full_params / params),
 ratio_by_component, conv_modules, dora_modules, bias_modules, embeddings {token: shape},
 unknown_keys, metadata (kohya ss_* decoded: network, training dates, top_tags; modelspec),
-hash_ok (true/false; null when no hash is stored or --no-hash), hash_checked.
+hash_ok (true/false; null when no hash is stored or it was not checked), hash_checked.
 --modules adds module_details (key, kind, shape, rank, alpha, scale, dtype, params, dora,
 bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
 """
@@ -38,12 +39,13 @@ bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
 @click.option("--modules", "show_modules", is_flag=True, help="List every module with shape, rank, alpha, ‖ΔW‖_F.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw ‖ΔW‖_F per block and the rank histogram to this PNG (needs matplotlib).")
-@click.option("--no-hash", "no_hash", is_flag=True, help="Do not check the stored sshs_model_hash.")
+@click.option("--hash/--no-hash", "check_hash", default=None,
+              help="Check the stored sshs_model_hash always / never (default: when the file is at most 256 MiB).")
 @click.option("--top-tags", default=10, show_default=True, help="How many training tags to show.")
 @json_option
 @debug_option
 @click.pass_context
-def command(ctx, files, show_modules, plot_path, no_hash, top_tags, as_json) -> None:
+def command(ctx, files, show_modules, plot_path, check_hash, top_tags, as_json) -> None:
     from loratool.ops.inspect import inspect_file
 
     if plot_path:
@@ -52,7 +54,7 @@ def command(ctx, files, show_modules, plot_path, no_hash, top_tags, as_json) -> 
     con = rd.console()
     for path in files:
         try:
-            rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=not no_hash)
+            rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=check_hash)
         except LoraToolError as e:
             if ctx.meta.get("loratool.debug"):
                 raise
@@ -90,7 +92,7 @@ def _ranks_line(rep: dict) -> str:
 def _hash_line(rep: dict) -> str:
     if not rep["hash_checked"]:
         stored = rep["metadata"].get("hashes", {}).get("sshs_model_hash")
-        return "not checked (--no-hash)" if stored else "none stored"
+        return "stored, not checked (--hash checks it)" if stored else "none stored"
     return "sshs_model_hash matches the data" if rep["hash_ok"] else "[bold red]sshs_model_hash is WRONG[/]"
 
 

@@ -44,12 +44,16 @@ class FileFacts:
 # -- ΔW norms on factors -----------------------------------------------------------------------
 
 
-def lora_delta_norm(module: LoraModule) -> float:
-    """‖ΔW‖_F of a LoRA/LoCon module from ``r×r`` Gram matrices (the scale included)."""
-    up = flat2d(module.up).to(torch.float64)
-    down = flat2d(module.down).to(torch.float64)
-    gram_up = up.T @ up  # [r_up, r_up]
-    gram_down = down @ down.T  # [r_down, r_down]
+def lora_delta_norm(module: LoraModule, dtype: torch.dtype = torch.float32) -> float:
+    """‖ΔW‖_F of a LoRA/LoCon module from ``r×r`` Gram matrices (the scale included).
+
+    The Gram products, the only ``O((d+k)·r²)`` work, run in ``dtype`` (float32: relative error
+    ~1e-6, twice the speed of float64 on a CPU); the small ``r×r`` rest runs in float64.
+    """
+    up = flat2d(module.up).to(dtype)
+    down = flat2d(module.down).to(dtype)
+    gram_up = (up.T @ up).to(torch.float64)  # [r_up, r_up]
+    gram_down = (down @ down.T).to(torch.float64)  # [r_down, r_down]
     if module.mid is None:
         sq = float((gram_up * gram_down).sum())  # tr(Gu Gd), both symmetric
     else:  # Tucker: ΔW[:, :, h, w] = up · mid[:, :, h, w] · down
@@ -224,9 +228,14 @@ def _path_size(path: str) -> int:
     return os.path.getsize(path)
 
 
-def read_facts(path: str | os.PathLike[str], *, check_hash: bool = True) -> FileFacts:
+HASH_AUTO_LIMIT = 256 << 20  # data bytes hashed without being asked (~0.25 s at 1 GB/s)
+
+
+def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None) -> FileFacts:
     """Header facts of a file: size, stored dtypes, metadata and (for safetensors) whether the
-    stored ``sshs_model_hash`` is right — that check streams the data region once."""
+    stored ``sshs_model_hash`` is right. That check streams the whole data region through
+    SHA-256 (about 1 GB/s), so ``check_hash=None`` (auto) does it only when the data region is at
+    most :data:`HASH_AUTO_LIMIT`; True always, False never."""
     from loratool.io.safetensors import SafetensorsFile, is_safetensors_path
 
     p = os.fspath(path)
@@ -239,6 +248,8 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool = True) -> File
     with SafetensorsFile(p) as f:
         dtypes = Counter(i.dtype for i in f.tensors.values())
         facts = FileFacts(p, f.file_size, dict(sorted(dtypes.items())), len(f), dict(f.metadata))
+    if check_hash is None:
+        check_hash = facts.size_bytes <= HASH_AUTO_LIMIT
     if check_hash and "sshs_model_hash" in facts.metadata:
         from loratool.io.hashes import check_hash as _check
 
@@ -247,7 +258,8 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool = True) -> File
     return facts
 
 
-def inspect_file(path: str | os.PathLike[str], *, modules: bool = False, check_hash: bool = True) -> dict[str, Any]:
+def inspect_file(path: str | os.PathLike[str], *, modules: bool = False,
+                 check_hash: bool | None = None) -> dict[str, Any]:
     """Read one adapter (lazily: header, then tensors on demand) and build its report."""
     facts = read_facts(path, check_hash=check_hash)
     if facts.container == "safetensors" and facts.tensors == 0:

@@ -33,7 +33,8 @@ def test_linear_norm_matches_dense(out, inp, r, alpha):
     g = _g(out + inp + r)
     m = LoraModule("unet", "x", alpha=alpha, down=torch.randn(r, inp, generator=g),
                    up=torch.randn(out, r, generator=g))
-    assert lora_delta_norm(m) == pytest.approx(_dense_ref(m), rel=1e-10)
+    assert lora_delta_norm(m, torch.float64) == pytest.approx(_dense_ref(m), rel=1e-10)
+    assert lora_delta_norm(m) == pytest.approx(_dense_ref(m), rel=1e-5)  # float32 Gram products
 
 
 def test_conv3x3_and_fp16_norm_match_dense():
@@ -41,7 +42,7 @@ def test_conv3x3_and_fp16_norm_match_dense():
     m = LoraModule("unet", "c", alpha=3.0, down=torch.randn(6, 5, 3, 3, generator=g).half(),
                    up=torch.randn(7, 6, 1, 1, generator=g).half())
     assert m.weight_shape == (7, 5, 3, 3)
-    assert lora_delta_norm(m) == pytest.approx(_dense_ref(m), rel=1e-10)
+    assert lora_delta_norm(m, torch.float64) == pytest.approx(_dense_ref(m), rel=1e-10)
 
 
 def test_tucker_norm_matches_dense():
@@ -49,7 +50,8 @@ def test_tucker_norm_matches_dense():
     m = LoraModule("unet", "t", alpha=2.0, down=torch.randn(4, 5, 1, 1, generator=g),
                    mid=torch.randn(4, 4, 3, 3, generator=g), up=torch.randn(9, 4, 1, 1, generator=g))
     assert m.weight_shape == (9, 5, 3, 3)
-    assert lora_delta_norm(m) == pytest.approx(_dense_ref(m), rel=1e-10)
+    assert lora_delta_norm(m, torch.float64) == pytest.approx(_dense_ref(m), rel=1e-10)
+    assert lora_delta_norm(m) == pytest.approx(_dense_ref(m), rel=1e-5)
 
 
 def test_rank_deficient_product_norm_is_zero_not_nan():
@@ -123,7 +125,7 @@ def test_report_modules_and_blocks():
     rows = {r["key"]: r for r in rep["module_details"]}
     assert set(rows) == set(a.modules)
     for key, m in a.modules.items():
-        assert rows[key]["delta_norm"] == pytest.approx(float(m.delta(torch.float64).norm()), rel=1e-9)
+        assert rows[key]["delta_norm"] == pytest.approx(float(m.delta(torch.float64).norm()), rel=1e-5)
         assert rows[key]["shape"] == list(m.weight_shape)
     down0 = [r["delta_norm"] for k, r in rows.items() if "down_blocks.0" in k]
     assert rep["blocks"]["unet:down_blocks.0"] == pytest.approx(math.sqrt(sum(n * n for n in down0)))
