@@ -242,3 +242,33 @@ def test_folder_of_peft_component_folders(tmp_path) -> None:
         assert s.keys() == ["text_encoder.base_model.model.q.lora_A.weight", "unet.base_model.model.q.lora_A.weight"]
         assert s.shape("unet.base_model.model.q.lora_A.weight") == (4, 8)
         assert torch.equal(s.get("text_encoder.base_model.model.q.lora_A.weight"), _t(2, 8))
+
+
+def test_folders_written_by_diffusers_and_transformers(tmp_path) -> None:
+    """Folders as the real libraries lay them out (shard index, fp16 variant), read back tensor for tensor."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=8, attention_head_dim=4)
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2))
+    root = tmp_path / "pipe"
+    unet.save_pretrained(root / "unet", safe_serialization=True, max_shard_size="100KB")
+    te.save_pretrained(root / "text_encoder", safe_serialization=True)
+    saved = {"unet": {k: v.clone() for k, v in unet.state_dict().items()}, "text_encoder": te.state_dict()}
+    unet.half().save_pretrained(tmp_path / "unet16", safe_serialization=True, variant="fp16")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "text_encoder": ["transformers", "CLIPTextModel"]}))
+    assert len(list((root / "unet").glob("*.safetensors"))) > 1  # really sharded
+    with open_source(root) as s:
+        assert s.kind == "diffusers" and set(s.components) == {"unet", "text_encoder"}
+        for prefix, sd in saved.items():
+            assert sorted(s.components[prefix]) == sorted(sd)
+            for k, v in sd.items():
+                assert torch.equal(s.get(f"{prefix}.{k}"), v), k
+    with open_source(tmp_path / "unet16") as s:
+        assert {s.dtype(k) for k in s.keys()} == {torch.float16}
