@@ -4,7 +4,7 @@ SD1/SD2 UNets keep diffusers block names, SDXL UNets use SAI block names (as sd-
 Flux uses BFL names (``lora_unet_double_blocks_…``; fused q/k/v required), text encoders are
 ``lora_te_`` (one CLIP), ``lora_te1_``/``lora_te2_`` (SDXL, SD3) and ``lora_te3_`` (T5), always with
 ``text_model_``. LoHa/LoKr/full/norm modules and Tucker cores are written as LyCORIS stores them.
-Alpha is a 0-d tensor in the factors' dtype (float32 when that dtype cannot hold it exactly);
+Alpha is a 0-d tensor in the factors' dtype (float32/float64 when that dtype cannot hold it exactly);
 rsLoRA modules get ``alpha·√r`` so that ``alpha/r`` is their scale.
 """
 
@@ -58,11 +58,13 @@ def kohya_id(module: Module, base: str, components: set[str]) -> str:
 
 
 def alpha_tensor(alpha: float, like: torch.Tensor) -> torch.Tensor:
-    """``alpha`` as a 0-d tensor in the factors' dtype when that dtype holds it exactly, else float32."""
-    dtype = like.dtype if like.is_floating_point() else torch.float32
-    t = torch.tensor(alpha, dtype=dtype)
-    if float(t.item()) != alpha:
-        t = torch.tensor(alpha, dtype=torch.float32)
+    """``alpha`` as a 0-d tensor in the factors' dtype when that dtype holds it exactly, else in the first
+    of float32/float64 that does (loaders read ``float(alpha.item())``, so the value survives exactly)."""
+    first = like.dtype if like.is_floating_point() else torch.float32
+    for dtype in (first, torch.float32, torch.float64):
+        t = torch.tensor(alpha, dtype=dtype)
+        if float(t.item()) == alpha:
+            return t
     return t
 
 

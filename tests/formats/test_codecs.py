@@ -90,11 +90,11 @@ def test_kohya_alpha_exact_and_in_the_weights_dtype():
     tensors, meta = encode(a, "kohya")
     alpha = {k.rsplit(".", 1)[0].split("transformer_blocks_0_")[1]: t for k, t in tensors.items() if k.endswith("alpha")}
     assert alpha["attn1_to_q"].dtype == torch.float16 and alpha["attn1_to_q"].dim() == 0
-    assert alpha["attn1_to_k"].dtype == torch.float32 and float(alpha["attn1_to_k"]) == pytest.approx(0.1, rel=1e-7)
+    assert alpha["attn1_to_k"].dtype == torch.float64 and float(alpha["attn1_to_k"]) == 0.1  # exact, not rounded
     assert float(alpha["attn1_to_v"]) == 3.0 * math.sqrt(9)  # rsLoRA: alpha·√r so that alpha/r is the scale
     assert "attn1_to_out_0" not in alpha  # no alpha stays no alpha (scale 1)
     b = decode(tensors, meta)
-    assert b.modules[half.key].alpha == 2.0 and b.modules[odd.key].alpha == float(alpha["attn1_to_k"])
+    assert b.modules[half.key].alpha == 2.0 and b.modules[odd.key].alpha == 0.1
     assert b.modules[rs.key].scale == pytest.approx(rs.scale, rel=1e-15)
     assert b.modules[none.key].alpha is None
     assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "networks.lora"
