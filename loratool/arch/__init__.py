@@ -31,8 +31,14 @@ Arch attributes (see table.py):
 Single-file naming used by the tables: sd1 LDM (model.diffusion_model., cond_stage_model.transformer.,
 first_stage_model.); sd2 LDM with OpenCLIP-H (cond_stage_model.model.); sdxl SGM (conditioner.embedders.0
 /.1); flux and sd3 as ComfyUI saves whole checkpoints (model.diffusion_model., text_encoders.clip_l/
-clip_g/t5xxl.transformer., vae. for flux, first_stage_model. for sd3). Use `strip_checkpoint_prefix`-style
-handling in callers for transformer-only files (bare BFL keys): checkpoint_prefix[component] tells the prefix.
+clip_g/t5xxl.transformer., vae. for flux, first_stage_model. for sd3). Files holding one component
+without a prefix (the bare BFL flux1-dev.safetensors) match after removing checkpoint_prefix[component].
+
+LBW blocks: BASE for every SD-family text encoder; IN00-IN11/MID/OUT00-OUT11 (sd1/sd2) and IN00-IN08/MID/
+OUT00-OUT08 (sdxl) by SAI block index, with time/label embeddings in IN00 and conv_norm_out/conv_out in
+the last OUT block; flux CLIP, T5, IN (embedders), D00-D18, S00-S37, OUT (final layer) as the LBW
+extension names them; sd3 BASE, IN, J00-J23, OUT. Kohya prefixes: flux CLIP-L lora_te1, T5 lora_te3
+(sd-scripts' choice); sd3 lora_te1/2/3.
 
 SD2's text encoder is the 23-layer HF CLIP that diffusers and kohya use (OpenCLIP-H has 24 layers; SD2
 uses the penultimate one, so resblocks.23 of a real checkpoint is unused and listed as extra): 138 modules.
