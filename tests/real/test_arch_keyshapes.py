@@ -42,7 +42,7 @@ def _check_lora_shape(spec_shape: tuple[int, ...], down: list[int], up: list[int
 @pytest.mark.parametrize(
     ("arch_name", "fixture", "count"),
     [
-        ("sdxl", "sdxl_kohya_lora_r32.json", None),
+        ("sdxl", "sdxl_kohya_lora_r32.json", 264 + 722),
         ("sd1", "sd15_kohya_lora_r128.json", 264),
         ("flux", "flux_kohya_lora_r16.json", 304),
         ("flux", "flux_kohya_lora_with_te1_r4.json", 376),
