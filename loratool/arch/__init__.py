@@ -16,7 +16,8 @@ Arch attributes (see table.py):
   id is the fused module's (kohya never splits them); from_kohya returns the fused key.
 - targets(kind, fused=True, components=None): kind attn | attn+conv | all; fused=True gives kohya's
   granularity (fused modules instead of parts), fused=False diffusers' (parts instead of fused modules).
-- from_kohya(id) -> key | None: accepts kohya's ids, diffusers block names and SAI block names for every
+- from_kohya(id) -> key | None: accepts kohya's ids, lora_teN_ numbered as diffusers numbers TEs (OneTrainer:
+  flux T5 as lora_te2_), diffusers block names and SAI block names for every
   unet, TE ids with or without text_model_, and lora_transformer_<diffusers path> for DiTs.
   to_kohya(key) -> id.
 - checkpoint_map: {single-file key: [(module key, rows)]} for targetable weights (a fused key first with

@@ -148,9 +148,12 @@ class Arch:
         for spec in self.modules.values():
             prefix = self.kohya_prefix[spec.component]
             under = spec.path.replace(".", "_")
-            aliases = [f"{prefix}_{under}"]
+            prefixes = [prefix]
+            if spec.component.startswith("text_encoder"):  # OneTrainer numbers TEs as diffusers does
+                prefixes.append(f"lora_te{spec.component.removeprefix('text_encoder').lstrip('_') or 1}")
+            aliases = [f"{p}_{under}" for p in prefixes]
             if spec.path.startswith("text_model."):
-                aliases.append(f"{prefix}_{under[len('text_model_'):]}")
+                aliases += [f"{p}_{under[len('text_model_'):]}" for p in prefixes]
             if spec.component == "transformer":
                 aliases.append(f"lora_transformer_{under}")
             if spec.component == "unet" and spec.checkpoint_key:  # SAI block names for SD1/SD2 too

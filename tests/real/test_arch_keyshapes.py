@@ -233,3 +233,16 @@ def test_real_lycoris_lokr_locon_names_map(real_dir):
         assert w1[0] * w2[0] == spec.shape[0], module_id
         assert w1[1] * math.prod(w2[1:]) == math.prod(spec.shape[1:]), module_id
     assert groups == {"attn", "conv"}
+
+
+@pytest.mark.parametrize("fixture", ["flux_onetrainer_dora_r4.json", "flux_kohya_style_dora_r4.json"])
+def test_flux_onetrainer_and_lora_transformer_names_map(real_dir, fixture):
+    arch = load_arch("flux")
+    mods = _kohya_modules(keyshapes(real_dir, fixture))
+    for module_id, tensors in mods.items():
+        key = arch.from_kohya(module_id)
+        assert key is not None, module_id
+        assert not arch.modules[key].is_fused
+        _check_lora_shape(arch.modules[key].shape, tensors["lora_down.weight"], tensors["lora_up.weight"])
+        if module_id.startswith("lora_te2_"):  # OneTrainer's T5
+            assert key.startswith("text_encoder_2.encoder.block.")
