@@ -236,14 +236,14 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None) 
     stored ``sshs_model_hash`` is right. That check streams the whole data region through
     SHA-256 (about 1 GB/s), so ``check_hash=None`` (auto) does it only when the data region is at
     most :data:`HASH_AUTO_LIMIT`; True always, False never."""
-    from loratool.io.safetensors import SafetensorsFile, is_safetensors_path
+    from loratool.io.safetensors import SafetensorsFile, is_safetensors_path, looks_like_safetensors
 
     p = os.fspath(path)
     if not os.path.exists(p):
         raise LoraToolError("no such file", p)
     if os.path.isdir(p):
         return FileFacts(p, _path_size(p), container="folder")
-    if not is_safetensors_path(p):
+    if not (is_safetensors_path(p) or looks_like_safetensors(p)):  # renamed safetensors files exist
         return FileFacts(p, _path_size(p), container="pickle")
     with SafetensorsFile(p) as f:
         dtypes = Counter(i.dtype for i in f.tensors.values())

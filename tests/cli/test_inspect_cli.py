@@ -180,3 +180,11 @@ def test_plot_without_matplotlib_is_a_clear_error(lora, tmp_path, monkeypatch):
     res = run("inspect", "--plot", str(tmp_path / "p.png"), str(lora))
     assert res.exit_code == 1
     assert "pip install 'loratool[plot]'" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_safetensors_renamed_to_bin_is_read_as_safetensors(lora, tmp_path):
+    renamed = tmp_path / "renamed.bin"
+    renamed.write_bytes(lora.read_bytes())
+    [rep] = json.loads(run("inspect", "--json", str(renamed)).stdout)
+    assert rep["container"] == "safetensors" and rep["dtypes"] == {"F16": 9} and rep["hash_ok"] is True
+    assert rep["modules"] == 3
