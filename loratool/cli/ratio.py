@@ -12,7 +12,7 @@ from loratool.errors import LoraToolError
 from loratool.ops import ratio as R
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128)
-MODELS = ("sd15", "sd1", "sd2", "sdxl", "flux")
+MODELS = ("sd15", "sd1", "sd2", "sdxl", "flux", "sd3")
 GIB = 1 << 30
 
 HELP = """Reduction ratio of LoRA against full fine-tuning: d·k / (r·(d+k)).
@@ -33,9 +33,10 @@ Exactly one of:
 The memory estimate counts weights + gradients + Adam's two moments, nothing else: no
 activations, no CUDA/framework overhead, no EMA, no fp32 master copy, no 8-bit optimizers.
 Weights are every tensor of the architecture table (denoiser, text encoders and VAE, biases,
-norms and embeddings included). A full fine-tune trains the denoiser and text encoders (the VAE
-stays frozen); LoRA trains only its own parameters (its targets lie in the denoiser and the
-text encoders), the whole model frozen. Bytes per parameter:
+norms and embeddings included). --components picks what is adapted: by default kohya's choice,
+every component but T5-XXL (Flux, SD3). A full fine-tune trains all weights of those components,
+the rest (VAE, other encoders) frozen; LoRA trains only its own parameters, the whole model
+frozen. Bytes per parameter:
   fp32        weight 4, gradient 4, Adam 4+4
   fp16-mixed  weight 2, gradient 2, Adam 4+4 (moments in fp32)
 File sizes are tensor data: the factors plus one alpha per module (the header is not counted).
@@ -74,11 +75,13 @@ def _split_args(args: tuple[str, ...], ranks_given: bool) -> tuple[list[str], li
 @click.option("--model", type=click.Choice(MODELS), help="An architecture's targeted layers.")
 @click.option("--targets", type=click.Choice(["attn", "attn+conv", "all"]), default="attn", show_default=True,
               help="Which layers of --model a LoRA covers.")
+@click.option("--components", default="default", show_default=True, metavar="default|all|A,B",
+              help="Which components of --model a LoRA covers (and a full fine-tune trains).")
 @click.option("-r", "--rank", "rank_opts", multiple=True, metavar="R...", help="Ranks (default 4 8 16 32 64 128).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a chart to this PNG.")
 @json_option
 @debug_option
-def command(args, shapes, model, targets, rank_opts, plot_path, as_json) -> None:
+def command(args, shapes, model, targets, components, rank_opts, plot_path, as_json) -> None:
     files, extra = _split_args(args, bool(rank_opts))
     ranks = _ranks(rank_opts, extra)
     modes = sum([bool(shapes), bool(model), bool(files)])
@@ -87,7 +90,7 @@ def command(args, shapes, model, targets, rank_opts, plot_path, as_json) -> None
     if shapes:
         result = _shape_mode(shapes, ranks or list(DEFAULT_RANKS))
     elif model:
-        result = _model_mode(model, targets, ranks or list(DEFAULT_RANKS))
+        result = _model_mode(model, targets, components, ranks or list(DEFAULT_RANKS))
     else:
         result = _file_mode(files[0], ranks)
     if plot_path:
@@ -114,30 +117,51 @@ def _shape_mode(shapes: tuple[str, ...], ranks: list[int]) -> dict:
     return {"mode": "shape", "rows": rows}
 
 
-def model_totals(arch) -> tuple[int, int]:
-    """(weights a full fine-tune trains, weights it keeps frozen) of an architecture table."""
+def default_components(arch) -> tuple[str, ...]:
+    """kohya's defaults: every component but T5 (trained only with ``train_t5xxl``)."""
+    t5 = {s.component for s in arch.modules.values() if s.path.startswith("encoder.block.")}
+    return tuple(c for c in arch.components if c not in t5)
+
+
+def pick_components(arch, text: str) -> tuple[str, ...]:
+    if text == "default":
+        return default_components(arch)
+    if text == "all":
+        return tuple(arch.components)
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in chosen if c not in arch.components]
+    if bad or not chosen:
+        raise click.BadParameter(f"{', '.join(bad) or text!r}: {arch.name} has {', '.join(arch.components)}",
+                                 param_hint="--components")
+    return chosen
+
+
+def model_totals(arch, components: tuple[str, ...]) -> tuple[int, int]:
+    """(weights a full fine-tune of ``components`` trains, weights it keeps frozen: the other
+    components and the VAE) of an architecture table."""
     trainable = frozen = 0
     for (component, _name), p in arch.diffusers_param_map().items():
         n = math.prod(p.shape)
-        if component in arch.components:
+        if component in components:
             trainable += n
         else:
             frozen += n
     return trainable, frozen
 
 
-def _model_mode(model: str, targets: str, ranks: list[int]) -> dict:
+def _model_mode(model: str, targets: str, components: str, ranks: list[int]) -> dict:
     from loratool.arch import load_arch
 
     arch = load_arch(model)
-    specs = arch.targets(targets)
+    comps = pick_components(arch, components)
+    specs = arch.targets(targets, components=comps)
     shapes = [s.shape for s in specs]
-    trainable, frozen = model_totals(arch)
+    trainable, frozen = model_totals(arch, comps)
     per_comp: dict[str, int] = {}
     for s in specs:
         per_comp[s.component] = per_comp.get(s.component, 0) + 1
     return {
-        "mode": "model", "model": arch.name, "targets": targets, "layers": len(specs),
+        "mode": "model", "model": arch.name, "targets": targets, "components": list(comps), "layers": len(specs),
         "layers_by_component": per_comp, "full_params": sum(R.full_params(s) for s in shapes),
         "model_params": {"trainable": trainable, "frozen": frozen},
         "precisions": R.PRECISIONS,

@@ -135,3 +135,25 @@ def test_plot(tmp_path):
     png = tmp_path / "r.png"
     assert run("--model", "sd15", "--plot", str(png)).exit_code == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("model,components,rank,keyshapes", [
+    ("sdxl", "default", 32, "sdxl_kohya_lora_r32.json"),  # 986 modules: 722 U-Net + 72 + 192 TE
+    ("flux", "transformer", 16, "flux_kohya_lora_r16.json"),  # 304 transformer modules
+    ("sd15", "default", 128, "sd15_kohya_lora_r128.json"),
+])
+def test_model_table_equals_real_kohya_files(real_dir, model, components, rank, keyshapes):
+    shapes = json.loads((real_dir / "keyshapes" / keyshapes).read_text())
+    factors = [v["shape"] for k, v in shapes.items() if k.endswith(("lora_down.weight", "lora_up.weight"))]
+    stored = sum(torch.Size(s).numel() for s in factors)
+    out = json.loads(run("--model", model, "--components", components, "-r", str(rank), "--json").stdout)
+    assert out["layers"] == len(factors) // 2
+    assert out["rows"][0]["lora_params"] == stored
+
+
+def test_components_default_leaves_t5_out():
+    flux = json.loads(run("--model", "flux", "-r", "16", "--json").stdout)
+    assert flux["components"] == ["transformer", "text_encoder"]
+    everything = json.loads(run("--model", "flux", "--components", "all", "-r", "16", "--json").stdout)
+    assert everything["layers_by_component"]["text_encoder_2"] == 168  # T5-XXL attention + MLP
+    assert run("--model", "flux", "--components", "unet", "-r", "16").exit_code == 2
