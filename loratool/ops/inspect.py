@@ -231,11 +231,27 @@ def _path_size(path: str) -> int:
 HASH_AUTO_LIMIT = 256 << 20  # data bytes hashed without being asked (~0.25 s at 1 GB/s)
 
 
-def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None) -> FileFacts:
+def _light_header(path: str) -> tuple[dict[str, int], int, dict[str, str], int]:
+    """(dtype counts, tensors, metadata, file size) of a safetensors file the strict reader has
+    already accepted: one read and a ``json.loads``, no validation."""
+    import json
+
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        size = os.fstat(fh.fileno()).st_size
+    metadata = header.pop("__metadata__", None) or {}
+    dtypes = Counter(str(entry.get("dtype")) for entry in header.values())
+    return dict(sorted(dtypes.items())), len(header), dict(metadata), size
+
+
+def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None,
+               validated: bool = False) -> FileFacts:
     """Header facts of a file: size, stored dtypes, metadata and (for safetensors) whether the
     stored ``sshs_model_hash`` is right. That check streams the whole data region through
     SHA-256 (about 1 GB/s), so ``check_hash=None`` (auto) does it only when the data region is at
-    most :data:`HASH_AUTO_LIMIT`; True always, False never."""
+    most :data:`HASH_AUTO_LIMIT`; True always, False never. ``validated=True`` says the strict
+    reader has already accepted the file, so the header is only parsed, not checked again."""
     from loratool.io.safetensors import SafetensorsFile, is_safetensors_path, looks_like_safetensors
 
     p = os.fspath(path)
@@ -245,9 +261,13 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None) 
         return FileFacts(p, _path_size(p), container="folder")
     if not (is_safetensors_path(p) or looks_like_safetensors(p)):  # renamed safetensors files exist
         return FileFacts(p, _path_size(p), container="pickle")
-    with SafetensorsFile(p) as f:
-        dtypes = Counter(i.dtype for i in f.tensors.values())
-        facts = FileFacts(p, f.file_size, dict(sorted(dtypes.items())), len(f), dict(f.metadata))
+    if validated:
+        dtypes, count, metadata, size = _light_header(p)
+        facts = FileFacts(p, size, dtypes, count, metadata)
+    else:
+        with SafetensorsFile(p) as f:
+            dtypes = Counter(i.dtype for i in f.tensors.values())
+            facts = FileFacts(p, f.file_size, dict(sorted(dtypes.items())), len(f), dict(f.metadata))
     if check_hash is None:
         check_hash = facts.size_bytes <= HASH_AUTO_LIMIT
     if check_hash and "sshs_model_hash" in facts.metadata:
@@ -260,12 +280,14 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None) 
 
 def inspect_file(path: str | os.PathLike[str], *, modules: bool = False,
                  check_hash: bool | None = None) -> dict[str, Any]:
-    """Read one adapter (lazily: header, then tensors on demand) and build its report."""
-    facts = read_facts(path, check_hash=check_hash)
-    if facts.container == "safetensors" and facts.tensors == 0:
-        adapter = Adapter(metadata=dict(facts.metadata))
-    else:
-        from loratool.formats import read_adapter
+    """Read one adapter (lazily: header, then tensors on demand) and build its report.
 
-        adapter = read_adapter(os.fspath(path))
+    The strict reader goes first, so a bad file is refused with its message before anything else."""
+    from loratool.formats import read_adapter
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise LoraToolError("no such file", p)
+    adapter = read_adapter(p)
+    facts = read_facts(p, check_hash=check_hash, validated=True)
     return build_report(adapter, facts, modules=modules)
