@@ -78,7 +78,7 @@ def decompose(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | 
                                   oversample=policy.oversample)
         if not bool(torch.isfinite(s).all()):
             u, s, vh, exact = *exact_svd(batch, cap), True
-    totals_sq = batch.to(torch.float64).square().sum(dim=(-2, -1)).cpu().tolist()
+    totals_sq = torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float64).square().cpu().tolist()
     totals_sum = _nuclear_norms(batch) if mode.needs_full_spectrum else [None] * len(totals_sq)
     out = []
     for i in range(batch.shape[0]):

@@ -1,0 +1,90 @@
+"""The CUDA paths of the SVD engine, extract and resize (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def with_spectrum(m, n, s, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = s.numel()
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    return u @ torch.diag(s.double()) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(1280, 1280), (1280, 11520), (5120, 1280)])
+def test_batched_randomized_svd_on_gpu_is_near_optimal_and_deterministic(shape):
+    from loratool.linalg import randomized_svd
+
+    m, n = shape
+    p = min(m, n)
+    a = torch.stack([with_spectrum(m, n, torch.arange(1, p + 1) ** -0.5, seed=i) for i in range(3)]).float()
+    names = ["a", "b", "c"]
+    u, s, vh = randomized_svd(a.cuda(), 64, names=names, seed=0)
+    u2, s2, vh2 = randomized_svd(a.cuda(), 64, names=names, seed=0)
+    assert torch.equal(u, u2) and torch.equal(s, s2) and torch.equal(vh, vh2)
+    for i in range(3):
+        a64 = a[i].double()
+        sv = torch.linalg.svdvals(a64.cuda()).cpu()
+        optimal = float(sv[64:].square().sum().sqrt())
+        got = float((a64 - (u[i].double().cpu() * s[i].double().cpu()) @ vh[i].double().cpu()).norm())
+        assert got <= 1.01 * optimal
+
+
+def test_exact_path_on_gpu_matches_cpu():
+    from loratool.linalg import exact_svd
+
+    a = torch.randn(2, 300, 500, generator=torch.Generator().manual_seed(1))
+    _, s_gpu, _ = exact_svd(a.cuda(), 20)
+    _, s_cpu, _ = exact_svd(a, 20)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, rtol=1e-10, atol=1e-10)
+
+
+def _pair(tmp_path, dtype=torch.float16):
+    from loratool.io.writer import write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    base, tuned = {}, {}
+    for i, shape in enumerate([(640, 640), (640, 640), (640, 640), (320, 2880), (1280, 320)]):
+        w = torch.randn(shape, generator=gen) * 0.02
+        d = torch.randn(shape[0], 6, generator=gen) @ torch.randn(6, shape[1], generator=gen) * 1e-3
+        base[f"l{i}.weight"], tuned[f"l{i}.weight"] = w.to(dtype), (w + d).to(dtype)
+    write_safetensors(tmp_path / "b.safetensors", base, None)
+    write_safetensors(tmp_path / "t.safetensors", tuned, None)
+    return tmp_path / "b.safetensors", tmp_path / "t.safetensors"
+
+
+def test_streamed_extract_on_gpu_matches_cpu_and_repeats_exactly(tmp_path):
+    from loratool.ops.extract import extract
+    from loratool.ops.extract_plan import ExtractOptions
+
+    b, t = _pair(tmp_path)
+    gpu1 = extract(b, t, ExtractOptions(rank=6, arch="generic", device="cuda", dtype="fp32"))
+    gpu2 = extract(b, t, ExtractOptions(rank=6, arch="generic", device="cuda", dtype="fp32"))
+    cpu = extract(b, t, ExtractOptions(rank=6, arch="generic", device="cpu", dtype="fp32"))
+    assert len(gpu1.adapter.modules) == 5
+    for key, m in gpu1.adapter.modules.items():
+        assert torch.equal(m.up, gpu2.adapter.modules[key].up) and torch.equal(m.down, gpu2.adapter.modules[key].down)
+        d_gpu, d_cpu = m.delta(torch.float64), cpu.adapter.modules[key].delta(torch.float64)
+        assert float((d_gpu - d_cpu).norm() / d_cpu.norm()) < 1e-4
+    for rg, rc in zip(gpu1.reports, cpu.reports, strict=True):
+        assert rg.key == rc.key and rg.rel_error == pytest.approx(rc.rel_error, rel=1e-2, abs=1e-4)
+
+
+def test_resize_on_gpu_matches_cpu():
+    from loratool.core.modules import Adapter, LoraModule
+    from loratool.ops.resize import ResizeOptions, resize
+
+    gen = torch.Generator().manual_seed(2)
+    a = Adapter(base_model="sdxl")
+    a.add(LoraModule(component="unet", path="x", alpha=32.0, down=torch.randn(64, 1280, generator=gen),
+                     up=torch.randn(1280, 64, generator=gen)))
+    g = resize(a, ResizeOptions(rank=16, device="cuda")).adapter.modules["unet.x"]
+    c = resize(a, ResizeOptions(rank=16, device="cpu")).adapter.modules["unet.x"]
+    d_g, d_c = g.delta(torch.float64), c.delta(torch.float64)
+    assert float((d_g - d_c).norm() / d_c.norm()) < 1e-4 and g.scale == c.scale
