@@ -48,10 +48,14 @@ def lora_delta_norm(module: LoraModule, dtype: torch.dtype = torch.float32) -> f
     """‖ΔW‖_F of a LoRA/LoCon module from ``r×r`` Gram matrices (the scale included).
 
     The Gram products, the only ``O((d+k)·r²)`` work, run in ``dtype`` (float32: relative error
-    ~1e-6, twice the speed of float64 on a CPU); the small ``r×r`` rest runs in float64.
+    ~1e-6, twice the speed of float64 on a CPU); the small ``r×r`` rest runs in float64. When the
+    rank is so high that ``d·k·r`` is less work, the product itself is formed instead.
     """
     up = flat2d(module.up).to(dtype)
     down = flat2d(module.down).to(dtype)
+    (out, r), k = up.shape, down.shape[1]
+    if module.mid is None and out * k * r <= (out + k) * r * r:  # rank near min(d, k): the product is cheaper
+        return abs(module.scale) * float((up @ down).to(torch.float64).norm())
     gram_up = (up.T @ up).to(torch.float64)  # [r_up, r_up]
     gram_down = (down @ down.T).to(torch.float64)  # [r_down, r_down]
     if module.mid is None:

@@ -188,3 +188,21 @@ def test_safetensors_renamed_to_bin_is_read_as_safetensors(lora, tmp_path):
     [rep] = json.loads(run("inspect", "--json", str(renamed)).stdout)
     assert rep["container"] == "safetensors" and rep["dtypes"] == {"F16": 9} and rep["hash_ok"] is True
     assert rep["modules"] == 3
+
+
+def test_peft_folder(tmp_path):
+    from loratool.io.writer import write_safetensors
+
+    g = torch.Generator().manual_seed(3)
+    t = {}
+    for i in range(2):
+        t[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"] = torch.randn(8, 64, generator=g)
+        t[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight"] = torch.randn(64, 8, generator=g)
+    write_safetensors(tmp_path / "adapter_model.safetensors", t, None)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                                              "target_modules": ["q_proj"]}))
+    [rep] = json.loads(run("inspect", "--json", str(tmp_path)).stdout)
+    assert rep["container"] == "folder" and rep["modules"] == 2 and rep["alphas"] == [16] and rep["scales"] == [2]
+    # 2 · 8·(64+64) = 2048 LoRA parameters for 2 · 64·64 = 8192 weights
+    assert (rep["params"], rep["full_params"], rep["reduction_ratio"]) == (2048, 8192, 4.0)
+    assert rep["dtypes"] == {"F32": 4}

@@ -28,7 +28,7 @@ def _dense_ref(m: LoraModule) -> float:
     return float(m.delta(torch.float64).norm())
 
 
-@pytest.mark.parametrize("out,inp,r,alpha", [(64, 48, 4, 2.0), (40, 90, 8, None), (33, 33, 33, 1.0)])
+@pytest.mark.parametrize("out,inp,r,alpha", [(64, 48, 4, 2.0), (40, 90, 8, None), (33, 33, 33, 1.0), (12, 20, 16, 3.0)])
 def test_linear_norm_matches_dense(out, inp, r, alpha):
     g = _g(out + inp + r)
     m = LoraModule("unet", "x", alpha=alpha, down=torch.randn(r, inp, generator=g),
