@@ -285,7 +285,11 @@ def main() -> None:
         t0 = time.perf_counter()
         base, tuned = write_pair(args.arch, Path(tmp), Path(args.keyshapes), args.device)
         gen_s = time.perf_counter() - t0
-        results = {m: child(m, base, tuned, args) for m in args.methods.split(",")}
+        print(f"files written in {gen_s:.0f} s", flush=True)
+        results = {}
+        for m in args.methods.split(","):
+            results[m] = child(m, base, tuned, args)
+            print(f"{m}: {results[m]['wall_s']:.1f} s", flush=True)
         text = table(results, args, gen_s, (base.stat().st_size, tuned.stat().st_size))
     print(text)
     if args.json_out:
