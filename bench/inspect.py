@@ -52,7 +52,7 @@ def build(path: Path, rank: int) -> tuple[int, int]:
         if key.endswith(".alpha"):
             tensors[key] = torch.tensor(float(rank)).half()
         else:
-            tensors[key] = (torch.randn(shape, generator=g) * 0.02).half()
+            tensors[key] = torch.empty(shape, dtype=torch.float16).normal_(0.0, 0.02, generator=g)
     meta = finalize_metadata(tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
                                        "ss_network_alpha": f"{float(rank)}", "ss_base_model_version": "sdxl_base_v1-0"})
     write_safetensors(path, tensors, meta)
