@@ -47,7 +47,7 @@ class KeyRef:
     """Where one tensor belongs. ``path`` is canonical (diffusers naming) except for ``raw`` ids."""
 
     family: str  # kohya, lycoris, onetrainer, diffusers-attnproc, diffusers-old, diffusers-peft, peft, flux-bfl,
-    #              flux-xlabs
+    #              flux-xlabs, ldm (ComfyUI-native ``diffusion_model.`` SD UNet ids)
     component: str
     path: str
     role: str
@@ -128,7 +128,7 @@ def _dotted(module_id: str, role: str, key: str) -> KeyRef | None:
     if module_id.startswith("diffusion_model."):
         path = module_id[len("diffusion_model."):]
         comp, p, swap = _place(_unet_or_transformer(path), path)
-        return KeyRef("flux-bfl" if comp == "transformer" else "diffusers-peft", comp, p, role, swap)
+        return KeyRef("flux-bfl" if comp == "transformer" else "ldm", comp, p, role, swap)
     head, _, rest = module_id.partition(".")
     old = key.endswith((".lora.down.weight", ".lora.up.weight", "lora_linear_layer.down.weight",
                         "lora_linear_layer.up.weight"))

@@ -233,3 +233,20 @@ def test_empty_adapter_is_refused():
         encode(adapter_of([]), "kohya")
     with pytest.raises(LoraToolError, match="unknown output format"):
         encode(sd1_adapter(), "safetensors2")
+
+
+def test_lora_bias_between_peft_and_kohya():
+    """peft's lora_B.bias is scaled like ΔW; kohya/LyCORIS diff_b is not: written as bias·scale, read back."""
+    g = torch.Generator().manual_seed(6)
+    unit = lora(g, f"{A}.attn1.to_q", (8, 6), 2, alpha=2.0, bias=True)  # scale 1: bit-identical
+    half = lora(g, f"{A}.attn1.to_k", (8, 6), 2, alpha=1.0, bias=True)  # scale 0.5
+    a = adapter_of([unit, half], "sd1")
+    kt, km = encode(a, "kohya")
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_"
+    assert kt[prefix + "q.diff_b"] is unit.bias
+    assert torch.equal(kt[prefix + "k.diff_b"], half.bias * 0.5)
+    b = decode(kt, km)
+    assert torch.equal(b.modules[unit.key].bias, unit.bias)
+    assert torch.allclose(b.modules[half.key].bias, half.bias, rtol=1e-7, atol=0)
+    dt, dm = encode(b, "diffusers")
+    assert dt[f"{half.key}.lora_B.bias"] is b.modules[half.key].bias

@@ -147,3 +147,8 @@ def test_lone_factor_is_unknown_with_reason():
     a = decode(t)
     assert not a.modules and a.unknown == list(t)
     assert "without its partner" in a.unknown_reasons[a.unknown[0]]
+
+
+def test_comfy_native_sd_unet_ids():
+    ref = parse_key("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight")
+    assert (ref.family, ref.component, ref.path) == ("ldm", "unet", f"{U}.to_q")
