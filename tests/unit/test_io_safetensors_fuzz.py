@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from loratool.errors import SafetensorsError
 from loratool.io.safetensors import DTYPES, SafetensorsFile
 
-FUZZ = settings(max_examples=150, deadline=timedelta(seconds=3), derandomize=True,
+FUZZ = settings(max_examples=150, deadline=timedelta(seconds=3), derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 REAL_ADAPTERS = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "real" / "adapters"

@@ -272,3 +272,24 @@ def test_folders_written_by_diffusers_and_transformers(tmp_path) -> None:
                 assert torch.equal(s.get(f"{prefix}.{k}"), v), k
     with open_source(tmp_path / "unet16") as s:
         assert {s.dtype(k) for k in s.keys()} == {torch.float16}
+
+
+def test_sources_release_their_files(tmp_path) -> None:
+    import gc
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to count handles")
+    root = tmp_path / "pipe"
+    _pipeline(root, shards=3)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with open_source(root) as s:
+            for k in s.keys():
+                s.get(k).sum()
+        s = open_source(root)  # dropped without close: collected
+        s.get("text_encoder_2.text_projection.weight")
+        del s
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before
