@@ -41,7 +41,8 @@ bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
               help="Draw ‖ΔW‖_F per block and the rank histogram to this PNG (needs matplotlib).")
 @click.option("--hash/--no-hash", "check_hash", default=None,
               help="Check the stored sshs_model_hash always / never (default: when the file is at most 256 MiB).")
-@click.option("--top-tags", default=10, show_default=True, help="How many training tags to show.")
+@click.option("--top-tags", default=10, show_default=True, type=click.IntRange(0),
+              help="How many training tags to show.")
 @json_option
 @debug_option
 @click.pass_context
@@ -54,14 +55,14 @@ def command(ctx, files, show_modules, plot_path, check_hash, top_tags, as_json) 
     con = rd.console()
     for path in files:
         try:
-            rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=check_hash)
+            rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=check_hash,
+                               top_tags=top_tags)
         except LoraToolError as e:
             if ctx.meta.get("loratool.debug"):
                 raise
             click.echo(f"loratool: error: {e.one_line()}", err=True)
             failed += 1
             continue
-        rep["metadata"]["top_tags"] = rep["metadata"]["top_tags"][:top_tags]
         reports.append(rep)
         if not as_json:
             render_report(con, rep, show_modules)

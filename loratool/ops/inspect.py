@@ -165,17 +165,17 @@ def _adapter_dtypes(adapter: Adapter) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def describe(metadata: Mapping[str, str]) -> dict[str, Any]:
+def describe(metadata: Mapping[str, str], top_tags: int = 10) -> dict[str, Any]:
     """The readable metadata summary (kohya ``ss_*``, ``modelspec.*``) plus the number of keys."""
     from loratool.io.metadata import describe_metadata
 
-    out = describe_metadata(metadata)
+    out = describe_metadata(metadata, top_tags)
     out["top_tags"] = [[tag, n] for tag, n in out.get("top_tags", [])]
     out["keys"] = len(metadata)
     return out
 
 
-def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False) -> dict[str, Any]:
+def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, top_tags: int = 10) -> dict[str, Any]:
     """The inspect report of one file (JSON-ready; the schema is documented in the CLI help).
 
     With ``modules=True`` it adds ``module_details`` (one row per module, with ‖ΔW‖_F) and
@@ -208,7 +208,7 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False) -
         "bias_modules": sum(1 for m in mods if m.bias is not None),
         "embeddings": {tok: list(t.shape) for tok, t in adapter.embeddings.items()},
         "unknown_keys": list(adapter.unknown),
-        "metadata": describe(facts.metadata or adapter.metadata),
+        "metadata": describe(facts.metadata or adapter.metadata, top_tags),
         "hash_ok": facts.hash_ok,
         "hash_checked": facts.hash_checked,
     }
@@ -283,7 +283,7 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None,
 
 
 def inspect_file(path: str | os.PathLike[str], *, modules: bool = False,
-                 check_hash: bool | None = None) -> dict[str, Any]:
+                 check_hash: bool | None = None, top_tags: int = 10) -> dict[str, Any]:
     """Read one adapter (lazily: header, then tensors on demand) and build its report.
 
     The strict reader goes first, so a bad file is refused with its message before anything else."""
@@ -294,4 +294,4 @@ def inspect_file(path: str | os.PathLike[str], *, modules: bool = False,
         raise LoraToolError("no such file", p)
     adapter = read_adapter(p)
     facts = read_facts(p, check_hash=check_hash, validated=True)
-    return build_report(adapter, facts, modules=modules)
+    return build_report(adapter, facts, modules=modules, top_tags=top_tags)

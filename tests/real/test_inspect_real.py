@@ -96,6 +96,13 @@ def test_real_details(reports):
     assert reports["sd15_diffusers_attnprocs.safetensors"]["scales"] == [1]
 
 
+def test_top_tags_option(real_dir):
+    f = real_dir / "adapters" / "sd15_kohya_lycoris_lokr_r4.safetensors"
+    [rep] = json.loads(run("--json", "--top-tags", "15", str(f)).stdout)
+    tags = rep["metadata"]["top_tags"]
+    assert len(tags) == 15 and [n for _, n in tags] == sorted((n for _, n in tags), reverse=True)
+
+
 def test_modules_on_a_real_file(real_dir):
     f = real_dir / "adapters" / "sd2_diffusers_bf16.safetensors"
     [rep] = json.loads(run("--json", "--modules", str(f)).stdout)
