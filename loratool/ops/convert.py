@@ -134,10 +134,6 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
     result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
                      embeddings=dict(adapter.embeddings))
     report.embeddings = sorted(adapter.embeddings)
-    if spec.single_component and len(adapter.components()) > 1:
-        names = ", ".join(sorted(adapter.components()))
-        raise LoraToolError(f"a {spec.name} adapter holds one model, this one adapts {names}: convert to "
-                            "diffusers (one file for the pipeline) instead")
     for key, module in adapter.modules.items():
         try:
             new, change = convert_module(module, spec, opts)

@@ -1,22 +1,103 @@
 """Flux's fused projections: kohya/BFL store one LoRA over ``qkv`` (and ``linear1`` = q, k, v and
 the MLP input of a single block); diffusers/ai-toolkit store ``to_q``/``to_k``/``to_v``/``proj_mlp``.
 
-The canonical adapter keeps whatever the file had (a fused pseudo-module such as
-``transformer_blocks.N.attn.to_qkv``, or the split modules). :func:`regroup_flux` makes it what
-the target needs, exactly: filled in below once the codecs' fuse/split helpers are in place.
+The canonical adapter keeps whatever the file had: a fused pseudo-module (the architecture table
+lists it with the row range of each part) or the split modules. :func:`regroup_flux` makes it
+what the target needs, exactly, with the codecs' fuse/split helpers (``loratool.formats.fuse``):
+
+* to a split layout, a fused module becomes one LoRA per part (its block of a block-diagonal up
+  with the matching rows of down, or the whole down shared with the part's rows of up);
+* to a fused layout, the parts become one LoRA (downs stacked, ups block-diagonal; or a shared
+  down with the ups stacked). A part the adapter does not train is a zero block: it takes one
+  all-zero rank so that the fused weight keeps its full row count.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from loratool.core.modules import Adapter
+import torch
+
+from loratool.core.modules import Adapter, LoraModule
+from loratool.errors import LoraToolError
+from loratool.formats import archinfo
+from loratool.formats.fuse import fuse_lora, split_lora
 
 if TYPE_CHECKING:
-    from loratool.ops.convert import ConvertReport
+    from loratool.ops.convert import ConvertReport, ModuleChange
     from loratool.ops.convert_targets import TargetSpec
+
+Parts = list[tuple[str, tuple[int, int]]]
+
+
+def _fused_table(base: str) -> dict[str, Parts]:
+    table = archinfo.arch(base) if base == "flux" else None
+    if table is None:
+        return {}
+    return {key: sorted(parts, key=lambda p: p[1][0]) for key, parts in getattr(table, "fused", {}).items()}
 
 
 def regroup_flux(adapter: Adapter, spec: TargetSpec, report: ConvertReport) -> Adapter:
     """The adapter with Flux projections fused or split as ``spec`` needs (unchanged otherwise)."""
-    return adapter
+    fused = _fused_table(adapter.base_model)
+    if not fused:
+        return adapter
+    changes = {c.targets[0]: c for c in report.changes if c.targets}
+    out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
+                  embeddings=adapter.embeddings, unknown=list(adapter.unknown))
+    if spec.flux_fused:
+        owner = {part: key for key, parts in fused.items() for part, _ in parts}
+        done: set[str] = set()
+        for key, module in adapter.modules.items():
+            group = owner.get(key)
+            if group is None:
+                out.add(module)
+            elif group not in done:
+                done.add(group)
+                out.add(_fuse(adapter, group, fused[group], changes))
+        return out
+    for key, module in adapter.modules.items():
+        if key not in fused:
+            out.add(module)
+            continue
+        for part in split_lora(_plain(module), fused[key]):
+            out.add(part)
+        change = changes.get(key)
+        if change is not None:
+            _record(change, "split", [p for p, _ in fused[key]])
+    return out
+
+
+def _plain(module) -> LoraModule:
+    if not isinstance(module, LoraModule):
+        raise LoraToolError(f"{module.key}: a fused Flux {module.kind} module cannot be split into the q/k/v "
+                            "modules this layout needs; --lossy turns it into LoRA first")
+    return module
+
+
+def _fuse(adapter: Adapter, group: str, parts: Parts, changes: dict[str, ModuleChange]) -> LoraModule:
+    present = [adapter.modules.get(p) for p, _ in parts]
+    template = next(m for m in present if m is not None)
+    members: list[LoraModule] = []
+    for (key, (r0, r1)), module in zip(parts, present, strict=True):
+        if module is None:
+            comp, _, path = key.partition(".")
+            zeros_down = torch.zeros(1, template.down.shape[1], dtype=template.down.dtype)
+            zeros_up = torch.zeros(r1 - r0, 1, dtype=template.up.dtype)
+            module = LoraModule(comp, path, alpha=template.scale, down=zeros_down, up=zeros_up)
+        members.append(_plain(module))
+    comp, _, path = group.partition(".")
+    fused = fuse_lora(members, comp, path)
+    sources = [p for (p, _), m in zip(parts, present, strict=True) if m is not None]
+    for i, key in enumerate(sources):
+        change = changes.get(key)
+        if change is not None:
+            _record(change, "fuse", [group])
+            if i and len(sources) > 1:
+                change.note = f"fused with {sources[0]}"
+    return fused
+
+
+def _record(change: ModuleChange, action: str, targets: list[str]) -> None:
+    change.action = action if change.action == "rename" else f"{change.action}+{action}"
+    change.targets = targets

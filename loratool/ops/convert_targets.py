@@ -28,7 +28,6 @@ class TargetSpec:
     tucker: bool  # a LoCon Tucker core (lora_mid) is kept
     flux_fused: bool  # Flux attention/linear1 as kohya/BFL fused projections (else split diffusers names)
     components: frozenset[str]
-    single_component: bool = False  # one model per output (a peft folder)
     bias: bool = False  # a bias change (LyCORIS diff_b) has a place
     kohya_metadata: bool = False  # ss_network_module describes the file
 
@@ -44,8 +43,7 @@ TARGETS: dict[str, TargetSpec] = {
                             dora_axes=frozenset({"out"}), tucker=False, flux_fused=False,
                             components=_DENOISERS | _TEXT),
     "peft": TargetSpec("peft", frozenset({"lora"}), alpha=True, rslora=True, dora_axes=frozenset({"out"}),
-                       tucker=False, flux_fused=False, components=_DENOISERS | _TEXT | {"model"},
-                       single_component=True),
+                       tucker=False, flux_fused=False, components=_DENOISERS | _TEXT | {"model"}),
     "aitoolkit": TargetSpec("aitoolkit", frozenset({"lora"}), alpha=False, rslora=False, dora_axes=frozenset(),
                             tucker=False, flux_fused=False, components=_DENOISERS | _TEXT),
     "bfl": TargetSpec("bfl", frozenset({"lora"}), alpha=False, rslora=False, dora_axes=frozenset(),

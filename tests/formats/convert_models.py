@@ -125,6 +125,26 @@ def captured() -> Iterator[list[str]]:
         handler.messages.extend(f"warning: {w.message}" for w in caught)
 
 
+def problems(messages: list[str]) -> list[str]:
+    """The captured messages that say a LoRA key was not used or a value was ignored.
+
+    transformers 5 also logs a "LOAD REPORT" listing every *base* parameter as MISSING when a LoRA
+    state dict (which has no base weights) is loaded into a text encoder; rows of that kind are not
+    problems. Any other row (UNEXPECTED, or a LoRA parameter MISSING) is.
+    """
+    out = []
+    for msg in messages:
+        if "LOAD REPORT" not in msg:
+            out.append(msg)
+            continue
+        for row in msg.splitlines():
+            cells = [c.strip() for c in row.split("|")]
+            if len(cells) >= 2 and cells[1] and cells[1] != "Status" and not set(cells[0]) <= {"-"}:
+                if cells[1] != "MISSING" or "lora" in cells[0].lower():
+                    out.append(f"{cells[0]}: {cells[1]}")
+    return out
+
+
 def lora_layers(m: torch.nn.Module) -> set[str]:
     """Paths (``text_model.`` spelling for CLIP) of the layers peft wrapped with a LoRA."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -168,7 +188,7 @@ def _weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_diffusers(path, unet: torch.nn.Module, te: torch.nn.Module | None = None,
+def load_diffusers(path, unet: torch.nn.Module | None, te: torch.nn.Module | None = None,
                    te2: torch.nn.Module | None = None, *, sdxl: bool = False) -> list[str]:
     """What a pipeline's ``load_lora_weights(file)`` does, on bare models: diffusers' own
     ``lora_state_dict`` then ``load_lora_into_unet`` / ``load_lora_into_text_encoder``.
@@ -179,14 +199,15 @@ def load_diffusers(path, unet: torch.nn.Module, te: torch.nn.Module | None = Non
 
     loader = StableDiffusionXLLoraLoaderMixin if sdxl else StableDiffusionLoraLoaderMixin
     path = Path(path)
-    extra = {"unet_config": unet.config} if sdxl else {}
+    extra = {"unet_config": unet.config} if sdxl and unet is not None else {}
     with captured() as messages:
         state, alphas, meta = loader.lora_state_dict(str(path.parent), weight_name=path.name,
                                                      return_lora_metadata=True, **extra)
         bad = [k for k in state if "lora" not in k]
         if bad:
             raise ValueError(f"Invalid LoRA checkpoint (as load_lora_weights says): {bad[:3]}")
-        loader.load_lora_into_unet(state, alphas, unet, adapter_name="t", metadata=meta)
+        if unet is not None:
+            loader.load_lora_into_unet(state, alphas, unet, adapter_name="t", metadata=meta)
         if te is not None:
             loader.load_lora_into_text_encoder(state, alphas, te, prefix="text_encoder", adapter_name="t",
                                                metadata=meta)

@@ -178,12 +178,6 @@ def test_strict_names_unknown_keys_and_drop_unknown_lists_them():
     assert report.counts() == {"rename": 1, "drop": 2} and not report.exact
 
 
-def test_peft_folder_holds_one_component():
-    te = LoraModule("text_encoder", "text_model.encoder.layers.0.mlp.fc1", alpha=1.0, down=rnd(2, 8), up=rnd(9, 2))
-    with pytest.raises(LoraToolError, match="holds one model.*text_encoder, unet"):
-        convert(adapter(lora(), te), "peft")
-
-
 def test_dtype_cast_applies_to_every_factor_and_magnitude():
     m = lora(dora=Dora(rnd(24, 1).abs(), "out"))
     out, _ = convert(adapter(m), "kohya", dtype=torch.bfloat16)

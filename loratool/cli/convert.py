@@ -1,0 +1,151 @@
+"""``loratool convert IN --to FORMAT -o OUT``: rewrite an adapter in another layout.
+
+Thin: read (loratool.formats), decide (loratool.ops.convert), set metadata (ops.convert_meta),
+write (loratool.formats) and render the report. Token embeddings carried in the input
+(cloneofsimo, pivotal tuning) are written beside the output as textual-inversion files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import torch
+
+from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
+from loratool.errors import LoraToolError
+from loratool.ops.convert_math import DEFAULT_ENERGY, DEFAULT_RANK_CAP
+from loratool.ops.convert_targets import FORMAT_CHOICES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def embedding_paths(output: Path, tokens: list[str]) -> dict[str, Path]:
+    """Where each token's embedding goes: ``<out stem>.<token>.safetensors`` beside the output."""
+    out = {}
+    for token in tokens:
+        safe = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
+        stem = output.name if output.suffix == "" else output.stem
+        out[token] = output.parent / f"{stem}.{safe}.safetensors"
+    return out
+
+
+def write_embeddings(embeddings: dict[str, torch.Tensor], output: Path, *, force: bool, inputs: list[str],
+                     base_model: str) -> dict[str, str]:
+    """One A1111/diffusers textual-inversion file (``emb_params [n, dim]``) per token."""
+    from loratool.io.metadata import loratool_keys
+    from loratool.io.writer import write_safetensors
+
+    written = {}
+    for token, path in embedding_paths(output, sorted(embeddings)).items():
+        emb = embeddings[token]
+        emb = emb.reshape(1, -1) if emb.dim() == 1 else emb
+        meta = {"loratool.token": token, "loratool.base_model": base_model, **loratool_keys("convert")}
+        write_safetensors(path, {"emb_params": emb.contiguous()}, meta, force=force, inputs=inputs)
+        written[token] = str(path)
+    return written
+
+
+@click.command(help="Rewrite an adapter in another layout: exact where only names change, lossy only when "
+                    "asked (--rank/--lossy) and then measured.")
+@click.argument("input_path", metavar="IN", type=click.Path(exists=True, dir_okay=True))
+@click.option("--to", "to", required=True, type=click.Choice(FORMAT_CHOICES, case_sensitive=False),
+              help="Output layout (webui/comfyui/a1111/forge are kohya).")
+@click.option("-o", "--output", type=click.Path(dir_okay=True), help="Output file (a folder for peft).")
+@click.option("--rank", type=click.IntRange(min=1), default=None,
+              help="Turn LoHa/LoKr/full/etc. into plain LoRA at this rank (lossy, measured).")
+@click.option("--lossy", is_flag=True, help=f"Allow the SVD lowering at the smallest rank keeping "
+                                           f"{DEFAULT_ENERGY:.1%} of ‖ΔW‖_F (at most --rank-cap).")
+@click.option("--rank-cap", type=click.IntRange(min=1), default=DEFAULT_RANK_CAP, show_default=True)
+@click.option("--drop-unknown", is_flag=True, help="Convert what can be and list what was dropped.")
+@click.option("--dry-run", is_flag=True, help="Print the mapping and what would be lost; write nothing.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Cast tensors (default: keep).")
+@json_option
+@force_option
+@quiet_option
+@debug_option
+def command(input_path: str, to: str, output: str | None, rank: int | None, lossy: bool, rank_cap: int,
+            drop_unknown: bool, dry_run: bool, dtype: str | None, as_json: bool, force: bool, quiet: bool) -> None:
+    from loratool.formats import read_adapter
+    from loratool.ops.convert import convert
+    from loratool.ops.convert_meta import target_metadata
+
+    if output is None and not dry_run:
+        raise click.UsageError("-o/--output is required (or --dry-run)")
+    source = read_adapter(input_path)
+    if not source.modules:
+        raise LoraToolError("holds no adapter modules: nothing to convert", input_path)
+    try:
+        result, report = convert(source, to, rank=rank, lossy=lossy, rank_cap=rank_cap,
+                                 drop_unknown=drop_unknown, dtype=DTYPES[dtype] if dtype else None)
+    except LoraToolError as e:
+        raise LoraToolError(e.message, input_path) from None
+    params = {"to": report.target, "rank": rank, "lossy": lossy, "rank_cap": rank_cap, "dtype": dtype,
+              "drop_unknown": drop_unknown, "input": Path(input_path).name}
+    title = Path(output).stem if output else None
+    meta = target_metadata(source.metadata, result, report, parameters=params, title=title)
+    if dry_run:
+        mapping = _mapping(result, report.target)
+        _render(report, mapping, output, {}, as_json=as_json, quiet=quiet, dry_run=True)
+        return
+    from loratool.formats import write_adapter
+
+    out_path = Path(output)
+    write_adapter(result, out_path, report.target, force=force, inputs=[input_path], metadata=meta)
+    embeddings = {}
+    if result.embeddings:
+        embeddings = write_embeddings(result.embeddings, out_path, force=force, inputs=[input_path],
+                                      base_model=result.base_model)
+    _render(report, None, str(out_path), embeddings, as_json=as_json, quiet=quiet, dry_run=False)
+
+
+def _mapping(result, target: str) -> dict[str, list[str]]:
+    """Canonical module key -> the tensor keys the target file will hold for it."""
+    from loratool.core.modules import Adapter
+    from loratool.formats import encode
+
+    out = {}
+    for key, module in result.modules.items():
+        one = Adapter(base_model=result.base_model, source_format=target)
+        one.add(module)
+        tensors, _ = encode(one, target)
+        out[key] = sorted(tensors)
+    return out
+
+
+def _render(report, mapping, output, embeddings, *, as_json: bool, quiet: bool, dry_run: bool) -> None:
+    if as_json:
+        data = {"output": output, "dry_run": dry_run, **report.to_json(), "embedding_files": embeddings}
+        if mapping is not None:
+            data["mapping"] = mapping
+        emit_json(data)
+        return
+    if quiet:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    counts = ", ".join(f"{n} {a}" for a, n in sorted(report.counts().items()))
+    verb = "would convert" if dry_run else "converted"
+    console.print(f"{verb} {report.source_format} → {report.target}: {counts}")
+    if report.lossy:
+        table = Table("module", "kind", "rank", "rel. error ‖ΔW'−ΔW‖/‖ΔW‖", title="lossy modules (SVD)")
+        for c in report.lossy:
+            table.add_row(c.key, c.kind, str(c.rank_out), f"{c.rel_error:.3e}")
+        console.print(table)
+        console.print(f"largest relative error: {report.max_rel_error:.3e}")
+    for key, why in report.dropped:
+        console.print(f"[yellow]dropped[/] {key}: {why}")
+    if mapping is not None:
+        table = Table("module", "action", "target keys", title="mapping")
+        actions = {c.key: c for c in report.changes}
+        for key, keys in mapping.items():
+            c = actions.get(key)
+            table.add_row(key, c.action if c else "fuse/split", ", ".join(keys))
+        console.print(table)
+    for token, path in embeddings.items():
+        console.print(f"token embedding {token} → {path}")
+    if output and not dry_run:
+        console.print(f"wrote {output}")

@@ -1,0 +1,101 @@
+"""The metadata a converted file carries.
+
+* The source's training record (``ss_*``) is carried over as it is, except the keys that describe
+  the network, which are set again for what is written: ``ss_network_module`` (kohya targets:
+  ``networks.lora``, ``networks.lora_flux`` or ``lycoris.kohya``), ``ss_network_dim``/``alpha``
+  (``Dynamic`` when modules differ), ``ss_v2``/``ss_base_model_version``.
+* ``modelspec.*`` is written for the target (title and date kept from the source when it had them).
+* ``loratool.*`` records the conversion: the command, its parameters and a summary of what was done.
+* ``sshs_*`` hashes are never carried: they are recomputed on the tensors as written
+  (``finalize_metadata`` at write time).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from loratool.core.modules import Adapter
+from loratool.io.metadata import BASE_MODELS, loratool_keys, modelspec, ss_minimal
+from loratool.ops.convert import ConvertReport
+from loratool.ops.convert_targets import resolve_target
+
+_NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2", "ss_base_model_version")
+
+
+def _uniform(values: list[Any]) -> Any:
+    """The one value all modules share, or ``"Dynamic"`` (kohya's word for mixed dims)."""
+    distinct = set(values)
+    return values[0] if len(distinct) == 1 else "Dynamic"
+
+
+def network_dims(adapter: Adapter) -> tuple[int | str, float | str | None]:
+    """``ss_network_dim`` and ``ss_network_alpha`` describing the modules (rank/alpha when shared)."""
+    ranks = [m.rank for m in adapter.modules.values() if isinstance(m.rank, int)]
+    if not ranks:
+        return "Dynamic", "Dynamic"
+    dim = _uniform(ranks)
+    alphas = [m.alpha if m.alpha is not None else float(m.rank) for m in adapter.modules.values()
+              if isinstance(m.rank, int)]
+    alpha = _uniform([float(a) for a in alphas])
+    return dim, alpha
+
+
+def network_module(adapter: Adapter) -> str:
+    if any(m.kind != "lora" for m in adapter.modules.values()):
+        return "lycoris.kohya"
+    return BASE_MODELS[adapter.base_model].network_module if adapter.base_model in BASE_MODELS else "networks.lora"
+
+
+def conversion_summary(report: ConvertReport) -> dict[str, Any]:
+    out: dict[str, Any] = {"from": report.source_format, "to": report.target, "exact": report.exact,
+                           "modules": report.counts()}
+    if report.lossy:
+        out["max_rel_error"] = report.max_rel_error
+    if report.dropped:
+        out["dropped"] = [k for k, _ in report.dropped]
+    if report.embeddings:
+        out["embeddings_written_beside"] = report.embeddings
+    return out
+
+
+def target_metadata(source: Mapping[str, str], result: Adapter, report: ConvertReport, *,
+                    parameters: Mapping[str, Any] | None = None, title: str | None = None) -> dict[str, str]:
+    """Every metadata key of the converted file but the hashes (see the module docstring)."""
+    spec = resolve_target(report.target)
+    meta = {k: v for k, v in source.items() if k.startswith("ss_") and k not in _NETWORK_KEYS}
+    dim, alpha = network_dims(result)
+    base = result.base_model
+    if base in BASE_MODELS:
+        v_pred = source.get("ss_base_model_version", "").endswith("_v")
+        args = json.loads(source["ss_network_args"]) if _is_json_object(source.get("ss_network_args")) else None
+        ss = ss_minimal(base, dim, alpha, network_module=network_module(result), network_args=args,
+                        v_prediction=v_pred)
+        if "ss_network_args" in source and args is None:
+            ss["ss_network_args"] = source["ss_network_args"]
+        if not spec.kohya_metadata:
+            del ss["ss_network_module"]
+        meta.update(ss)
+        name = title or source.get("modelspec.title") or source.get("ss_output_name") or "converted"
+        date = source.get("modelspec.date")
+        spec_keys = modelspec(base, name, date=date or "1970-01-01T00:00:00", v_prediction=v_pred)
+        if not date:  # none in the source: left out, so that the same input gives the same bytes
+            del spec_keys["modelspec.date"]
+        meta.update(spec_keys)
+    else:
+        meta.update({"ss_network_dim": str(dim), "ss_network_alpha": str(alpha)})
+        if spec.kohya_metadata:
+            meta["ss_network_module"] = network_module(result)
+    meta.update(loratool_keys("convert", parameters))
+    meta["loratool.convert"] = json.dumps(conversion_summary(report), sort_keys=True)
+    return meta
+
+
+def _is_json_object(text: str | None) -> bool:
+    if not text:
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
