@@ -104,17 +104,18 @@ def _read_range(f: SafetensorsFile, begin: int, end: int) -> bytes:
     return f._fh.read(end - begin)
 
 
-def file_legacy_hash(path: str | os.PathLike[str]) -> str:
+def file_legacy_hash(path: str | os.PathLike[str], *, padded: bool = True) -> str:
     """``sshs_legacy_hash`` recomputed from a file: what kohya's serialisation of the same tensors
     with only the ``ss_*`` metadata holds in its 64 KiB window at 1 MiB.
 
-    The header is rebuilt; only the data bytes under the window are read.
+    The header is rebuilt (``padded=False``: as safetensors before 0.3 wrote it, without the
+    8-byte alignment, which shifts the window); only the data bytes under the window are read.
     """
     with SafetensorsFile(path) as f:
         infos: dict[str, TensorInfo] = f.tensors
         order = reference_order((i.name, i.dtype) for i in infos.values())
         head = header_bytes([(n, infos[n].dtype, infos[n].shape, infos[n].nbytes) for n in order],
-                            ss_only(f.metadata))
+                            ss_only(f.metadata), padded=padded)
         h = hashlib.sha256()
         lo, hi = LEGACY_OFFSET, LEGACY_OFFSET + LEGACY_LENGTH
         h.update(head[lo:hi])
@@ -144,12 +145,18 @@ def check_hash(path: str | os.PathLike[str]) -> bool | None:
 
 def hash_report(path: str | os.PathLike[str]) -> dict[str, dict[str, str | bool | None]]:
     """Stored and recomputed ``sshs_*`` values of a file: ``{key: {"stored", "actual", "ok"}}``
-    (``ok`` is None when nothing is stored). The legacy hash assumes the reference writer's layout."""
+    (``ok`` is None when nothing is stored). The legacy hash is recomputed as the reference writer
+    lays files out now; a stored value that matches the older unpadded layout also counts as right."""
     with SafetensorsFile(path) as f:
         stored = {k: f.metadata.get(k) for k in ("sshs_model_hash", "sshs_legacy_hash")}
     actual = {"sshs_model_hash": file_model_hash(path), "sshs_legacy_hash": file_legacy_hash(path)}
     report: dict[str, dict[str, str | bool | None]] = {}
     for key, value in stored.items():
-        ok = None if value is None else value.strip().lower().removeprefix("0x") == actual[key]
+        ok = None
+        if value is not None:
+            value_clean = value.strip().lower().removeprefix("0x")
+            ok = value_clean == actual[key]
+            if not ok and key == "sshs_legacy_hash":  # taken with an older, unpadded writer?
+                ok = value_clean == file_legacy_hash(path, padded=False)
         report[key] = {"stored": value, "actual": actual[key], "ok": ok}
     return report

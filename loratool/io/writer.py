@@ -75,9 +75,10 @@ def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
 
 
 def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
-                 metadata: Mapping[str, str] | None) -> bytes:
+                 metadata: Mapping[str, str] | None, *, padded: bool = True) -> bytes:
     """The 8-byte length plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``
-    entries given in data order."""
+    entries given in data order. ``padded=False`` gives the unpadded header of older writers
+    (safetensors before 0.3), only for recomputing hashes that were taken with them."""
     header: dict[str, object] = {}
     meta = check_metadata(metadata)
     if meta is not None:
@@ -87,7 +88,8 @@ def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    if padded:
+        raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
 
 

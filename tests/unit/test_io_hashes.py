@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 
 import pytest
 import torch
@@ -134,3 +135,33 @@ def test_hash_report(real_dir, tmp_path) -> None:
     assert r["sshs_model_hash"]["ok"] is True and r["sshs_legacy_hash"]["ok"] is True
     plain = write_safetensors(tmp_path / "b.safetensors", tensors)
     assert hash_report(plain)["sshs_model_hash"] == {"stored": None, "actual": model_hash(tensors), "ok": None}
+
+
+def test_legacy_hash_of_an_unpadded_old_writer(tmp_path) -> None:
+    """safetensors < 0.3 did not pad the header; kohya's legacy hash then saw a shifted window."""
+    from loratool.io.hashes import hash_report
+
+    tensors = _tensors(True)
+    ss = {"ss_network_dim": "8", "ss_note": "x"}
+    # an old writer's in-memory file, built by hand: same entries and data order, no padding
+    order = sorted(tensors, key=lambda k: ({torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[tensors[k].dtype], k))
+    header, offset = {"__metadata__": ss}, 0
+    for k in order:
+        n = tensors[k].numel() * tensors[k].element_size()
+        header[k] = {"dtype": {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}[tensors[k].dtype],
+                     "shape": list(tensors[k].shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) % 8 != 0  # else padding would change nothing
+    blob = len(raw).to_bytes(8, "little") + raw + b"".join(tensors[k].reshape(-1).view(torch.uint8).numpy().tobytes()
+                                                           for k in order)
+    old_legacy = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    meta = finalize_metadata(tensors, ss)
+    assert meta["sshs_legacy_hash"] != old_legacy
+    meta["sshs_legacy_hash"] = old_legacy
+    out = write_safetensors(tmp_path / "old.safetensors", tensors, meta)
+    assert file_legacy_hash(out, padded=False) == old_legacy
+    assert hash_report(out)["sshs_legacy_hash"]["ok"] is True
+    meta["sshs_legacy_hash"] = "00000000"
+    bad = write_safetensors(tmp_path / "bad.safetensors", tensors, meta)
+    assert hash_report(bad)["sshs_legacy_hash"]["ok"] is False
