@@ -78,7 +78,8 @@ def _config(d: Mapping[str, object], where: str) -> PeftConfig:
 
 
 def alpha_source_from_config(config: Mapping[str, object], where: str) -> AlphaSource:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    raw = config.get("peft_type", "LORA")
+    peft_type = str(getattr(raw, "value", raw)).upper()  # a PeftType enum from LoraConfig.to_dict(), or text
     if peft_type != "LORA":
         raise LoraToolError(f"peft adapter type {peft_type} is not supported (only LORA)", where)
     return AlphaSource({"": _config(config, where)})
