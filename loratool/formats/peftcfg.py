@@ -37,17 +37,17 @@ def pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
 
 @dataclass
 class PeftConfig:
-    r: int | None = None
-    lora_alpha: float | None = None
+    r: int = 8
+    lora_alpha: float = 8.0
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
 
-    def alpha_for(self, path: str) -> float | None:
+    def alpha_for(self, path: str) -> float:
         key = pattern_key(self.alpha_pattern, path)
         if key is not None:
             return float(self.alpha_pattern[key])
-        return None if self.lora_alpha is None else float(self.lora_alpha)
+        return float(self.lora_alpha)
 
 
 @dataclass
@@ -67,8 +67,9 @@ class AlphaSource:
 def _config(d: Mapping[str, object], where: str) -> PeftConfig:
     try:
         return PeftConfig(
-            r=int(d["r"]) if d.get("r") is not None else None,  # type: ignore[arg-type]
-            lora_alpha=float(d["lora_alpha"]) if d.get("lora_alpha") is not None else None,  # type: ignore[arg-type]
+            # a key left out takes LoraConfig's default (r=8, lora_alpha=8), as peft and diffusers do
+            r=int(d.get("r", 8)),  # type: ignore[arg-type]
+            lora_alpha=float(d.get("lora_alpha", 8)),  # type: ignore[arg-type]
             rank_pattern={str(k): int(v) for k, v in dict(d.get("rank_pattern") or {}).items()},  # type: ignore[arg-type]
             alpha_pattern={str(k): float(v) for k, v in dict(d.get("alpha_pattern") or {}).items()},  # type: ignore[arg-type]
             use_rslora=bool(d.get("use_rslora", False)),

@@ -37,24 +37,38 @@ def canonical_format(fmt: str) -> str:
         raise LoraToolError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})") from None
 
 
-def _kohya_meta(adapter: Adapter) -> dict[str, str]:
-    ranks = Counter(m.rank for m in adapter.modules.values() if getattr(m, "rank", None))
-    alphas = Counter(kohya_codec.kohya_alpha(m) if m.alpha is not None else float(m.rank or 1)
-                     for m in adapter.modules.values())
+def _dim_alpha(modules: list) -> tuple[int, float]:
+    ranks = Counter(m.rank for m in modules if getattr(m, "rank", None))
+    alphas = Counter(kohya_codec.kohya_alpha(m) if m.alpha is not None else float(m.rank or 1) for m in modules)
     dim = most_common(ranks) if ranks else 1
-    alpha = most_common(alphas) if alphas else float(dim)
-    args = adapter.metadata.get("ss_network_args") or "{}"
-    try:
+    return dim, most_common(alphas) if alphas else float(dim)
+
+
+def _is_kxk(m) -> bool:
+    return len(m.weight_shape) == 4 and tuple(m.weight_shape[2:]) != (1, 1)
+
+
+def _kohya_meta(adapter: Adapter) -> dict[str, str]:
+    """kohya's network keys: dim/alpha of the linear (and 1x1) modules, conv_dim/conv_alpha of the kxk convs."""
+    mods = list(adapter.modules.values())
+    conv = [m for m in mods if isinstance(m, LoraModule) and _is_kxk(m)]
+    dim, alpha = _dim_alpha([m for m in mods if m not in conv] or mods)
+    args = adapter.metadata.get("ss_network_args")
+    if not args:
+        extra = {}
+        if conv:
+            conv_dim, conv_alpha = _dim_alpha(conv)
+            extra = {"conv_dim": str(conv_dim), "conv_alpha": repr(float(conv_alpha))}
+        args = json.dumps(extra)
+    module = kohya_codec.network_module(adapter)
+    if adapter.base_model != "unknown":
         from loratool.io.metadata import ss_minimal
 
-        if adapter.base_model != "unknown":
-            meta = ss_minimal(adapter.base_model, dim, alpha, network_module=kohya_codec.network_module(adapter))
-            meta["ss_network_args"] = args
-            return meta
-    except ImportError:
-        pass
-    return {"ss_network_module": kohya_codec.network_module(adapter), "ss_network_dim": str(dim),
-            "ss_network_alpha": repr(float(alpha)), "ss_network_args": args}
+        meta = ss_minimal(adapter.base_model, dim, alpha, network_module=module)
+        meta["ss_network_args"] = args
+        return meta
+    return {"ss_network_module": module, "ss_network_dim": str(dim), "ss_network_alpha": repr(float(alpha)),
+            "ss_network_args": args}
 
 
 def most_common(counts: Counter):

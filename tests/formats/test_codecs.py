@@ -98,6 +98,10 @@ def test_kohya_alpha_exact_and_in_the_weights_dtype():
     assert b.modules[rs.key].scale == pytest.approx(rs.scale, rel=1e-15)
     assert b.modules[none.key].alpha is None
     assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_network_args"] == "{}"
+    conv = adapter_of([half, lora(g, "unet.down_blocks.0.resnets.0.conv1", (8, 4, 3, 3), 2, alpha=1.0)], "sd1")
+    args = json.loads(encode(conv, "kohya")[1]["ss_network_args"])
+    assert args == {"conv_dim": "2", "conv_alpha": "1.0"}
 
 
 def test_dora_axes():
@@ -250,3 +254,12 @@ def test_lora_bias_between_peft_and_kohya():
     assert torch.allclose(b.modules[half.key].bias, half.bias, rtol=1e-7, atol=0)
     dt, dm = encode(b, "diffusers")
     assert dt[f"{half.key}.lora_B.bias"] is b.modules[half.key].bias
+
+
+def test_peft_config_without_lora_alpha_takes_peft_default():
+    g = torch.Generator().manual_seed(7)
+    m = lora(g, "unet.down_blocks.0.resnets.0.conv1", (8, 4, 3, 3), 4)
+    tensors = {"base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight": m.down,
+               "base_model.model.down_blocks.0.resnets.0.conv1.lora_B.weight": m.up}
+    a = decode(tensors, config={"peft_type": "LORA", "r": 4})
+    assert a.modules[m.key].alpha == 8.0 and a.modules[m.key].scale == 2.0  # LoraConfig's lora_alpha=8
