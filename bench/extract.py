@@ -100,8 +100,8 @@ def write_pair(arch: str, folder: Path, layout_dir: Path, device: str, seed: int
             w = torch.randn(shape, generator=gen, device=device) * 0.02
             base = w.half()
             tuned = (w + synthetic_delta(w, gen)).half() if key.startswith(UNET_PREFIX) and len(shape) >= 2 else base
-            fb.write(base.cpu().view(torch.uint8).numpy().tobytes())
-            ft.write(tuned.cpu().view(torch.uint8).numpy().tobytes())
+            fb.write(base.cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            ft.write(tuned.cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return paths
 
 
