@@ -52,11 +52,11 @@ def prompt_following(pipe, n: int = 192, seed: int = 1234) -> dict:
     imgs = sample(pipe, [s.caption() for s in scenes], list(range(n)))
     dets = [world.detect(im) for im in imgs]
     return {
-        "colour": sum(d.colour == s.colour for d, s in zip(dets, scenes)) / n,
-        "shape": sum(d.shape == s.shape for d, s in zip(dets, scenes)) / n,
-        "position": sum(d.where == s.where for d, s in zip(dets, scenes)) / n,
+        "colour": sum(d.colour == s.colour for d, s in zip(dets, scenes, strict=False)) / n,
+        "shape": sum(d.shape == s.shape for d, s in zip(dets, scenes, strict=False)) / n,
+        "position": sum(d.where == s.where for d, s in zip(dets, scenes, strict=False)) / n,
         "all_three": sum(d.colour == s.colour and d.shape == s.shape and d.where == s.where
-                         for d, s in zip(dets, scenes)) / n,
+                         for d, s in zip(dets, scenes, strict=False)) / n,
     }, imgs
 
 

@@ -79,7 +79,7 @@ def train_unet(unet, te, vae, tok, args, device, gen, log) -> tuple:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_te.parameters()), params))
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_te.parameters()), params, strict=False))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     step = 0
     for step in range(args.steps):

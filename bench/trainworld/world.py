@@ -123,7 +123,7 @@ def random_scenes(n: int, gen: torch.Generator, shapes=BASE_SHAPES, colours=tupl
     return [
         Scene(shapes[p[0] % len(shapes)], colours[p[1] % len(colours)], ("small", "large")[p[2] % 2],
               where[p[3] % len(where)], 1.5 * j[0], 1.5 * j[1], 0.5 * j[2])
-        for p, j in zip(pick, jit)
+        for p, j in zip(pick, jit, strict=False)
     ]
 
 
@@ -132,7 +132,7 @@ def random_captions(scenes: list[Scene], gen: torch.Generator, p_drop: float = 0
     """Captions with attribute dropout (and some empty ones, for classifier-free guidance)."""
     u = torch.rand(len(scenes), 5, generator=gen).tolist()
     out = []
-    for s, v in zip(scenes, u):
+    for s, v in zip(scenes, u, strict=False):
         if v[4] < p_empty:
             out.append("")
         else:

@@ -1,0 +1,87 @@
+"""The settings of one training run, checked before anything heavy is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loratool.errors import LoraToolError
+from loratool.train.layers import ADAPTERS, FOLDS, TRILORA_INITS
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+PRECISIONS = ("no", "fp16", "bf16")
+OUTPUT_FORMATS = ("kohya", "diffusers", "peft")
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    instance_data: str
+    instance_prompt: str
+    output: str
+    class_data: str | None = None
+    class_prompt: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    adapter: str = "lora"
+    rank: int = 8
+    alpha: float | None = None
+    trilora_init: str = "svd"
+    fold: str = "balanced"
+    targets: tuple[str, ...] = ("unet",)
+    new_tokens: tuple[str, ...] = ()
+    init_token: str | None = None
+    steps: int = 500
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None
+    batch_size: int = 1
+    resolution: int = 512
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    resume: str | None = None
+    sample_prompts: tuple[str, ...] = ()
+    sample_every: int = 0
+    sample_steps: int = 25
+    output_format: str = "kohya"
+    output_name: str = "lora"
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """One clear error for the first setting that cannot work."""
+        if self.adapter not in ADAPTERS:
+            raise LoraToolError(f"--adapter must be one of {', '.join(ADAPTERS)}, not {self.adapter!r}")
+        if self.trilora_init not in TRILORA_INITS:
+            raise LoraToolError(f"--trilora-init must be one of {', '.join(TRILORA_INITS)}")
+        if self.fold not in FOLDS:
+            raise LoraToolError(f"--fold must be one of {', '.join(FOLDS)}")
+        bad = [t for t in self.targets if t not in COMPONENTS]
+        if bad or not self.targets:
+            raise LoraToolError(f"--targets takes a comma list of {', '.join(COMPONENTS)} (got {','.join(self.targets)})")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise LoraToolError(f"--resolution {self.resolution} is not a positive multiple of 8")
+        if self.rank < 1:
+            raise LoraToolError(f"-r/--rank must be at least 1, not {self.rank}")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LoraToolError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.mixed_precision not in PRECISIONS:
+            raise LoraToolError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise LoraToolError(f"--to must be one of {', '.join(OUTPUT_FORMATS)}")
+        if (self.class_data is None) != (self.class_prompt is None):
+            raise LoraToolError("prior preservation needs both --class-data and --class-prompt")
+        if self.init_token and not self.new_tokens:
+            raise LoraToolError("--init-token needs --new-tokens")
+        for t in self.new_tokens:
+            if t not in self.instance_prompt:
+                raise LoraToolError(f"new token {t!r} does not appear in --instance-prompt")
+        if not Path(self.model).exists():
+            raise LoraToolError("model path does not exist", self.model)
+
+    def as_dict(self) -> dict:
+        return asdict(self)

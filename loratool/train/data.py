@@ -1,0 +1,118 @@
+"""Training images: reading and checking a folder, class-image generation, batches.
+
+Images are resized (shorter side to the resolution, Lanczos) and centre-cropped, then scaled to
+[-1, 1]. A batch with prior preservation is the instance examples followed by as many class
+examples, so one forward pass serves both losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loratool.errors import LoraToolError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+ACCEPTED_MODES = ("RGB", "RGBA", "L", "LA", "P")
+
+
+def image_files(folder: str | Path, what: str = "image folder", allow_empty: bool = False) -> list[Path]:
+    """The image files of a folder, sorted; clear errors for a missing, unreadable or empty folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise LoraToolError(f"{what} does not exist", folder)
+    if not folder.is_dir():
+        raise LoraToolError(f"{what} is not a folder", folder)
+    try:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    except OSError as e:
+        raise LoraToolError(f"{what} cannot be read ({e.strerror})", folder) from None
+    if not files and not allow_empty:
+        raise LoraToolError(f"{what} holds no images ({', '.join(IMAGE_SUFFIXES)})", folder)
+    return files
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """One image as ``[3, res, res]`` in [-1, 1]; errors name the file and the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            if mode not in ACCEPTED_MODES:
+                raise LoraToolError(f"image mode {mode} is not supported (use RGB, RGBA, L or P)", path)
+            if min(size) < resolution:
+                raise LoraToolError(f"image is {size[0]}x{size[1]}, smaller than --resolution {resolution}", path)
+            if mode in ("RGBA", "LA", "P"):
+                rgba = im.convert("RGBA")
+                rgb = Image.new("RGB", rgba.size, (255, 255, 255))
+                rgb.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise LoraToolError(f"not a readable image ({type(e).__name__})", path) from None
+    w, h = rgb.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    if (nw, nh) != (w, h):
+        rgb = rgb.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    t = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(resolution, resolution, 3)
+    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_folder(folder: str | Path, resolution: int, what: str = "image folder") -> torch.Tensor:
+    return torch.stack([load_image(p, resolution) for p in image_files(folder, what)])
+
+
+def save_image(img: torch.Tensor, path: Path) -> None:
+    """Save ``[3, H, W]`` in [0, 1] as PNG."""
+    from PIL import Image
+
+    arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
+    Image.fromarray(arr, "RGB").save(path)
+
+
+def generate_class_images(pipe, folder: Path, prompt: str, wanted: int, resolution: int, seed: int,
+                          batch: int = 16, steps: int = 25, guidance: float = 5.0) -> int:
+    """Fill ``folder`` up to ``wanted`` images of ``prompt`` made by the base pipeline; returns how many."""
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(image_files(folder, "class image folder", allow_empty=True))
+    missing = max(0, wanted - have)
+    made = 0
+    while made < missing:
+        n = min(batch, missing - made)
+        gens = [torch.Generator(pipe.device).manual_seed(seed + have + made + i) for i in range(n)]
+        with torch.no_grad():
+            imgs = pipe([prompt] * n, height=resolution, width=resolution, num_inference_steps=steps,
+                        guidance_scale=guidance, generator=gens, output_type="pt").images
+        for img in imgs.float().cpu():
+            digest = hashlib.sha1(img.numpy().tobytes()).hexdigest()[:12]
+            save_image(img, folder / f"{have + made:05d}-{digest}.png")
+            made += 1
+    return missing
+
+
+@dataclass
+class Examples:
+    """Pixel tensors and their prompts; ``n_instance`` rows of a batch are instances, the rest class."""
+
+    instance: torch.Tensor
+    instance_prompt: str
+    klass: torch.Tensor | None = None
+    class_prompt: str | None = None
+
+    def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
+        """``size`` instance examples (drawn with ``gen``), then ``size`` class ones if any."""
+        idx = torch.randint(0, len(self.instance), (size,), generator=gen)
+        pixels, prompts = [self.instance[idx]], [self.instance_prompt] * size
+        if self.klass is not None:
+            cidx = torch.randint(0, len(self.klass), (size,), generator=gen)
+            pixels.append(self.klass[cidx])
+            prompts += [self.class_prompt] * size
+        return torch.cat(pixels), prompts, size

@@ -1,0 +1,136 @@
+"""Loading the base model for training and turning prompts into conditioning.
+
+A base model is a diffusers folder (``model_index.json``) of an SD1.x/SD2.x pipeline (one text
+encoder) or an SDXL pipeline (two text encoders, pooled embeddings and size conditioning).
+Single-file checkpoints are refused with a clear message: diffusers' ``from_single_file`` needs
+configs from the Hub (or a matching config folder) that we do not ship.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratool.errors import LoraToolError
+
+
+@dataclass
+class BaseModel:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list
+    noise_scheduler: object  # DDPMScheduler with the model's betas
+    sample_scheduler: object
+    path: Path
+    base_model: str  # sd1, sd2, sdxl
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.base_model == "sdxl"
+
+    @property
+    def components(self) -> dict[str, torch.nn.Module]:
+        names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
+        return {"unet": self.unet, "vae": self.vae, **dict(zip(names, self.text_encoders, strict=False))}
+
+    def pipeline(self):
+        """An inference pipeline that shares these (possibly adapted) modules."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if self.is_sdxl:
+            pipe = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], text_encoder_2=self.text_encoders[1],
+                tokenizer=self.tokenizers[0], tokenizer_2=self.tokenizers[1], unet=self.unet,
+                scheduler=self.sample_scheduler)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoders[0], tokenizer=self.tokenizers[0], unet=self.unet,
+                scheduler=self.sample_scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def load_base(path: str | Path, device: torch.device) -> BaseModel:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and schedulers, frozen, in fp32 on ``device``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    if not path.exists():
+        raise LoraToolError("model path does not exist", path)
+    if path.is_file():
+        raise LoraToolError("single-file checkpoints are not supported for training (diffusers needs Hub "
+                            "configs to load them); give a diffusers folder with model_index.json", path)
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise LoraToolError("not a diffusers model folder (no model_index.json)", path)
+    try:
+        entries = json.loads(index.read_text())
+        sdxl = "text_encoder_2" in entries and entries["text_encoder_2"][0] is not None
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32)]
+        toks = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        if sdxl:
+            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                   torch_dtype=torch.float32))
+            toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+        sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise LoraToolError(f"cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                            path) from None
+    for m in (unet, vae, *tes):
+        m.requires_grad_(False).eval().to(device)
+    kind = "sdxl" if sdxl else ("sd2" if unet.config.cross_attention_dim == 1024 else "sd1")
+    return BaseModel(unet, vae, tes, toks, DDPMScheduler.from_config(sched_cfg),
+                     DDIMScheduler.from_config(sched_cfg), path, kind)
+
+
+def tokenize(tok, prompts: list[str], device) -> torch.Tensor:
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(device)
+
+
+def encode_prompts(base: BaseModel, prompts: list[str], resolution: int) -> tuple[torch.Tensor, dict | None]:
+    """(encoder_hidden_states, added_cond_kwargs) for the UNet."""
+    device = base.unet.device
+    if not base.is_sdxl:
+        return base.text_encoders[0](tokenize(base.tokenizers[0], prompts, device))[0], None
+    states, pooled = [], None
+    for te, tok in zip(base.text_encoders, base.tokenizers, strict=False):
+        out = te(tokenize(tok, prompts, device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # text_encoder_2's projected pooled output
+    ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=states[0].dtype)
+    cond = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(len(prompts), 1)}
+    return torch.cat(states, dim=-1), cond
+
+
+def add_tokens(base: BaseModel, tokens: list[str], init_token: str | None) -> list[int]:
+    """Add new tokens to the (first) tokenizer and grow the embedding table; new rows start as the
+    embedding of ``init_token`` (its first sub-token) or as the table's mean. Returns the new ids."""
+    tok, te = base.tokenizers[0], base.text_encoders[0]
+    for t in tokens:
+        if t in tok.get_vocab():
+            raise LoraToolError(f"--new-tokens: {t!r} is already in the tokenizer's vocabulary")
+    tok.add_tokens(tokens)
+    ids = tok.convert_tokens_to_ids(tokens)
+    te.resize_token_embeddings(len(tok))
+    table = te.get_input_embeddings().weight
+    with torch.no_grad():
+        if init_token:
+            init_ids = tok(init_token, add_special_tokens=False).input_ids
+            if not init_ids:
+                raise LoraToolError(f"--init-token {init_token!r} tokenizes to nothing")
+            row = table[init_ids[0]].clone()
+        else:
+            row = table[: min(ids)].mean(0)
+        for i in ids:
+            table[i] = row
+    return ids
