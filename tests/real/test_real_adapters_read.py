@@ -146,3 +146,40 @@ def test_keyshapes_table_reads_with_no_unknown_keys(real_dir, tmp_path, table):
     assert set(kinds) == ({"lokr"} if "lokr" in table else {"lora"})
     if "dora" in table:
         assert all(m.dora is not None for m in a.modules.values())
+
+
+GOLDEN = {  # table: the layouts that must give back exactly the table's keys and shapes
+    "sd15_kohya_lora_r128": ("kohya", ["diffusers", "peft"]),
+    "sdxl_kohya_lora_r32": ("kohya", ["diffusers"]),
+    "flux_kohya_lora_r16": ("kohya", []),
+    "flux_kohya_lora_with_te1_r4": ("kohya", []),
+    "flux_aitoolkit_lora_r16": ("bfl", []),
+    "flux_diffusers_lora_r32": ("aitoolkit", ["diffusers"]),
+}
+
+
+@pytest.mark.parametrize("table", sorted(GOLDEN))
+def test_golden_names(real_dir, table):
+    """Read a real table, write it in its own layout (directly and through other layouts): same keys, shapes."""
+    from loratool.formats import decode, encode
+    from loratool.formats.diffusers import encode_peft
+
+    own, via = GOLDEN[table]
+    spec = json.loads((real_dir / "keyshapes" / f"{table}.json").read_text())
+    tensors = {k: torch.zeros(_rank_one(k, v["shape"]), dtype=torch.float16) if v["shape"] else torch.tensor(1.0)
+               for k, v in spec.items() if "shape" in v}
+    expected = {k: tuple(t.shape) for k, t in tensors.items() if own != "aitoolkit" or not k.endswith("alpha")}
+    a = decode(tensors)
+    out, _ = encode(a, own)
+    assert {k: tuple(t.shape) for k, t in out.items()} == expected
+    for fmt in via:
+        if fmt == "peft":
+            parts = encode_peft(a)
+            b = decode(parts["unet"][0], None, parts["unet"][1], component="unet")
+            b.modules.update(decode(parts["text_encoder"][0], None, parts["text_encoder"][1],
+                                    component="text_encoder").modules)
+            b.base_model = a.base_model
+        else:
+            b = decode(*encode(a, fmt))
+        again, _ = encode(b, own)
+        assert {k: tuple(t.shape) for k, t in again.items()} == expected, fmt
