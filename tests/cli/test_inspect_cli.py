@@ -206,3 +206,22 @@ def test_peft_folder(tmp_path):
     # 2 · 8·(64+64) = 2048 LoRA parameters for 2 · 64·64 = 8192 weights
     assert (rep["params"], rep["full_params"], rep["reduction_ratio"]) == (2048, 8192, 4.0)
     assert rep["dtypes"] == {"F32": 4}
+
+
+def test_without_modules_no_tensor_values_are_read_but_scalars(lora, monkeypatch):
+    """Every non-scalar tensor handed out becomes a meta tensor (a shape and a dtype, no data):
+    the report must come out the same, so nothing but the alpha scalars was looked at."""
+    from loratool.io.safetensors import SafetensorsFile
+    from loratool.ops.inspect import inspect_file
+
+    expected = inspect_file(lora, check_hash=False)
+    real_get = SafetensorsFile.get
+
+    def shape_only(self, key):
+        t = real_get(self, key)
+        return t if t.numel() <= 1 else torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+    monkeypatch.setattr(SafetensorsFile, "get", shape_only)
+    assert inspect_file(lora, check_hash=False) == expected
+    with pytest.raises((NotImplementedError, RuntimeError)):  # --modules does need the values
+        inspect_file(lora, modules=True, check_hash=False)
