@@ -59,6 +59,28 @@ def detect_keys(keys: Iterable[str], metadata: Mapping[str, str] | None = None) 
     return report
 
 
+# adapter kinds and families we recognise but do not read: key pattern -> what it is
+_UNSUPPORTED = [
+    (re.compile(r"\.(oft_blocks|oft_diag|rescale)$|^oft_"), "an OFT/BOFT tensor (orthogonal fine-tuning is not supported)"),
+    (re.compile(r"\.on_input$|^lora_[a-z0-9]+_[^.]*\.weight$"), "an (IA)3 tensor (not supported)"),
+    (re.compile(r"\.(a1|a2|b1|b2|bm)\.weight$"), "a GLoRA tensor (not supported)"),
+    (re.compile(r"\.lora_E$"), "an AdaLoRA singular-value tensor (not supported)"),
+    (re.compile(r"\.lora_embedding_[AB]$"), "a peft embedding-layer LoRA (not supported)"),
+    (re.compile(r"^bundle_emb\."), "a textual-inversion embedding bundled in a LoRA (A1111 bundle_emb; not read)"),
+    (re.compile(r"^lora_prior_(unet|te)_"), "a Stable Cascade prior module (no table for it)"),
+    (re.compile(r"\.(bias_indices|bias_values|bias_size)$"), "a LyCORIS sparse-bias tensor (not supported)"),
+    (re.compile(r"\.(set_weight|reshape_weight)$"), "a ComfyUI weight override (not an adapter delta)"),
+]
+
+
+def unknown_reason(key: str) -> str:
+    """Why a key that no codec placed is left out: a known but unsupported kind, or no known layout."""
+    for pattern, reason in _UNSUPPORTED:
+        if pattern.search(key):
+            return reason
+    return "matches no known adapter key layout"
+
+
 def _in_width(module: Module) -> int | None:
     shape = module.weight_shape
     return int(shape[1]) if len(shape) >= 2 else None

@@ -19,7 +19,7 @@ import torch
 from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule
 from loratool.formats import archinfo, flux, special
 from loratool.formats.build import Group, GroupError, build_module
-from loratool.formats.detect import detect_base_model, detect_keys
+from loratool.formats.detect import detect_base_model, detect_keys, unknown_reason
 from loratool.formats.keys import KeyRef
 from loratool.formats.peftcfg import (
     AlphaSource,
@@ -54,7 +54,8 @@ def read_raw(raw: RawSource, component: str | None = None) -> Adapter:
         adapter.metadata = dict(raw.metadata)
         return adapter
     adapter = Adapter(metadata=dict(raw.metadata))
-    _note_unknown(adapter, report.unknown, "matches no known adapter key layout")
+    for key in report.unknown:
+        _note_unknown(adapter, [key], unknown_reason(key))
     refs = report.refs
     if raw.config is not None or any(r.family == "peft" for r in refs.values()):
         comp = component or peft_component([r.path for r in refs.values()])

@@ -152,3 +152,17 @@ def test_lone_factor_is_unknown_with_reason():
 def test_comfy_native_sd_unet_ids():
     ref = parse_key("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight")
     assert (ref.family, ref.component, ref.path) == ("ldm", "unet", f"{U}.to_q")
+
+
+@pytest.mark.parametrize("key,words", [
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks", "OFT"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.on_input", "(IA)3"),
+    ("lora_unet_down_blocks_0_attentions_0_proj_in.a1.weight", "GLoRA"),
+    ("base_model.model.q_proj.lora_E", "AdaLoRA"),
+    ("bundle_emb.tok.string_to_param.*", "bundle_emb"),
+    ("lora_prior_unet_down_blocks_0_attn_to_q.lora_down.weight", "Stable Cascade"),
+    ("something.else", "no known adapter key layout"),
+])
+def test_unknown_keys_say_why(key, words):
+    a = decode({key: torch.zeros(2, 2)})
+    assert a.unknown == [key] and words in a.unknown_reasons[key]
