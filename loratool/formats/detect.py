@@ -62,7 +62,9 @@ def detect_keys(keys: Iterable[str], metadata: Mapping[str, str] | None = None) 
 # adapter kinds and families we recognise but do not read: key pattern -> what it is
 _UNSUPPORTED = [
     (re.compile(r"\.(oft_blocks|oft_diag|rescale)$|^oft_"), "an OFT/BOFT tensor (orthogonal fine-tuning is not supported)"),
-    (re.compile(r"\.on_input$|^lora_[a-z0-9]+_[^.]*\.weight$"), "an (IA)3 tensor (not supported)"),
+    (re.compile(r"\.on_input$"), "an (IA)3 tensor (not supported)"),
+    (re.compile(r"_(lora_down|lora_up|lora_A|lora_B)\.weight$"),
+     "no known adapter key layout: its suffix is joined with '_' where kohya writes '.' (a hand conversion?)"),
     (re.compile(r"\.(a1|a2|b1|b2|bm)\.weight$"), "a GLoRA tensor (not supported)"),
     (re.compile(r"\.lora_E$"), "an AdaLoRA singular-value tensor (not supported)"),
     (re.compile(r"\.lora_embedding_[AB]$"), "a peft embedding-layer LoRA (not supported)"),

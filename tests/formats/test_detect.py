@@ -157,6 +157,7 @@ def test_comfy_native_sd_unet_ids():
 @pytest.mark.parametrize("key,words", [
     ("lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks", "OFT"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.on_input", "(IA)3"),
+    ("lora_unet_unet_down_blocks_0_attentions_0_proj_in_lora_down.weight", "joined with '_'"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.a1.weight", "GLoRA"),
     ("base_model.model.q_proj.lora_E", "AdaLoRA"),
     ("bundle_emb.tok.string_to_param.*", "bundle_emb"),
