@@ -133,6 +133,18 @@ def _base_fixes(adapter: Adapter) -> None:
             shape = archinfo.shape_for(adapter.base_model, m.key, math.prod(current))
             if shape is not None and shape != current:
                 m.shape = shape
+        elif isinstance(m, LoraModule) and m.down.dim() == 2 and m.mid is None:
+            _as_1x1_conv(m, archinfo.shape_for(adapter.base_model, m.key, math.prod(m.weight_shape)))
+
+
+def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...] | None) -> None:
+    """A 1x1 conv layer's LoRA stored as matrices becomes conv-shaped factors (views of the same data)."""
+    if shape is None or len(shape) != 4 or shape[2:] != (1, 1) or m.weight_shape != shape[:2]:
+        return
+    m.down = m.down.reshape(*m.down.shape, 1, 1)
+    m.up = m.up.reshape(*m.up.shape, 1, 1)
+    if m.dora is not None:
+        m.dora.magnitude = m.dora.magnitude.reshape(*m.dora.magnitude.shape, 1, 1)
 
 
 def _source_format(refs: dict[str, KeyRef], adapter: Adapter, raw: RawSource) -> str | list[str]:

@@ -263,3 +263,16 @@ def test_peft_config_without_lora_alpha_takes_peft_default():
                "base_model.model.down_blocks.0.resnets.0.conv1.lora_B.weight": m.up}
     a = decode(tensors, config={"peft_type": "LORA", "r": 4})
     assert a.modules[m.key].alpha == 8.0 and a.modules[m.key].scale == 2.0  # LoraConfig's lora_alpha=8
+
+
+def test_flat_lora_on_a_1x1_conv_is_read_conv_shaped():
+    g = torch.Generator().manual_seed(8)
+    down, up = rand(g, 4, 320), rand(g, 320, 4)  # SD1 proj_in is a 1x1 conv; some trainers store matrices
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    k2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # pins SD1 (context 768)
+    a = decode({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(4.0),
+                f"{k2}.lora_down.weight": rand(g, 4, 768), f"{k2}.lora_up.weight": rand(g, 320, 4)})
+    assert a.base_model == "sd1"
+    m = a.modules["unet.down_blocks.0.attentions.0.proj_in"]
+    assert m.weight_shape == (320, 320, 1, 1) and m.down.data_ptr() == down.data_ptr()
+    assert torch.equal(m.delta(torch.float64).reshape(320, 320), up.double() @ down.double())
