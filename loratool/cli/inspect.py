@@ -24,11 +24,15 @@ With --json, stdout holds one JSON list with an object per good file, in the ord
 \b
 JSON fields (schema 1): path, size_bytes, container, format, base_model, empty, kinds,
 modules (count), components {name: count}, ranks [distinct], rank_histogram {rank: count},
-alphas [distinct, null = none stored], scales, dtypes {dtype: tensors}, tensors, params,
-full_params (Σ d·k of the adapted weights), reduction_ratio (full_params / params),
+alphas [distinct, null = none stored], scales, dtypes {dtype: tensors}, tensors, params (all
+stored values but alpha scalars: factors, DoRA magnitudes, bias changes, embeddings),
+module_params (params without embeddings), full_params (Σ d·k of the adapted weights),
+reduction_ratio (full_params / module_params),
 ratio_by_component, conv_modules, dora_modules, bias_modules, embeddings {token: shape},
-unknown_keys, metadata (kohya ss_* decoded: network, training dates, top_tags; modelspec),
-hash_ok (true/false; null when no hash is stored or it was not checked), hash_checked.
+unknown_keys, metadata (kohya ss_* decoded: network, training dates, top_tags; modelspec;
+keys: how many; other_keys: names of the rest),
+hash_ok (true/false; null when no hash is stored or it was not checked), hash_checked,
+metadata_base_model (what ss_base_model_version says, as sd1/sd2/sdxl/flux/sd3, or null).
 --modules adds module_details (key, kind, shape, rank, alpha, scale, dtype, params, dora,
 bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
 """
@@ -112,6 +116,9 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
                        f"reduction ratio {rd.fmt_ratio(rep['reduction_ratio'])})"),
         ("extras", f"conv {rep['conv_modules']}, DoRA {rep['dora_modules']}, bias {rep['bias_modules']}"),
     ]
+    if len(rep["ratio_by_component"]) > 1:
+        rows.append(("ratio by part", ", ".join(f"{c} {rd.fmt_ratio(v['ratio'])}"
+                                                for c, v in rep["ratio_by_component"].items())))
     if rep["embeddings"]:
         rows.append(("embeddings", ", ".join(f"{t} {s}" for t, s in rep["embeddings"].items())))
     unknown = rep["unknown_keys"]
@@ -122,10 +129,14 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def metadata_rows(meta: dict) -> list[tuple[str, str]]:
+def metadata_rows(meta: dict, rep: dict | None = None) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if meta.get("base_model_version"):
-        rows.append(("ss base model", str(meta["base_model_version"])))
+        text = str(meta["base_model_version"])
+        said, found = (rep or {}).get("metadata_base_model"), (rep or {}).get("base_model")
+        if said and found and found != "unknown" and said != found:
+            text += f"  [yellow](the keys say {found})[/]"
+        rows.append(("ss base model", text))
     net = meta.get("network") or {}
     if net:
         rows.append(("network", ", ".join(f"{k} {v}" for k, v in net.items())))
@@ -139,6 +150,10 @@ def metadata_rows(meta: dict) -> list[tuple[str, str]]:
         rows.append((f"modelspec.{k}", text))
     for k, v in (meta.get("loratool") or {}).items():
         rows.append((f"loratool.{k}", v))
+    other = meta.get("other_keys") or []
+    if other:
+        shown = ", ".join(other[:10]) + (f", … and {len(other) - 10} more" if len(other) > 10 else "")
+        rows.append(("other keys", f"{len(other)}: {shown}"))
     return rows
 
 
@@ -149,7 +164,7 @@ def render_report(con, rep: dict, show_modules: bool = False) -> None:
                   + (f" ({rep['metadata']['keys']} metadata keys)" if rep["metadata"]["keys"] else ""))
         return
     con.print(rd.key_value_table(summary_rows(rep)))
-    meta_rows = metadata_rows(rep["metadata"])
+    meta_rows = metadata_rows(rep["metadata"], rep)
     if meta_rows:
         con.print(rd.key_value_table(meta_rows, title=f"metadata ({rep['metadata']['keys']} keys)"))
     if len(rep["rank_histogram"]) > 1:

@@ -165,6 +165,16 @@ def _adapter_dtypes(adapter: Adapter) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def base_from_metadata(version: str | None) -> str | None:
+    """Our base-model name for an ``ss_base_model_version`` value (None when unrecognised)."""
+    v = (version or "").lower()
+    for prefix, base in (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"),
+                         ("sd_2", "sd2"), ("sd2", "sd2"), ("flux", "flux"), ("sd3", "sd3")):
+        if v.startswith(prefix):
+            return base
+    return None
+
+
 def describe(metadata: Mapping[str, str], top_tags: int = 10) -> dict[str, Any]:
     """The readable metadata summary (kohya ``ss_*``, ``modelspec.*``) plus the number of keys."""
     from loratool.io.metadata import describe_metadata
@@ -172,6 +182,8 @@ def describe(metadata: Mapping[str, str], top_tags: int = 10) -> dict[str, Any]:
     out = describe_metadata(metadata, top_tags)
     out["top_tags"] = [[tag, n] for tag, n in out.get("top_tags", [])]
     out["keys"] = len(metadata)
+    known = ("ss_", "sshs_", "modelspec.", "loratool.")
+    out["other_keys"] = sorted(k for k in metadata if not k.startswith(known))
     return out
 
 
@@ -200,6 +212,7 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, t
         "dtypes": dict(facts.dtypes) if facts.dtypes else _adapter_dtypes(adapter),
         "tensors": facts.tensors,
         "params": params,
+        "module_params": int(total["adapter_params"]),
         "full_params": total["full_params"],
         "reduction_ratio": total["ratio"],
         "ratio_by_component": ratio["components"],
@@ -210,6 +223,7 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, t
         "unknown_keys": list(adapter.unknown),
         "metadata": describe(facts.metadata or adapter.metadata, top_tags),
         "hash_ok": facts.hash_ok,
+        "metadata_base_model": base_from_metadata((facts.metadata or adapter.metadata).get("ss_base_model_version")),
         "hash_checked": facts.hash_checked,
     }
     if modules:

@@ -87,10 +87,16 @@ def test_real_details(reports):
     flux = reports["flux_aitoolkit_peft_r16.safetensors"]
     # ai-toolkit stored sha256 of empty data (e3b0c442…): wrong (reference/kohya.md §5.4)
     assert flux["hash_ok"] is False
+    # its ss_base_model_version wrongly says sd_1.5 (MANIFEST.md); the keys say flux
+    assert flux["metadata_base_model"] == "sd1" and flux["base_model"] == "flux"
+    assert lokr["metadata_base_model"] is None  # 2023 kohya: only ss_v2, no ss_base_model_version
     # 16·(15360 + 3072) per module, 4 modules
     assert flux["params"] == 4 * 16 * (15360 + 3072)
     clone = reports["sd15_cloneofsimo_safeloras.safetensors"]
     assert clone["embeddings"] == {"<s1>": [1, 768], "<s2>": [1, 768]}
+    assert clone["params"] == clone["module_params"] + 2 * 768
+    assert "<s1>" in clone["metadata"]["other_keys"] and len(clone["metadata"]["other_keys"]) == 196
+    assert clone["reduction_ratio"] == clone["full_params"] / clone["module_params"]
     # attention-processor files store no alpha: scale 1
     assert reports["sd15_diffusers_attnprocs.safetensors"]["alphas"] == [None]
     assert reports["sd15_diffusers_attnprocs.safetensors"]["scales"] == [1]
