@@ -48,6 +48,22 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def from_kohya(module_id: str) -> str | None:
     """The canonical key of a kohya module id according to any table that knows it."""
+    found = from_kohya_with_base(module_id)
+    return found[0] if found else None
+
+
+def rows_swapped(base: str, key: str) -> bool | None:
+    """Whether the SAI/BFL weight of ``key`` holds its rows in the other half order ([shift, scale] vs
+    diffusers' [scale, shift]); None when no table knows the module."""
+    a = arch(base)
+    spec = a.modules.get(key) if a is not None else None
+    if spec is None:
+        return None
+    return spec.row_order is not None
+
+
+def from_kohya_with_base(module_id: str) -> tuple[str, str] | None:
+    """(canonical key, base) of a kohya module id, from the first table that knows it."""
     for base in BASES:
         a = arch(base)
         if a is None:
@@ -57,7 +73,7 @@ def from_kohya(module_id: str) -> str | None:
         except Exception:  # noqa: BLE001
             key = None
         if key:
-            return key
+            return key, base
     return None
 
 

@@ -21,6 +21,7 @@ from loratool.formats import names
 from loratool.formats.build import peft_magnitude
 from loratool.formats.flux import swap_halves
 from loratool.formats.fuse import fold_scale
+from loratool.formats.kohya import swapped
 from loratool.formats.peftcfg import METADATA_KEY, build_config
 
 _FUSED = ("attn.to_qkv", "attn.to_added_qkv", "to_qkv_mlp")
@@ -105,7 +106,7 @@ def encode_bfl(adapter: Adapter) -> dict[str, torch.Tensor]:
         bfl = names.diffusers_to_bfl(m.path)
         if bfl is None:
             raise LoraToolError(f"{m.key} has no BFL name (BFL stores q/k/v fused): fuse it first")
-        if m.path == names.FLUX_SWAPPED:
+        if swapped(m, "flux"):
             m = LoraModule(m.component, m.path, down=m.down, up=swap_halves(m.up), dora=m.dora,
                            bias=None if m.bias is None else swap_halves(m.bias))
         _factor_keys(f"diffusion_model.{bfl}", m, out)

@@ -92,12 +92,13 @@ def _place(component: str, path: str) -> tuple[str, str, bool]:
 
 
 def _kohya(module_id: str, role: str) -> KeyRef | None:
-    known = archinfo.from_kohya(module_id) if module_id.startswith("lora_") else None
+    known = archinfo.from_kohya_with_base(module_id) if module_id.startswith("lora_") else None
     if known is not None:
-        comp, _, path = known.partition(".")
-        family = "onetrainer" if module_id.startswith("lora_transformer_") else (
-            "lycoris" if role in LYCORIS_ROLES else "kohya")
-        return KeyRef(family, comp, path, role, path == names.FLUX_SWAPPED and "final_layer" in module_id)
+        (key, base), onetrainer = known, module_id.startswith("lora_transformer_")
+        comp, _, path = key.partition(".")
+        family = "onetrainer" if onetrainer else ("lycoris" if role in LYCORIS_ROLES else "kohya")
+        # SAI/BFL modulation rows come [shift, scale]; diffusers names (OneTrainer) already [scale, shift]
+        return KeyRef(family, comp, path, role, not onetrainer and bool(archinfo.rows_swapped(base, key)))
     if module_id.startswith("lora_unet_"):
         path = names.underscore_to_path(module_id[len("lora_unet_"):])
         comp, p, swap = _place(_unet_or_transformer(path), path)

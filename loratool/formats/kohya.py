@@ -76,7 +76,11 @@ def kohya_alpha(module: Module) -> float | None:
     return float(module.alpha)
 
 
-def _swapped(module: Module, base: str) -> bool:
+def swapped(module: Module, base: str) -> bool:
+    """Whether the SAI/BFL name of this module holds its rows in swapped halves (final modulation)."""
+    known = archinfo.rows_swapped(base, module.key)
+    if known is not None:
+        return known
     return base == "flux" and module.component == "transformer" and module.path == names.FLUX_SWAPPED
 
 
@@ -87,7 +91,7 @@ def encode_kohya(adapter: Adapter) -> dict[str, torch.Tensor]:
     for module in adapter.modules.values():
         mid = kohya_id(module, base, components)
         group = lycoris_group(module)
-        if _swapped(module, base):
+        if swapped(module, base) and not mid.startswith("lora_transformer_"):
             group = {r: swap_halves(t) if r in ("up", "diff_b") else t for r, t in group.items()}
         for role, tensor in group.items():
             key = f"{mid}.{KOHYA_SUFFIX.get(role, role)}"

@@ -276,3 +276,18 @@ def test_flat_lora_on_a_1x1_conv_is_read_conv_shaped():
     m = a.modules["unet.down_blocks.0.attentions.0.proj_in"]
     assert m.weight_shape == (320, 320, 1, 1) and m.down.data_ptr() == down.data_ptr()
     assert torch.equal(m.delta(torch.float64).reshape(320, 320), up.double() @ down.double())
+
+
+def test_sd3_modulation_rows_follow_the_table():
+    """SAI MMDiT stores the last context block's and the final modulation as [shift, scale]."""
+    g = torch.Generator().manual_seed(9)
+    kid = "lora_unet_joint_blocks_23_context_block_adaLN_modulation_1"
+    up, down = rand(g, 3072, 2), rand(g, 2, 1536)
+    qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    t = {f"{kid}.lora_down.weight": down, f"{kid}.lora_up.weight": up,
+         f"{qkv}.lora_down.weight": rand(g, 2, 1536), f"{qkv}.lora_up.weight": rand(g, 4608, 2)}
+    a = decode(t)
+    m = a.modules["transformer.transformer_blocks.23.norm1_context.linear"]
+    assert a.base_model == "sd3" and torch.equal(m.up, torch.cat([up[1536:], up[:1536]]))
+    assert torch.equal(encode(a, "kohya")[0][f"{kid}.lora_up.weight"], up)
+    assert torch.equal(encode(a, "diffusers")[0][f"{m.key}.lora_B.weight"], m.up)
