@@ -131,25 +131,17 @@ def run_loratool(base: Path, tuned: Path, args) -> dict:
 
 
 def run_floor(base: Path, tuned: Path, args) -> dict:
-    from loratool.ops.extract import batches
-    from loratool.ops.extract_io import TensorFiles, prefetch, read_weight
+    """loratool's own reader and device copies (ops.extract.stream_pairs), with no math."""
+    from loratool.ops.extract import stream_pairs
+    from loratool.ops.extract_io import TensorFiles
     from loratool.ops.extract_plan import ExtractOptions, build_plan
 
     b, t = TensorFiles(base), TensorFiles(tuned)
     plan = build_plan(b, t, ExtractOptions(rank=args.rank, targets=args.targets))
-    cuda = args.device.startswith("cuda")
-    jobs = batches(plan.modules, (256 if cuda else 96) << 20)
     nbytes = 0
-
-    def load(batch):
-        return [read_weight(src, m.ref, pin=cuda) for m in batch for src in (b, t)]
-
-    for _, tensors in prefetch(jobs, load):
-        for x in tensors:
-            nbytes += x.numel() * x.element_size()
-            if cuda:
-                x.to(args.device, non_blocking=True)
-    if cuda:
+    for _, base_w, tuned_w in stream_pairs(b, t, plan.modules, torch.device(args.device)):
+        nbytes += sum(x.numel() * x.element_size() for x in (*base_w, *tuned_w))
+    if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"bytes": nbytes, "modules": len(plan.modules)}
 

@@ -18,13 +18,14 @@ import torch
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.linalg import clamp_factors, decompose
-from loratool.ops.extract_io import TensorFiles, prefetch, read_weight
+from loratool.ops.extract_io import PinnedRing, TensorFiles, prefetch, read_weight, weight_nbytes
 from loratool.ops.extract_plan import ExtractOptions, Plan, PlannedModule, build_plan
 from loratool.ops.extract_report import ModuleReport, compact, summarize
 
 Progress = Callable[[int, int, str], None]  # (modules done, total, last module key)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-BATCH_BYTES = {"cuda": 768 << 20, "cpu": 96 << 20}  # fp32 ΔW per batch
+BATCH_BYTES = {"cuda": 128 << 20, "cpu": 64 << 20}  # stored bytes of a batch's base + tuned weights
+SLOTS = 3  # pinned staging buffers: one being filled, one queued, one being copied
 
 
 @dataclass
@@ -80,31 +81,88 @@ def output_dtype(name: str | None, tuned: TensorFiles, plan: Plan) -> torch.dtyp
     return stored if stored in DTYPES.values() else torch.float32
 
 
-def batches(modules: list[PlannedModule], budget: int) -> list[list[PlannedModule]]:
-    """Same-shaped, same-rank modules grouped (in plan order of first appearance), cut to the budget."""
+def batches(modules: list[PlannedModule], budget: int, nbytes=None) -> list[list[PlannedModule]]:
+    """Same-shaped, same-rank modules grouped (in plan order of first appearance), each batch at most
+    ``budget`` bytes by ``nbytes(module)`` (default: the fp32 ΔW), and at least one module."""
+    nbytes = nbytes or (lambda m: 4 * math.prod(m.matrix_shape))
     groups: dict[tuple, list[PlannedModule]] = {}
     for m in modules:
         groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder), []).append(m)
     out = []
-    for (shape, _, _), group in groups.items():
-        per = max(1, budget // (4 * math.prod(shape)))
+    for group in groups.values():
+        per = max(1, budget // max(1, nbytes(group[0])))
         out.extend(group[i:i + per] for i in range(0, len(group), per))
     return out
 
 
+def stream_pairs(b: TensorFiles, t: TensorFiles, modules: list[PlannedModule], device: torch.device) -> Iterator:
+    """``(batch, base weights, tuned weights)`` on ``device``, batch by batch, read ahead on a thread.
+
+    On CUDA the reads land in a few pinned staging buffers and the copy of the next batch runs on a
+    side stream while the caller works on the current one.
+    """
+    if device.type != "cuda":
+        def load_cpu(batch):
+            return [read_weight(b, m.ref) for m in batch], [read_weight(t, m.ref) for m in batch]
+
+        jobs = batches(modules, BATCH_BYTES["cpu"], lambda m: _pair_bytes(b, t, m))
+        for batch, (base_w, tuned_w) in prefetch(jobs, load_cpu, depth=1):
+            yield batch, base_w, tuned_w
+        return
+    largest = max(_pair_bytes(b, t, m) for m in modules)
+    ring = PinnedRing(max(BATCH_BYTES["cuda"], largest), SLOTS)
+    jobs = batches(modules, ring.slot_bytes, lambda m: _pair_bytes(b, t, m))
+
+    def load(batch):
+        slot, offset, out = ring.take(), 0, ([], [])
+        for m in batch:
+            for src, side in ((b, out[0]), (t, out[1])):
+                side.append(read_weight(src, m.ref, slot[offset:]))
+                offset += weight_nbytes(src, m.ref)
+        return slot, out
+
+    try:
+        yield from _upload_ahead(prefetch(jobs, load, depth=1), ring, device)
+    finally:
+        ring.closed = True
+
+
+def _pair_bytes(b: TensorFiles, t: TensorFiles, m: PlannedModule) -> int:
+    return weight_nbytes(b, m.ref) + weight_nbytes(t, m.ref)
+
+
+def _upload_ahead(items: Iterator, ring: PinnedRing, device: torch.device) -> Iterator:
+    stream = torch.cuda.Stream(device)
+    pending = None
+    for batch, (slot, (base_w, tuned_w)) in items:
+        with torch.cuda.stream(stream):
+            moved = ([x.to(device, non_blocking=True) for x in base_w],
+                     [x.to(device, non_blocking=True) for x in tuned_w])
+            event = torch.cuda.Event()
+            event.record(stream)
+        if pending is not None:
+            yield _ready(pending, ring)
+        pending = (batch, moved, event, slot)
+    if pending is not None:
+        yield _ready(pending, ring)
+
+
+def _ready(pending, ring: PinnedRing):
+    batch, moved, event, slot = pending
+    event.synchronize()  # the copy out of the slot is done: hand it back to the reader
+    ring.give(slot)
+    current = torch.cuda.current_stream()
+    for x in (*moved[0], *moved[1]):
+        x.record_stream(current)
+    return batch, moved[0], moved[1]
+
+
 def _run(b: TensorFiles, t: TensorFiles, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
          progress: Progress | None) -> tuple[list[ModuleReport], list[LoraModule]]:
-    device = torch.device(options.device)
-    cuda = device.type == "cuda"
-    jobs = batches(plan.modules, BATCH_BYTES["cuda" if cuda else "cpu"])
-
-    def load(batch: list[PlannedModule]):
-        return ([read_weight(b, m.ref, pin=cuda) for m in batch], [read_weight(t, m.ref, pin=cuda) for m in batch])
-
     reports: list[ModuleReport] = []
     modules: list[LoraModule] = []
     done = 0
-    for batch, (base_w, tuned_w) in _on_device(prefetch(jobs, load), device):
+    for batch, base_w, tuned_w in stream_pairs(b, t, plan.modules, torch.device(options.device)):
         r, mods = _extract_batch(batch, base_w, tuned_w, options, dtype)
         reports += r
         modules += mods
@@ -112,40 +170,6 @@ def _run(b: TensorFiles, t: TensorFiles, plan: Plan, options: ExtractOptions, dt
         if progress:
             progress(done, len(plan.modules), batch[-1].key)
     return reports, modules
-
-
-def _on_device(items: Iterator, device: torch.device) -> Iterator:
-    """Move each batch to ``device``; on CUDA the next batch's copy is issued before this one is used."""
-    if device.type != "cuda":
-        yield from items
-        return
-    stream = torch.cuda.Stream(device)
-
-    def upload(item):
-        batch, (base_w, tuned_w) = item
-        with torch.cuda.stream(stream):
-            moved = ([x.to(device, non_blocking=True) for x in base_w],
-                     [x.to(device, non_blocking=True) for x in tuned_w])
-            event = torch.cuda.Event()
-            event.record(stream)
-        return batch, moved, event, (base_w, tuned_w)
-
-    pending = None
-    for item in items:
-        nxt = upload(item)
-        if pending is not None:
-            yield _ready(pending)
-        pending = nxt
-    if pending is not None:
-        yield _ready(pending)
-
-
-def _ready(pending):
-    batch, moved, event, _host = pending  # the host buffers stay referenced until the copy is done
-    torch.cuda.current_stream().wait_event(event)
-    for x in (*moved[0], *moved[1]):
-        x.record_stream(torch.cuda.current_stream())
-    return batch, moved
 
 
 def _extract_batch(batch: list[PlannedModule], base_w: list[torch.Tensor], tuned_w: list[torch.Tensor],

@@ -81,17 +81,26 @@ class TensorFiles:
     def where(self, key: str) -> str:
         return self.files[key][0].path
 
-    def read(self, seg: Segment, pin: bool = False) -> torch.Tensor:
-        """The segment's rows as a tensor of the stored dtype (a fresh buffer, pinned if asked)."""
+    def _segment(self, seg: Segment):
         sf, name = self.files[seg.key]
         info = sf.info(name)
-        dtype = DTYPES[info.dtype][0]
-        if dtype is None:
-            raise LoraToolError(f"tensor {seg.key} has dtype {info.dtype}, which this torch cannot read", sf.path)
         rows = info.shape[0] if info.shape else 1
         stop = rows if seg.stop is None else seg.stop
         row_bytes = info.nbytes // max(rows, 1)
-        out = torch.empty((stop - seg.start) * row_bytes, dtype=torch.uint8, pin_memory=pin)
+        return sf, info, stop, row_bytes
+
+    def nbytes(self, seg: Segment) -> int:
+        _, _, stop, row_bytes = self._segment(seg)
+        return (stop - seg.start) * row_bytes
+
+    def read(self, seg: Segment, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The segment's rows as a tensor of the stored dtype, read into ``out`` (uint8) or a new buffer."""
+        sf, info, stop, row_bytes = self._segment(seg)
+        dtype = DTYPES[info.dtype][0]
+        if dtype is None:
+            raise LoraToolError(f"tensor {seg.key} has dtype {info.dtype}, which this torch cannot read", sf.path)
+        n = (stop - seg.start) * row_bytes
+        out = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
         self._pread(sf, sf.data_start + info.begin + seg.start * row_bytes, out)
         shape = ((stop - seg.start), *info.shape[1:]) if info.shape else ()
         return out.view(dtype).reshape(shape)
@@ -116,13 +125,55 @@ class TensorFiles:
             sf.close()
 
 
-def read_weight(src: TensorFiles, ref: WeightRef, pin: bool = False) -> torch.Tensor:
-    """The layer weight described by ``ref``, in the stored dtype and the layer's shape."""
-    parts = [src.read(seg, pin=pin) for seg in ref.segments]
+ALIGN = 64
+
+
+def weight_nbytes(src: TensorFiles, ref: WeightRef) -> int:
+    """Bytes :func:`read_weight` needs in a staging buffer (segments aligned to 64 bytes)."""
+    return sum(-(-src.nbytes(seg) // ALIGN) * ALIGN for seg in ref.segments)
+
+
+def read_weight(src: TensorFiles, ref: WeightRef, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer weight described by ``ref``, in the stored dtype and the layer's shape.
+
+    With ``out`` (a uint8 buffer of at least :func:`weight_nbytes` bytes) the segments are read into
+    it back to back and the result is a view of it (unless segments must be joined or transposed).
+    """
+    parts, offset = [], 0
+    for seg in ref.segments:
+        parts.append(src.read(seg, None if out is None else out[offset:]))
+        offset += -(-src.nbytes(seg) // ALIGN) * ALIGN
     t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     if ref.transpose:
         t = t.transpose(0, 1).contiguous()
     return t.reshape(ref.shape)
+
+
+class PinnedRing:
+    """A fixed set of page-locked staging buffers, handed out and returned.
+
+    Allocating pinned memory per tensor is slow (page locking) and its cache only grows, so the
+    reader fills these few slots instead; the process's memory stays ``slots × slot_bytes``.
+    """
+
+    def __init__(self, slot_bytes: int, slots: int):
+        self.slot_bytes = slot_bytes
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(slots):
+            self._free.put(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True))
+
+        self.closed = False
+
+    def take(self) -> torch.Tensor:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if self.closed:
+                    raise RuntimeError("staging ring closed") from None
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
 
 
 def prefetch(jobs: Sequence, load: Callable[[object], object], depth: int = 2) -> Iterator[tuple[object, object]]:
@@ -157,7 +208,9 @@ def prefetch(jobs: Sequence, load: Callable[[object], object], depth: int = 2) -
             yield job, item
     finally:
         stop.set()
-        while thread.is_alive():
+        for _ in range(200):  # the worker may be blocked on a full queue: drain it (a daemon, so bounded)
+            if not thread.is_alive():
+                break
             try:
                 q.get_nowait()
             except queue.Empty:
