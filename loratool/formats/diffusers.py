@@ -38,7 +38,7 @@ def _lora_only(module: Module, fmt: str) -> LoraModule:
 
 def _path(module: Module, fmt: str) -> str:
     if module.component == "transformer" and module.path.endswith(_FUSED):
-        raise LoraToolError(f"{module.key} is a fused Flux weight: {fmt} stores q/k/v apart, split it first")
+        raise LoraToolError(f"{module.key} is a fused (BFL/SAI) weight: {fmt} stores q/k/v apart, split it first")
     if module.component.startswith("text_encoder"):
         return names.text_encoder_path(module.path)
     return module.path
