@@ -65,3 +65,42 @@ def test_every_layout_roundtrips(a):
         tensors, meta = encode(a, fmt)
         _check(a, decode(tensors, meta))
     _check(a, _peft_roundtrip(a))
+
+
+@st.composite
+def flux_adapters(draw, fused: bool):
+    """Flux modules at kohya/BFL granularity (fused q/k/v) or diffusers granularity (split)."""
+    table = load_arch("flux")
+    keys = sorted(s.key for s in table.targets("all", fused=fused, components=("transformer",)))
+    chosen = draw(st.lists(st.sampled_from(keys), min_size=1, max_size=6, unique=True))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    dtype = draw(st.sampled_from(DTYPES))
+    mods = [lora(g, key, tuple(table.modules[key].shape), draw(st.integers(1, 2)),
+                 alpha=draw(st.sampled_from(ALPHAS)), dtype=dtype) for key in chosen]
+    return adapter_of(mods, "flux")
+
+
+def _check_folded(a, b):
+    """Layouts without alpha: exactly the factors fold_scale gives (the originals when the scale is 1)."""
+    from loratool.formats import fold_scale
+
+    assert set(b.modules) == set(a.modules)
+    for key, m in a.modules.items():
+        n, f = b.modules[key], fold_scale(m)
+        assert n.alpha is None and torch.equal(n.down, f.down) and torch.equal(n.up, f.up), key
+        if m.scale == 1.0:
+            assert torch.equal(n.down, m.down) and torch.equal(n.up, m.up), key
+
+
+@settings(max_examples=15, deadline=None)
+@given(flux_adapters(fused=True))
+def test_flux_fused_layouts_roundtrip(a):
+    _check(a, decode(*encode(a, "kohya")))
+    _check_folded(a, decode(*encode(a, "bfl")))
+
+
+@settings(max_examples=15, deadline=None)
+@given(flux_adapters(fused=False))
+def test_flux_split_layouts_roundtrip(a):
+    _check(a, decode(*encode(a, "diffusers")))
+    _check_folded(a, decode(*encode(a, "aitoolkit")))
