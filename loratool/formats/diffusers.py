@@ -98,16 +98,31 @@ def encode_aitoolkit(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def encode_bfl(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """BFL names under ``diffusion_model.``: LoRA as ``lora_A``/``lora_B`` with the scale folded in;
+    LyCORIS kinds (LoKr, LoHa, full, norm) with their own suffixes and alpha, as ComfyUI reads them."""
+    from loratool.formats.build import lycoris_group
+    from loratool.formats.kohya import KOHYA_SUFFIX, alpha_tensor, kohya_alpha
+
     out: dict[str, torch.Tensor] = {}
     for module in adapter.modules.values():
-        m = fold_scale(_lora_only(module, "BFL"))
-        if m.component != "transformer":
-            raise LoraToolError(f"{m.key}: the BFL layout holds the Flux transformer only")
-        bfl = names.diffusers_to_bfl(m.path)
+        if module.component != "transformer":
+            raise LoraToolError(f"{module.key}: the BFL layout holds the Flux transformer only")
+        bfl = names.diffusers_to_bfl(module.path)
         if bfl is None:
-            raise LoraToolError(f"{m.key} has no BFL name (BFL stores q/k/v fused): fuse it first")
-        if swapped(m, "flux"):
-            m = LoraModule(m.component, m.path, down=m.down, up=swap_halves(m.up), dora=m.dora,
-                           bias=None if m.bias is None else swap_halves(m.bias))
-        _factor_keys(f"diffusion_model.{bfl}", m, out)
+            raise LoraToolError(f"{module.key} has no BFL name (BFL stores q/k/v fused): fuse it first")
+        rows = swapped(module, "flux")
+        if isinstance(module, LoraModule):
+            m = fold_scale(_lora_only(module, "BFL"))
+            if rows:
+                m = LoraModule(m.component, m.path, down=m.down, up=swap_halves(m.up), dora=m.dora,
+                               bias=None if m.bias is None else swap_halves(m.bias))
+            _factor_keys(f"diffusion_model.{bfl}", m, out)
+            continue
+        if rows:
+            raise LoraToolError(f"{module.key}: a {module.kind} module over swapped modulation rows has no BFL form")
+        for role, tensor in lycoris_group(module).items():
+            out[f"diffusion_model.{bfl}.{KOHYA_SUFFIX.get(role, role)}"] = tensor
+        alpha = kohya_alpha(module)
+        if alpha is not None:
+            out[f"diffusion_model.{bfl}.alpha"] = alpha_tensor(alpha, module.tensors()[0])
     return out

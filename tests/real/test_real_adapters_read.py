@@ -183,3 +183,15 @@ def test_golden_names(real_dir, table):
             b = decode(*encode(a, fmt))
         again, _ = encode(b, own)
         assert {k: tuple(t.shape) for k, t in again.items()} == expected, fmt
+
+
+def test_bfl_lokr_excerpt_written_back_as_it_was(real_dir):
+    from loratool.formats import decode, encode
+
+    spec = json.loads((real_dir / "keyshapes" / "flux_bfl_lokr_excerpt.json").read_text())
+    g = torch.Generator().manual_seed(1)
+    tensors = {k: torch.randn(*v["shape"], generator=g).to(torch.bfloat16) if v["shape"] else torch.tensor(32.0)
+               for k, v in spec.items()}
+    out, _ = encode(decode(tensors), "bfl")
+    assert set(out) == set(tensors)
+    assert all(torch.equal(out[k], t) for k, t in tensors.items())
