@@ -24,7 +24,7 @@ def main() -> None:
                                   lr=1e-3, batch_size=8, resolution=32, targets=("unet", "text_encoder"),
                                   mixed_precision=precision, gradient_checkpointing=ckpt)
                 s = Trainer(cfg, torch.device("cuda")).run()
-                print(json.dumps({"precision": precision, "checkpointing": ckpt, 
+                print(json.dumps({"precision": precision, "checkpointing": ckpt,
                                   "final_loss": s["final_loss"], "it_per_s": s["it_per_s"],
                                   "peak_mb": s["peak_gpu_memory_mb"]}), flush=True)
 
