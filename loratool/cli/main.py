@@ -50,7 +50,9 @@ class LazyGroup(click.Group):
                 return None  # not built yet
             raise
         cmd = module.command
-        cmd.short_help = f"{(cmd.short_help or cmd.help or '').split(chr(10))[0].rstrip('.')}.  e.g. {spec[1]}"
+        if not getattr(cmd, "_loratool_example", False):  # once: list_commands and get_command both load
+            cmd.short_help = f"{(cmd.short_help or cmd.help or '').split(chr(10))[0].rstrip('.')}.  e.g. {spec[1]}"
+            cmd._loratool_example = True
         return cmd
 
     def invoke(self, ctx: click.Context):
