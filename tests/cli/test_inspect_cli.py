@@ -225,3 +225,8 @@ def test_without_modules_no_tensor_values_are_read_but_scalars(lora, monkeypatch
     assert inspect_file(lora, check_hash=False) == expected
     with pytest.raises((NotImplementedError, RuntimeError)):  # --modules does need the values
         inspect_file(lora, modules=True, check_hash=False)
+
+
+def test_group_help_shows_the_example_once():
+    out = " ".join(CliRunner().invoke(cli, ["--help"]).stdout.split())
+    assert out.count("loratool inspect my_lora.safetensors") == 1
