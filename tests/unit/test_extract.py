@@ -170,3 +170,31 @@ def test_sdxl_fused_in_proj_rows_are_read_per_module(tmp_path, gen):
     assert sorted(res.summary["skipped_unchanged"]) == [
         "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
         "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj"]
+
+
+def test_diffusers_folder_and_component_file(tmp_path, gen):
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    k2 = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    te = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    unet = {q: torch.randn(320, 320, generator=gen), k2: torch.randn(320, 768, generator=gen)}
+    text = {te: torch.randn(768, 768, generator=gen)}
+    d_unet = {q: low_rank((320, 320), 2, gen), k2: low_rank((320, 768), 2, gen)}
+    d_text = {te: low_rank((768, 768), 2, gen, scale=20)}
+    for name, (u, t) in {"base": (unet, text), "tuned": ({k: v + d_unet[k] for k, v in unet.items()},
+                                                         {k: v + d_text[k] for k, v in text.items()})}.items():
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "text_encoder").mkdir()
+        write_safetensors(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors", u, None)
+        write_safetensors(tmp_path / name / "text_encoder" / "model.safetensors", t, None)
+    res = extract(tmp_path / "base", tmp_path / "tuned", ExtractOptions(rank=2, dtype="fp32"))
+    assert res.plan.arch == "sd1"
+    assert sorted(res.adapter.modules) == [
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    assert max(r.rel_error for r in res.reports) < 1e-5
+    # a bare component file (diffusers keys of the U-Net alone), architecture given
+    res = extract(tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors",
+                  tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors",
+                  ExtractOptions(rank=2, arch="sd1"))
+    assert len(res.adapter.modules) == 2
