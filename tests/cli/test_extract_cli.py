@@ -110,3 +110,14 @@ def test_errors_are_one_line(sd1_pair, generic_pair, tmp_path):
     assert res.exit_code == 1 and "fro:3" in res.output
     res = run("extract", base, tuned, "-r", 2, "--include", "nothing-matches", "-o", tmp_path / "o.safetensors")
     assert res.exit_code == 1 and "nothing to extract" in res.output
+
+
+def test_exact_svd_dynamic_rank_and_dtype_options(generic_pair, tmp_path):
+    base, tuned = generic_pair
+    res = run("extract", base, tuned, "-r", 8, "--arch", "generic", "--svd", "exact", "--rank-mode", "fro:0.999",
+              "--dtype", "bf16", "--to", "peft", "-o", tmp_path / "e", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert {m["rank"] for m in data["modules"]} == {2} and {m["method"] for m in data["modules"]} == {"exact"}
+    adapter = read_adapter(tmp_path / "e")
+    assert {m.down.dtype for m in adapter.modules.values()} == {torch.bfloat16}
