@@ -1,8 +1,19 @@
 """Adapter file layouts (codecs) and their detection.
 
 ``read_adapter(path)`` reads any recognised input into the canonical :class:`~loratool.core.modules.Adapter`;
-``decode(tensors, metadata)`` does the same for in-memory tensors. ``encode(adapter, fmt)`` gives the
-tensors and metadata of a layout, ``write_adapter`` writes them (atomically).
+``decode(tensors, metadata, config)`` does the same for in-memory tensors. ``encode(adapter, fmt)`` gives the
+tensors and metadata of a layout, ``write_adapter`` writes them (atomically; peft as a folder).
+
+Layouts read (``Adapter.source_format``; a list when one file mixes several): ``kohya``, ``lycoris``,
+``onetrainer``, ``diffusers-attnproc``, ``diffusers-old`` (``lora.down``/``lora_linear_layer``),
+``diffusers-peft``, ``peft``, ``flux-bfl``, ``flux-aitoolkit``, ``flux-xlabs``, ``ldm`` (ComfyUI-native SD),
+``cloneofsimo``, ``textual-inversion``. Layouts written: ``kohya`` (aliases ``webui``, ``comfyui``,
+``a1111``, ``forge``, ``lycoris``), ``diffusers``, ``peft``, ``aitoolkit`` and ``bfl`` (Flux).
+
+Files: ``keys`` (one key -> family, module, role), ``detect`` (key report, base model), ``build`` (roles ->
+modules), ``read``/``source`` (inputs), ``kohya``/``diffusers``/``peftcfg``/``flux``/``special`` (layouts),
+``write`` (targets, metadata), ``fuse`` (exact fuse/split/fold of LoRA factors), ``names``/``archinfo``
+(module names: the arch tables first, spelling rules as fallback).
 """
 
 from __future__ import annotations
