@@ -157,3 +157,11 @@ def test_components_default_leaves_t5_out():
     everything = json.loads(run("--model", "flux", "--components", "all", "-r", "16", "--json").stdout)
     assert everything["layers_by_component"]["text_encoder_2"] == 168  # T5-XXL attention + MLP
     assert run("--model", "flux", "--components", "unet", "-r", "16").exit_code == 2
+
+
+def test_bad_file_is_refused_in_one_line(tmp_path):
+    f = tmp_path / "two.safetensors"
+    f.write_bytes(b"\r\n")
+    res = run(str(f))
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr.strip().startswith(f"loratool: error: {f}: ") and len(res.stderr.strip().splitlines()) == 1
