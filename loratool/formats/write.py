@@ -53,14 +53,14 @@ def _kohya_meta(adapter: Adapter) -> dict[str, str]:
     mods = list(adapter.modules.values())
     conv = [m for m in mods if isinstance(m, LoraModule) and _is_kxk(m)]
     dim, alpha = _dim_alpha([m for m in mods if m not in conv] or mods)
+    module = kohya_codec.network_module(adapter)
     args = adapter.metadata.get("ss_network_args")
-    if not args:
+    if not args or adapter.metadata.get("ss_network_module") != module:  # the source's args describe its own kind
         extra = {}
         if conv:
             conv_dim, conv_alpha = _dim_alpha(conv)
             extra = {"conv_dim": str(conv_dim), "conv_alpha": repr(float(conv_alpha))}
         args = json.dumps(extra)
-    module = kohya_codec.network_module(adapter)
     if adapter.base_model != "unknown":
         from loratool.io.metadata import ss_minimal
 

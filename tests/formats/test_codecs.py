@@ -292,3 +292,13 @@ def test_sd3_modulation_rows_follow_the_table():
     assert torch.equal(encode(a, "kohya")[0][f"{kid}.lora_up.weight"], up)
     del a.modules["transformer.transformer_blocks.0.attn.to_qkv"]  # fused: diffusers has no such name
     assert torch.equal(encode(a, "diffusers")[0][f"{m.key}.lora_B.weight"], m.up)
+
+
+def test_network_args_kept_only_for_the_same_network_module():
+    g = torch.Generator().manual_seed(10)
+    meta = {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "lokr"}'}
+    a = adapter_of([lora(g, f"{A}.attn1.to_q", (8, 6), 2, alpha=1.0)], "sd1", meta)
+    out = encode(a, "kohya")[1]
+    assert out["ss_network_module"] == "networks.lora" and out["ss_network_args"] == "{}"
+    meta["ss_network_module"] = "networks.lora"
+    assert encode(adapter_of(list(a.modules.values()), "sd1", meta), "kohya")[1]["ss_network_args"] == '{"algo": "lokr"}'
