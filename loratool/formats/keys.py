@@ -79,7 +79,7 @@ def _transformer_path(path: str) -> tuple[str, bool]:
     return path, False
 
 
-def _place(component: str, path: str) -> tuple[str, str, bool]:
+def place(component: str, path: str) -> tuple[str, str, bool]:
     """Canonical (component, path, swap) for a path already in dots."""
     if component == "unet":
         return "unet", canonical_unet(path), False
@@ -101,7 +101,7 @@ def _kohya(module_id: str, role: str) -> KeyRef | None:
         return KeyRef(family, comp, path, role, not onetrainer and bool(archinfo.rows_swapped(base, key)))
     if module_id.startswith("lora_unet_"):
         path = names.underscore_to_path(module_id[len("lora_unet_"):])
-        comp, p, swap = _place(_unet_or_transformer(path), path)
+        comp, p, swap = place(_unet_or_transformer(path), path)
         family = "lycoris" if role in LYCORIS_ROLES else "kohya"
         return KeyRef(family, comp, p, role, swap)
     m = _KOHYA_TE.match(module_id)
@@ -112,11 +112,11 @@ def _kohya(module_id: str, role: str) -> KeyRef | None:
         return KeyRef(family, comp, names.text_encoder_path(path), role)
     if module_id.startswith("lycoris_"):
         path = names.underscore_to_path(module_id[len("lycoris_"):])
-        comp, p, swap = _place(_unet_or_transformer(path), path)
+        comp, p, swap = place(_unet_or_transformer(path), path)
         return KeyRef("lycoris", comp, p, role, swap)
     if module_id.startswith("lora_transformer_"):
         path = names.underscore_to_path(module_id[len("lora_transformer_"):])
-        comp, p, swap = _place("transformer", path)
+        comp, p, swap = place("transformer", path)
         return KeyRef("onetrainer", comp, p, role, swap)
     return None
 
@@ -128,18 +128,18 @@ def _dotted(module_id: str, role: str, key: str) -> KeyRef | None:
         return KeyRef("peft", "", module_id[len("base_model.model."):], role)
     if module_id.startswith("diffusion_model."):
         path = module_id[len("diffusion_model."):]
-        comp, p, swap = _place(_unet_or_transformer(path), path)
+        comp, p, swap = place(_unet_or_transformer(path), path)
         return KeyRef("flux-bfl" if comp == "transformer" else "ldm", comp, p, role, swap)
     head, _, rest = module_id.partition(".")
     old = key.endswith((".lora.down.weight", ".lora.up.weight", "lora_linear_layer.down.weight",
                         "lora_linear_layer.up.weight"))
     family = "diffusers-old" if old else "diffusers-peft"
     if head in _DIFFUSERS_COMPONENTS:
-        comp, p, swap = _place(head, rest)
+        comp, p, swap = place(head, rest)
         return KeyRef(family, comp, p, role, swap)
     root = head
     if root in _UNET_ROOTS or root in {"transformer_blocks", "single_transformer_blocks"} | names.BFL_ROOTS:
-        comp, p, swap = _place(_unet_or_transformer(module_id), module_id)
+        comp, p, swap = place(_unet_or_transformer(module_id), module_id)
         return KeyRef(family, comp, p, role, swap)
     return None
 
@@ -157,7 +157,7 @@ def _attnproc(key: str) -> KeyRef | None:
     if comp.startswith("text_encoder"):
         return KeyRef("diffusers-attnproc", comp, names.text_encoder_path(f"{rest}.{_TE_ATTNPROC[proj]}"), role)
     leaf = "to_out.0" if proj == "to_out" else proj
-    comp, p, _ = _place(comp, f"{rest}.{leaf}")
+    comp, p, _ = place(comp, f"{rest}.{leaf}")
     return KeyRef("diffusers-attnproc", comp, p, role)
 
 

@@ -20,7 +20,7 @@ from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule
 from loratool.formats import archinfo, flux, special
 from loratool.formats.build import Group, GroupError, build_module
 from loratool.formats.detect import detect_base_model, detect_keys, unknown_reason
-from loratool.formats.keys import KeyRef
+from loratool.formats.keys import KeyRef, place
 from loratool.formats.peftcfg import (
     AlphaSource,
     alpha_source_from_config,
@@ -57,9 +57,9 @@ def read_raw(raw: RawSource, component: str | None = None) -> Adapter:
     for key in report.unknown:
         _note_unknown(adapter, [key], unknown_reason(key))
     refs = report.refs
-    if raw.config is not None or any(r.family == "peft" for r in refs.values()):
-        comp = component or peft_component([r.path for r in refs.values()])
-        refs = {k: _with_component(r, comp) for k, r in refs.items()}
+    if any(r.family == "peft" for r in refs.values()):  # base_model.model.<path>: the model it adapts
+        comp = component or peft_component([r.path for r in refs.values() if r.family == "peft"])
+        refs = {k: _with_component(r, comp) if r.family == "peft" else r for k, r in refs.items()}
     groups, origin = _group(raw, refs, adapter)
     alphas = _alpha_source(raw, refs)
     for (comp, path), group in groups.items():
@@ -79,9 +79,7 @@ def read_raw(raw: RawSource, component: str | None = None) -> Adapter:
 
 
 def _with_component(ref: KeyRef, comp: str) -> KeyRef:
-    from loratool.formats.keys import _place
-
-    c, p, swap = _place(comp, ref.path)
+    c, p, swap = place(comp, ref.path)
     return KeyRef(ref.family, c, p, ref.role, swap)
 
 
