@@ -72,6 +72,7 @@ _UNSUPPORTED = [
     (re.compile(r"^lora_prior_(unet|te)_"), "a Stable Cascade prior module (no table for it)"),
     (re.compile(r"\.(bias_indices|bias_values|bias_size)$"), "a LyCORIS sparse-bias tensor (not supported)"),
     (re.compile(r"\.(set_weight|reshape_weight)$"), "a ComfyUI weight override (not an adapter delta)"),
+    (re.compile(r"_norm\.scale$"), "a norm weight stored whole (BFL control LoRA): it replaces the weight, not a delta"),
 ]
 
 

@@ -162,6 +162,7 @@ def test_comfy_native_sd_unet_ids():
     ("base_model.model.q_proj.lora_E", "AdaLoRA"),
     ("bundle_emb.tok.string_to_param.*", "bundle_emb"),
     ("lora_prior_unet_down_blocks_0_attn_to_q.lora_down.weight", "Stable Cascade"),
+    ("diffusion_model.double_blocks.0.img_attn.norm.query_norm.scale", "replaces the weight"),
     ("something.else", "no known adapter key layout"),
 ])
 def test_unknown_keys_say_why(key, words):
