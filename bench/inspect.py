@@ -102,7 +102,7 @@ def main() -> None:
     if not KEYSHAPES.is_file():
         sys.exit(f"bench/inspect.py needs {KEYSHAPES} (../shared is absent)")
 
-    from loratool.ops.inspect import inspect_file
+    from loratool.ops.inspect import HASH_AUTO_LIMIT, inspect_file
 
     with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
         path = Path(tmp) / f"sdxl_kohya_r{args.rank}.safetensors"
@@ -111,13 +111,16 @@ def main() -> None:
         print(f"built {path.name}: {n_tensors} tensors, {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s")
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.repeat} runs each, warm page cache\n")
         py = sys.executable
+        auto_hash = size <= HASH_AUTO_LIMIT
         rows = [  # (label, function, runs)
             ("header: 8 bytes + json.loads (stdlib, baseline)", lambda: header_stdlib(path), args.repeat),
             ("header: safetensors.safe_open keys+metadata", lambda: header_safetensors(path), args.repeat),
             ("header: loratool SafetensorsFile (validated)", lambda: header_ours(path), args.repeat),
-            ("inspect in-process (default: hash not checked >256MiB)", lambda: inspect_file(path), args.repeat),
-            ("inspect in-process --hash (SHA-256 of 1.7 GB)", lambda: inspect_file(path, check_hash=True),
+            (f"inspect in-process (default: hash {'checked' if auto_hash else 'not checked, > 256 MiB'})",
+             lambda: inspect_file(path), args.repeat),
+            (f"inspect in-process --hash (SHA-256 of {size / 1e9:.2f} GB)", lambda: inspect_file(path, check_hash=True),
              args.repeat),
+            ("inspect in-process --no-hash", lambda: inspect_file(path, check_hash=False), args.repeat),
             ("inspect in-process --modules (‖ΔW‖ of every module)", lambda: inspect_file(path, modules=True), 1),
             ("subprocess: python -c 'import torch'", lambda: run_cli([py, "-c", "import torch"]), args.repeat),
             ("subprocess: python header read (no torch)",

@@ -15,6 +15,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,19 @@ def lora_delta_norm(module: LoraModule, dtype: torch.dtype = torch.float32) -> f
                 core = mid[:, :, h, w]
                 sq += float((core * (gram_up @ core @ gram_down)).sum())
     return abs(module.scale) * math.sqrt(max(sq, 0.0))
+
+
+@contextmanager
+def _one_thread():
+    """Run per-module math on one intra-op thread. The products are small and many (one set per
+    module); each multi-threaded op pays a fork/join, which on a busy 2-core machine measured
+    ~12 ms per op against ~50 µs on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def delta_norm(module) -> float:
@@ -227,7 +241,8 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, t
         "hash_checked": facts.hash_checked,
     }
     if modules:
-        rows = [module_details(m, True) for m in mods]
+        with _one_thread():
+            rows = [module_details(m, True) for m in mods]
         report["module_details"] = rows
         blocks: dict[str, float] = {}
         for m, row in zip(mods, rows, strict=True):
