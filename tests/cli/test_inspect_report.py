@@ -151,3 +151,9 @@ def test_lokr_flat_conv_norm_when_w1_columns_do_not_divide_in():
     ref = torch.kron(w1a.double() @ w1b.double(), w2a.double() @ w2b.double()).reshape(320, 320, 3, 3)
     assert torch.allclose(m.delta(torch.float64), ref)
     assert delta_norm(m) == pytest.approx(float(ref.norm()), rel=1e-12)
+
+
+def test_modules_leave_torch_threads_as_they_were():
+    before = torch.get_num_threads()
+    build_report(_adapter(), FileFacts("x", 1), modules=True)
+    assert torch.get_num_threads() == before
