@@ -132,11 +132,11 @@ def main() -> None:
         rep = inspect_file(path, check_hash=True)
         assert rep["modules"] == n_tensors // 3 and rep["ranks"] == [args.rank] and rep["hash_ok"] is True
         print(f"load average before timing: {os.getloadavg()[0]:.1f}")
-        print(f"{'what':<56} {'runs':>4} {'min s':>8} {'median s':>9}")
-        print("-" * 80)
+        print(f"{'what':<60} {'runs':>4} {'min s':>8} {'median s':>9}")
+        print("-" * 84)
         for label, fn, runs in rows:
             times = timed(fn, runs)
-            print(f"{label:<56} {runs:>4} {min(times):>8.3f} {statistics.median(times):>9.3f}")
+            print(f"{label:<60} {runs:>4} {min(times):>8.3f} {statistics.median(times):>9.3f}")
         print(f"\ninspect: {rep['modules']} modules, {rep['params']:,} parameters, ratio {rep['reduction_ratio']:.2f}")
 
 
