@@ -119,25 +119,26 @@ def training_memory(trainable: int, frozen: int, precision: str) -> dict[str, in
     return {"weights": weights, "gradients": grads, "adam": adam, "total": weights + grads + adam}
 
 
-def memory_estimate(model_params: int, lora: int) -> dict[str, dict[str, dict[str, int]]]:
-    """Full fine-tune of ``model_params`` vs a LoRA of ``lora`` parameters on the frozen model,
-    in each precision."""
+def memory_estimate(trainable: int, frozen: int, lora: int) -> dict[str, dict[str, dict[str, int]]]:
+    """Per precision: a full fine-tune (``trainable`` model weights trained, ``frozen`` kept) vs a
+    LoRA of ``lora`` parameters trained on top of the whole frozen model."""
     return {
-        p: {"full": training_memory(model_params, 0, p), "lora": training_memory(lora, model_params, p)}
+        p: {"full": training_memory(trainable, frozen, p), "lora": training_memory(lora, trainable + frozen, p)}
         for p in PRECISIONS
     }
 
 
 def model_rows(
-    target_shapes: Sequence[Sequence[int]], ranks: Iterable[int], model_params: int
+    target_shapes: Sequence[Sequence[int]], ranks: Iterable[int], trainable: int, frozen: int = 0
 ) -> list[dict[str, object]]:
-    """The ``ratio --model`` table: per rank, LoRA parameters, file sizes, ratio, memory."""
+    """The ``ratio --model`` table: per rank, LoRA parameters, file sizes, ratio and the memory
+    estimate (``trainable``/``frozen``: the model weights a full fine-tune trains / keeps)."""
     rows = []
     for row in shapes_table(target_shapes, ranks):
         d = row.as_dict()
         d["fp16_mib"] = file_bytes(row.lora, row.layers, 2) / MIB
         d["fp32_mib"] = file_bytes(row.lora, row.layers, 4) / MIB
-        d["memory_bytes"] = memory_estimate(model_params, row.lora)
+        d["memory_bytes"] = memory_estimate(trainable, frozen, row.lora)
         rows.append(d)
     return rows
 

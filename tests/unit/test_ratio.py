@@ -59,8 +59,8 @@ def test_parse_shape():
 
 
 def test_training_memory_by_hand():
-    # 1000 model weights, a LoRA of 10 parameters
-    est = R.memory_estimate(1000, 10)
+    # 1000 model weights (all trained in a full fine-tune), a LoRA of 10 parameters
+    est = R.memory_estimate(1000, 0, 10)
     # fp32 full: 1000·(4 weight + 4 grad + 8 Adam) = 16 000
     assert est["fp32"]["full"] == {"weights": 4000, "gradients": 4000, "adam": 8000, "total": 16000}
     # fp32 LoRA: (1000 + 10)·4 weights, 10·4 grads, 10·8 Adam = 4040 + 40 + 80 = 4160
@@ -68,12 +68,15 @@ def test_training_memory_by_hand():
     # fp16 mixed full: 1000·(2 + 2 + 8) = 12 000; LoRA: 1010·2 + 10·2 + 10·8 = 2120
     assert est["fp16-mixed"]["full"]["total"] == 12000
     assert est["fp16-mixed"]["lora"]["total"] == 2120
+    # with 100 frozen weights (a VAE): full fp32 = 1100·4 + 1000·4 + 1000·8 = 16 400; LoRA 1110·4 + 120
+    est = R.memory_estimate(1000, 100, 10)
+    assert est["fp32"]["full"]["total"] == 16_400 and est["fp32"]["lora"]["total"] == 4_560
 
 
 def test_file_bytes_counts_one_alpha_per_module():
     # 2 modules, 14 592 factor values + 2 alphas, fp16: 14 594·2 = 29 188 bytes
     assert R.file_bytes(14_592, 2, 2) == 29_188
-    rows = R.model_rows([(1280, 1280), (320, 768)], [4], model_params=1_884_160)
+    rows = R.model_rows([(1280, 1280), (320, 768)], [4], trainable=1_884_160)
     assert rows[0]["fp16_mib"] == 29_188 / 2**20
     assert rows[0]["fp32_mib"] == 58_376 / 2**20
 
