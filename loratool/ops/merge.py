@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loratool.core.modules import Module
+from loratool.core.modules import LoraModule, Module, flat2d
 from loratool.errors import LoraToolError
 from loratool.ops.lbw import module_weights
 from loratool.ops.mix import MixInput
@@ -99,6 +99,8 @@ def apply_to_tensor(tensor: torch.Tensor, apps: list[Application]) -> torch.Tens
     w = tensor.to(torch.float32, copy=True)
     for app in apps:
         views = _region_views(w, app.placement)
+        if _add_low_rank(app, views):
+            continue
         rows = views[-1][2]
         delta = _delta_for(app, rows, tuple(views[0][0].shape))
         dora = app.module.dora if app.part == "weight" else None
@@ -111,9 +113,31 @@ def apply_to_tensor(tensor: torch.Tensor, apps: list[Application]) -> torch.Tens
         new = part + app.weight * (adapted - part)
         for view, a, b in views:
             view.copy_(new[a:b].reshape(view.shape))
-    if not torch.isfinite(w).all():
-        raise LoraToolError("the merged weight has non-finite values (a LoRA weight too large?)")
+    lo, hi = torch.aminmax(w)  # one pass; NaN propagates, and the bound catches a cast overflowing
+    limit = torch.finfo(tensor.dtype).max
+    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)) and -limit <= float(lo) and float(hi) <= limit):
+        raise LoraToolError(f"the merged weight has values outside {tensor.dtype}'s range (a LoRA weight too large?)")
     return w.to(tensor.dtype)
+
+
+def _add_low_rank(app: Application, views: list[tuple[torch.Tensor, int, int]]) -> bool:
+    """``view += w·scale·up@down`` in place with ``addmm_`` (no ΔW allocated) for a plain LoRA whose
+    factors line up with the stored rows; False where the general path is needed."""
+    m = app.module
+    if app.part != "weight" or m.dora is not None or not isinstance(m, LoraModule) or m.mid is not None:
+        return False
+    up, down = flat2d(m.up), flat2d(m.down)
+    if app.placement.delta_rows is not None:
+        up = up[slice(*app.placement.delta_rows)]
+    if views[-1][2] != up.shape[0]:
+        return False
+    flat = [v.reshape(v.shape[0], -1) for v, _, _ in views]
+    if any(f.shape[1] != down.shape[1] or f.data_ptr() != v.data_ptr() for f, (v, _, _) in zip(flat, views, strict=True)):
+        return False  # a layout where the flat view would be a copy: use the general path
+    down32 = down.to(torch.float32)
+    for f, (_, a, b) in zip(flat, views, strict=True):
+        f.addmm_(up[a:b].to(torch.float32), down32, alpha=app.weight * m.scale)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- planning

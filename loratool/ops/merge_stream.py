@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from loratool.ops.mix import MixInput
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
 _CHUNK = 16 << 20
+_LOOKAHEAD = 2  # changed tensors computed ahead of the writer (bounds memory to a few layers)
 
 
 @dataclass
@@ -36,15 +39,45 @@ class _Run:
     end: int = 0
 
 
-def _read_tensor(fh, f: SafetensorsFile, info: TensorInfo) -> torch.Tensor:
+def _read_tensor(fd: int, f: SafetensorsFile, info: TensorInfo) -> torch.Tensor:
+    """One tensor read with ``pread`` into its own buffer (thread-safe: no shared file position)."""
     buf = bytearray(info.nbytes)
-    fh.seek(f.data_start + info.begin)
-    if fh.readinto(buf) != info.nbytes:
+    if os.preadv(fd, [buf], f.data_start + info.begin) != info.nbytes:
         raise LoraToolError(f"tensor {info.name} is cut short", f.path)
     dtype = DTYPES[info.dtype][0]
     if dtype is None or not dtype.is_floating_point:
         raise LoraToolError(f"tensor {info.name} has dtype {info.dtype}; only float weights can be merged", f.path)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
+
+
+def _merged(fd: int, f: SafetensorsFile, info: TensorInfo, apps: list[Application],
+            device: torch.device | None) -> torch.Tensor:
+    tensor = _read_tensor(fd, f, info)
+    try:
+        return apply_to_tensor(tensor.to(device) if device is not None else tensor, apps).cpu()
+    except LoraToolError as e:
+        raise LoraToolError(f"{info.name}: {e.message}", f.path) from None
+
+
+def _merged_in_order(fd: int, f: SafetensorsFile, targets: list[TensorInfo], changes: dict[str, list[Application]],
+                     device: torch.device | None) -> Iterator[torch.Tensor]:
+    """The changed tensors in file order, computed by one worker thread a few tensors ahead, so that
+    reading and the float32 math overlap with the byte copies of the main thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque = deque()
+        todo = iter(targets)
+
+        def submit() -> None:
+            info = next(todo, None)
+            if info is not None:
+                pending.append(pool.submit(_merged, fd, f, info, changes[info.name], device))
+
+        for _ in range(_LOOKAHEAD):
+            submit()
+        while pending:
+            future = pending.popleft()
+            submit()
+            yield future.result()
 
 
 def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
@@ -75,6 +108,8 @@ def rewrite_file(src: Path, dst_fh, changes: dict[str, list[Application]], metad
         meta = dict(f.metadata) if metadata is None else metadata
         dst_fh.write(header_bytes([(i.name, i.dtype, i.shape, i.nbytes) for i in infos], meta))
         run, src_fd, changed = _Run(), fh.fileno(), 0
+        targets = [i for i in infos if changes.get(i.name)]
+        merged = _merged_in_order(src_fd, f, targets, changes, device)
 
         def flush() -> None:
             if run.end > run.start:
@@ -83,25 +118,22 @@ def rewrite_file(src: Path, dst_fh, changes: dict[str, list[Application]], metad
                     progress(run.end - run.start)
             run.start = run.end = 0
 
-        for info in infos:
-            apps = changes.get(info.name)
-            if not apps:
-                if run.end != info.begin or run.end == run.start:
-                    flush()
-                    run.start = info.begin
-                run.end = info.end
-                continue
+        try:
+            for info in infos:
+                if not changes.get(info.name):
+                    if run.end != info.begin or run.end == run.start:
+                        flush()
+                        run.start = info.begin
+                    run.end = info.end
+                    continue
+                flush()
+                dst_fh.write(tensor_bytes(next(merged)))
+                changed += 1
+                if progress:
+                    progress(info.nbytes)
             flush()
-            tensor = _read_tensor(fh, f, info)
-            try:
-                new = apply_to_tensor(tensor.to(device) if device is not None else tensor, apps)
-            except LoraToolError as e:
-                raise LoraToolError(f"{info.name}: {e.message}", src) from None
-            dst_fh.write(tensor_bytes(new))
-            changed += 1
-            if progress:
-                progress(info.nbytes)
-        flush()
+        finally:
+            merged.close()
     return changed
 
 

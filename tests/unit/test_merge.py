@@ -192,3 +192,28 @@ def test_bare_component_file_without_prefix(tmp_path: Path) -> None:
     merge_checkpoint(src, [MixInput(_adapter(m), 1.0)], tmp_path / "o.safetensors", arch="sd1")
     got = _read(tmp_path / "o.safetensors")[bare]
     assert float((got.double() - base.double() - m.delta(torch.float64)).abs().max()) < 1e-5
+
+
+def test_overflow_is_an_error_and_leaves_no_output(tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    _checkpoint(src, torch.float16)
+    m = _lora(UNET_Q, SHAPES[UNET_Q], 4, 2.0, 1)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(LoraToolError, match="range"):
+        merge_checkpoint(src, [MixInput(_adapter(m), 1e9)], out, arch="sd1", allow_unmatched=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_general_path_for_tucker_and_loha() -> None:
+    from loratool.core.modules import LohaModule
+
+    g = _g(6)
+    tucker = LoraModule(component="model", path="c", alpha=2.0, down=torch.randn(2, 3, 1, 1, generator=g),
+                        mid=torch.randn(2, 2, 3, 3, generator=g), up=torch.randn(4, 2, 1, 1, generator=g))
+    loha = LohaModule(component="model", path="l", alpha=1.0, w1a=torch.randn(4, 2, generator=g),
+                      w1b=torch.randn(2, 27, generator=g), w2a=torch.randn(4, 2, generator=g),
+                      w2b=torch.randn(2, 27, generator=g), shape=(4, 3, 3, 3))
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    got = apply_to_tensor(w, [Application(tucker, 0.5, Placement()), Application(loha, -2.0, Placement())])
+    want = w.double() + 0.5 * tucker.delta(torch.float64) - 2.0 * loha.delta(torch.float64)
+    assert torch.allclose(got.double(), want, atol=1e-5)
