@@ -1,0 +1,125 @@
+"""``loratool train``: DreamBooth-LoRA / TriLoRA training (a thin shell over loratool.train)."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from loratool.cli.options import (
+    debug_option,
+    device_option,
+    emit_json,
+    json_option,
+    quiet_option,
+    resolve_device,
+)
+
+
+def _targets(_ctx, _param, value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
+    return tuple(t.strip() for t in (value or "").split(",") if t.strip())
+
+
+@click.command("train")
+@click.option("--model", required=True, help="Base model: a diffusers folder (SD1.x, SD2.x, SDXL).")
+@click.option("--instance-data", required=True, help="Folder of instance images.")
+@click.option("--instance-prompt", required=True, help='e.g. "a photo of sks dog".')
+@click.option("--class-data", help="Folder of class images (missing ones are generated with the base model).")
+@click.option("--class-prompt", help='e.g. "a photo of a dog" (turns on prior preservation).')
+@click.option("--num-class-images", default=100, show_default=True)
+@click.option("--prior-loss-weight", default=1.0, show_default=True)
+@click.option("--adapter", type=click.Choice(["lora", "trilora"]), default="lora", show_default=True)
+@click.option("-r", "--rank", default=8, show_default=True)
+@click.option("--alpha", type=float, help="LoRA alpha (default: the rank, scale 1).")
+@click.option("--trilora-init", type=click.Choice(["svd", "orthogonal"]), default="svd", show_default=True)
+@click.option("--fold", type=click.Choice(["balanced", "bc"]), default="balanced", show_default=True,
+              help="How TriLoRA's B·C·A is exported as up/down.")
+@click.option("--targets", default="unet", show_default=True, callback=_targets,
+              help="Comma list of unet, text_encoder, vae (decoder).")
+@click.option("--new-tokens", callback=_tokens, help='Comma list of new tokens to learn, e.g. "<sks>".')
+@click.option("--init-token", help="Existing word whose embedding starts the new tokens.")
+@click.option("--steps", default=500, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--text-encoder-lr", type=float, help="Default: --lr.")
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--resolution", default=512, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--snr-gamma", type=float, help="Min-SNR weighting γ (5 is usual).")
+@click.option("--noise-offset", default=0.0, show_default=True)
+@click.option("--save-every", default=0, show_default=True, help="Checkpoint every N steps (0: only at the end).")
+@click.option("--resume", type=click.Path(), help="A checkpoint folder to continue from.")
+@click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt to sample during training (repeatable).")
+@click.option("--sample-every", default=0, show_default=True)
+@click.option("--to", "output_format", type=click.Choice(["kohya", "diffusers", "peft"]), default="kohya",
+              show_default=True)
+@click.option("--name", "output_name", default="lora", show_default=True, help="Output file name stem.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@device_option
+@json_option
+@quiet_option
+@debug_option
+def command(device: str, as_json: bool, quiet: bool, **options) -> None:
+    """Train a DreamBooth LoRA or TriLoRA adapter and write it for web UIs and diffusers."""
+    from loratool.train.config import TrainConfig
+    from loratool.train.export import write_outputs
+    from loratool.train.loop import Trainer
+
+    cfg = TrainConfig(**options)
+    cfg.check()
+    dev = resolve_device(device)
+    started = time.time()
+    trainer = Trainer(cfg, dev)
+    if quiet or as_json:
+        summary = trainer.run()
+    else:
+        summary = _run_with_progress(trainer)
+    files = write_outputs(trainer, summary, started)
+    result = {**summary, "adapter": cfg.adapter, "rank": cfg.rank, "files": files}
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        _print_summary(result)
+
+
+def _run_with_progress(trainer) -> dict:
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    cuda = trainer.device.type == "cuda"
+    cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[mem]}")]
+    with Progress(*cols, transient=False) as progress:
+        task = progress.add_task("train", total=trainer.cfg.steps, completed=trainer.step_no, loss="-",
+                                 speed="-", mem="")
+
+        def update(step: int, loss: float, info: dict) -> None:
+            speed = info["done"] / info["elapsed"] if info["elapsed"] else 0.0
+            mem = f"GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+            progress.update(task, completed=step, loss=f"{loss:.4f}", speed=f"{speed:.2f}", mem=mem)
+            for key in ("checkpoint", "samples"):
+                if key in info:
+                    progress.console.print(f"{key}: {info[key]}")
+
+        return trainer.run(update)
+
+
+def _print_summary(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['adapter']} rank {result['rank']}: {result['steps']} steps", show_header=False)
+    for key in ("final_loss", "mean_loss_last_10", "seconds", "it_per_s", "trainable_parameters", "adapted_layers",
+                "peak_gpu_memory_mb", "resumed_from"):
+        if result.get(key) is not None:
+            value = result[key]
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
+    for name, path in result["files"].items():
+        table.add_row(name, path)
+    Console().print(table)
