@@ -242,13 +242,21 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     params = {"checkpoint": src.name, "arch": arch_name,
               "inputs": [f"{i.name}:{i.weight:g}" + (f":lbw={i.lbw}" if i.lbw else "") for i in inputs]}
     out = Path(output)
-    if src.is_dir():
-        _check_folder_output(src, out, force)
-        report["tensors_written"] = _write_folder(src, out, plan, params, device, progress)
-    else:
-        check_output(out, force=force, inputs=[src, *(i.name for i in inputs if i.name)])
-        with AtomicFile(out) as fh:
-            report["tensors_written"] = rewrite_file(src, fh, plan.files.get("", {}), _with_keys(src, params),
-                                                     device, progress)
+    threads = torch.get_num_threads()
+    if device is None or device.type == "cpu":
+        # the worker thread's math already runs beside the copies; more intra-op threads only fight
+        # the copy (and, on a busy machine, everything else) for the cores
+        torch.set_num_threads(1)
+    try:
+        if src.is_dir():
+            _check_folder_output(src, out, force)
+            report["tensors_written"] = _write_folder(src, out, plan, params, device, progress)
+        else:
+            check_output(out, force=force, inputs=[src, *(i.name for i in inputs if i.name)])
+            with AtomicFile(out) as fh:
+                report["tensors_written"] = rewrite_file(src, fh, plan.files.get("", {}),
+                                                         _with_keys(src, params), device, progress)
+    finally:
+        torch.set_num_threads(threads)
     report["output"] = str(out)
     return report
