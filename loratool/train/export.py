@@ -78,6 +78,7 @@ def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
     from loratool.io.metadata import loratool_keys, modelspec
 
     cfg, out, base = trainer.cfg, trainer.out, trainer.base
+    out.mkdir(parents=True, exist_ok=True)
     n_class = 0 if trainer.klass is None else len(trainer.klass)
     meta = training_metadata(cfg, summary, len(trainer.instance), n_class, started)
     when = _dt.datetime.fromtimestamp(started).replace(microsecond=0).isoformat()

@@ -72,7 +72,7 @@ class Trainer:
         have = len(data.image_files(folder, "class image folder", allow_empty=True)) if folder.exists() else 0
         if have < cfg.num_class_images:
             data.generate_class_images(self.base.pipeline(), folder, cfg.class_prompt, cfg.num_class_images,
-                                       cfg.resolution, cfg.seed)
+                                       cfg.resolution, cfg.seed, steps=cfg.sample_steps)
         return data.load_folder(folder, cfg.resolution, "class image folder")
 
     def _adapt(self) -> dict:
