@@ -192,6 +192,7 @@ def bench_merge(work: Path) -> list[str]:
     merge_cmd = [sys.executable, "-m", "loratool", "merge", str(ckpt), f"{lora}:0.8", "-o", str(out), "-q"]
     t_m, rss_m = _timed(merge_cmd)
     out.unlink()
+    t_start, _ = _timed([sys.executable, "-c", "import loratool.cli.merge, loratool.ops.merge_stream, loratool.formats"])
     gib = size / 2**30
     rows += [
         f"checkpoint: {gib:.2f} GiB (fp16, {len(json.loads((KEYSHAPES / 'sd15_ldm_checkpoint_full.json').read_text()))}"
@@ -201,7 +202,8 @@ def bench_merge(work: Path) -> list[str]:
         f"| cp (baseline) | {t_cp:.2f} | {gib / t_cp:.2f} | {rss_cp:.3f} |",
         f"| loratool merge (whole process, incl. start-up and reading the LoRA) | {t_m:.2f} | {gib / t_m:.2f} | "
         f"{rss_m:.3f} |",
-        f"merge / cp time: {t_m / t_cp:.2f}×",
+        f"| start-up alone (python + torch + loratool imports, no work) | {t_start:.2f} | — | — |",
+        f"merge / cp time: {t_m / t_cp:.2f}× (without start-up: {(t_m - t_start) / t_cp:.2f}×)",
     ]
     return rows
 

@@ -217,3 +217,35 @@ def test_general_path_for_tucker_and_loha() -> None:
     got = apply_to_tensor(w, [Application(tucker, 0.5, Placement()), Application(loha, -2.0, Placement())])
     want = w.double() + 0.5 * tucker.delta(torch.float64) - 2.0 * loha.delta(torch.float64)
     assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_flux_fused_qkv_parts_and_whole_bare_bfl(tmp_path: Path) -> None:
+    """Flux: a diffusers-granularity to_k LoRA lands on rows 3072:6144 of the BFL qkv, a kohya fused
+    qkv LoRA on the whole tensor; the file is a bare transformer (no model.diffusion_model.)."""
+    src = tmp_path / "flux.safetensors"
+    ckey = "double_blocks.0.img_attn.qkv.weight"
+    base = torch.full((9216, 3072), 0.25, dtype=torch.bfloat16)  # constant: cheap, and exact in bf16
+    write_safetensors(src, {ckey: base})
+    k = _lora("transformer.transformer_blocks.0.attn.to_k", (3072, 3072), 2, 2.0, 8)
+    qkv = _lora("transformer.transformer_blocks.0.attn.to_qkv", (9216, 3072), 2, 1.0, 9)
+    merge_checkpoint(src, [MixInput(_adapter(k, base="flux"), 1.0), MixInput(_adapter(qkv, base="flux"), 0.5)],
+                     tmp_path / "o.safetensors", arch="flux")
+    got = _read(tmp_path / "o.safetensors")[ckey].float()
+    want = 0.25 + 0.5 * qkv.delta(torch.float32)
+    want[3072:6144] += k.delta(torch.float32)
+    assert torch.allclose(got, want, rtol=2**-7, atol=1e-6)
+    assert not torch.allclose(got[3072:6144], 0.25 + 0.5 * qkv.delta(torch.float32)[3072:6144], rtol=2**-7)
+
+
+def test_block_weights_on_merge(tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    before = _checkpoint(src, torch.float32)
+    lora = _adapter(*(_lora(k, SHAPES[k], 4, 2.0, n) for n, k in enumerate(SHAPES)))
+    # 17 values: BASE, IN01, ... — keep the text encoder at 0.5, cut IN01 (both unet modules here)
+    lbw = "0.5," + ",".join(["0"] + ["1"] * 15)
+    merge_checkpoint(src, [MixInput(lora, 2.0, lbw)], tmp_path / "o.safetensors", arch="sd1")
+    after = _read(tmp_path / "o.safetensors")
+    assert torch.equal(after[SD1_KEYS[UNET_Q]], before[SD1_KEYS[UNET_Q]])
+    assert torch.equal(after[SD1_KEYS[UNET_CONV]], before[SD1_KEYS[UNET_CONV]])
+    want = before[SD1_KEYS[TE_Q]].double() + 1.0 * lora.modules[TE_Q].delta(torch.float64)
+    assert float((after[SD1_KEYS[TE_Q]].double() - want).abs().max()) < 1e-5
