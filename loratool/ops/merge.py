@@ -102,14 +102,14 @@ def apply_to_tensor(tensor: torch.Tensor, apps: list[Application]) -> torch.Tens
         if _add_low_rank(app, views):
             continue
         rows = views[-1][2]
-        delta = _delta_for(app, rows, tuple(views[0][0].shape))
+        delta = _delta_for(app, rows, tuple(views[0][0].shape)).to(w.device)
         dora = app.module.dora if app.part == "weight" else None
         if dora is None:
             for view, a, b in views:
                 view.add_(delta[a:b].reshape(view.shape), alpha=app.weight)
             continue
         part = torch.cat([v.reshape(b - a, *delta.shape[1:]) for v, a, b in views])
-        adapted = dora.apply(part, delta)
+        adapted = dora.apply(part.cpu(), delta.cpu()).to(w.device)
         new = part + app.weight * (adapted - part)
         for view, a, b in views:
             view.copy_(new[a:b].reshape(view.shape))
@@ -134,9 +134,9 @@ def _add_low_rank(app: Application, views: list[tuple[torch.Tensor, int, int]]) 
     flat = [v.reshape(v.shape[0], -1) for v, _, _ in views]
     if any(f.shape[1] != down.shape[1] or f.data_ptr() != v.data_ptr() for f, (v, _, _) in zip(flat, views, strict=True)):
         return False  # a layout where the flat view would be a copy: use the general path
-    down32 = down.to(torch.float32)
+    down32 = down.to(flat[0].device, torch.float32)
     for f, (_, a, b) in zip(flat, views, strict=True):
-        f.addmm_(up[a:b].to(torch.float32), down32, alpha=app.weight * m.scale)
+        f.addmm_(up[a:b].to(f.device, torch.float32), down32, alpha=app.weight * m.scale)
     return True
 
 
