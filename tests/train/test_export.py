@@ -21,7 +21,7 @@ INSTANCE = REPO / "fixtures" / "tiny-instance"
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     cfg = TrainConfig(model=str(MODEL), instance_data=str(INSTANCE), instance_prompt="a <sks> shape", output=str(out),
-                      adapter="trilora", rank=4, steps=1, resolution=16, targets=("unet", "text_encoder"),
+                      adapter="trilora", rank=4, steps=1, resolution=16, targets=("unet", "text_encoder", "vae"),
                       new_tokens=("<sks>",), init_token="shape")
     tr = Trainer(cfg, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
@@ -77,3 +77,17 @@ def test_new_token_embedding_loads_as_textual_inversion(trained):
     pipe.load_textual_inversion(str(emb), token="<sks>")
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<sks>")]
     assert torch.allclose(row, tr.new_embeddings()[0].detach(), atol=1e-6)
+
+
+def test_vae_decoder_adapter_is_written_beside_with_its_exact_delta(trained):
+    from loratool.io.safetensors import SafetensorsFile
+
+    tr, files = trained
+    f = SafetensorsFile(files["vae_adapter"])
+    vae_layers = {k: v for k, v in tr.layers.items() if k.startswith("vae.decoder.")}
+    assert vae_layers and any(layer.is_conv for layer in vae_layers.values())
+    for key, layer in vae_layers.items():
+        down, up = f.get(f"{key}.lora_down").double(), f.get(f"{key}.lora_up").double()
+        alpha = float(f.get(f"{key}.alpha"))
+        delta = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
+        assert torch.allclose(delta, layer.delta().flatten(1), atol=1e-6), key
