@@ -24,7 +24,12 @@ SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
 def vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style BPE vocabulary in which each word of ``words`` is one token."""
+    """A CLIP-style BPE vocabulary for ``words`` (every letter is a token too).
+
+    Known flaw, kept so that the shipped fixture stays reproducible: merges are ranked word by word,
+    so an early word's merge can pre-empt a later word's chain ("ma" from "magenta" splits "small").
+    Such words come out as several known sub-word tokens, never as unknown ones.
+    """
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens = [*SPECIAL, *letters, *(c + "</w>" for c in letters)]
     merges: list[tuple[str, str]] = []

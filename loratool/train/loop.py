@@ -220,9 +220,12 @@ class Trainer:
         first = self.step_no
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        stepping = 0.0  # seconds spent in training steps (not sampling or saving)
         while self.step_no < cfg.steps:
+            t0 = time.time()
             loss = self.step()
-            info = {"elapsed": time.time() - start, "done": self.step_no - first}
+            stepping += time.time() - t0
+            info = {"elapsed": stepping, "done": self.step_no - first}
             if cfg.save_every and self.step_no % cfg.save_every == 0 and self.step_no < cfg.steps:
                 info["checkpoint"] = str(self.save_checkpoint(self.out / f"checkpoint-{self.step_no:06d}"))
             if cfg.sample_prompts and cfg.sample_every and self.step_no % cfg.sample_every == 0:
@@ -231,7 +234,7 @@ class Trainer:
                 callback(self.step_no, loss, info)
         elapsed = time.time() - start
         summary = {"steps": self.step_no, "resumed_from": first, "seconds": round(elapsed, 2),
-                   "it_per_s": round((self.step_no - first) / elapsed, 3) if elapsed else None,
+                   "it_per_s": round((self.step_no - first) / stepping, 3) if stepping else None,
                    "final_loss": self.losses[-1] if self.losses else None,
                    "mean_loss_last_10": sum(self.losses[-10:]) / max(1, len(self.losses[-10:])),
                    "trainable_parameters": sum(p.numel() for p in self.params()),
