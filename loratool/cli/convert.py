@@ -126,7 +126,7 @@ def _render(report, mapping, output, embeddings, *, as_json: bool, quiet: bool, 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)
     counts = ", ".join(f"{n} {a}" for a, n in sorted(report.counts().items()))
     verb = "would convert" if dry_run else "converted"
     console.print(f"{verb} {report.source_format} → {report.target}: {counts}")

@@ -152,9 +152,15 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
 
 
 def _refusal(problems: list[tuple[str, str]], spec: TargetSpec) -> str:
-    shown = "; ".join(f"{k}: {why}" for k, why in problems[:5])
-    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-    return (f"{len(problems)} module(s) cannot be written as {spec.name}: {shown}{more}. "
+    """One line: each distinct reason once, with the first few modules it stops."""
+    by_reason: dict[str, list[str]] = {}
+    for key, why in problems:
+        by_reason.setdefault(why, []).append(key)
+    parts = []
+    for why, keys in by_reason.items():
+        shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        parts.append(f"{shown}: {why}")
+    return (f"{len(problems)} module(s) cannot be written as {spec.name}: {'; '.join(parts)}. "
             "Nothing was written; --drop-unknown converts the rest and lists what was dropped")
 
 
