@@ -56,6 +56,7 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--resume", type=click.Path(), help="A checkpoint folder to continue from.")
 @click.option("--sample-prompt", "sample_prompts", multiple=True, help="Prompt to sample during training (repeatable).")
 @click.option("--sample-every", default=0, show_default=True)
+@click.option("--sample-steps", default=25, show_default=True, help="Denoising steps for samples and class images.")
 @click.option("--to", "output_format", type=click.Choice(["kohya", "diffusers", "peft"]), default="kohya",
               show_default=True)
 @click.option("--name", "output_name", default="lora", show_default=True, help="Output file name stem.")

@@ -80,7 +80,7 @@ def test_cli_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     res = train("--instance-data", str(INSTANCE), "--adapter", "trilora", "--targets", "unet,text_encoder",
                 "--steps", "2", "--lr", "1e-3", "--snr-gamma", "5", "--save-every", "1",
-                "--sample-prompt", "a sks shape", "--sample-every", "2", "--device", "cpu", "--json", "-o", str(out))
+                "--sample-prompt", "a sks shape", "--sample-every", "2", "--sample-steps", "3", "--device", "cpu", "--json", "-o", str(out))
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.index("{"):])
     assert summary["steps"] == 2 and summary["adapter"] == "trilora"
