@@ -249,3 +249,23 @@ def test_block_weights_on_merge(tmp_path: Path) -> None:
     assert torch.equal(after[SD1_KEYS[UNET_CONV]], before[SD1_KEYS[UNET_CONV]])
     want = before[SD1_KEYS[TE_Q]].double() + 1.0 * lora.modules[TE_Q].delta(torch.float64)
     assert float((after[SD1_KEYS[TE_Q]].double() - want).abs().max()) < 1e-5
+
+
+def test_generic_names_and_bias_changes(tmp_path: Path) -> None:
+    """--arch generic: the module path is the tensor name; a module's bias change lands on .bias."""
+    from loratool.core.modules import FullModule
+
+    g = _g(11)
+    src = tmp_path / "llm.safetensors"
+    base = {"layers.0.q.weight": torch.randn(6, 4, generator=g), "layers.0.q.bias": torch.randn(6, generator=g),
+            "layers.0.norm.weight": torch.ones(4)}
+    write_safetensors(src, base)
+    full = FullModule(component="model", path="layers.0.q", diff=torch.randn(6, 4, generator=g),
+                      bias=torch.randn(6, generator=g))
+    report = merge_checkpoint(src, [MixInput(_adapter(full, base="unknown"), -0.5)], tmp_path / "o.safetensors",
+                              arch="generic")
+    assert report["tensors_written"] == 2
+    out = _read(tmp_path / "o.safetensors")
+    assert torch.allclose(out["layers.0.q.weight"], base["layers.0.q.weight"] - 0.5 * full.diff, atol=1e-6)
+    assert torch.allclose(out["layers.0.q.bias"], base["layers.0.q.bias"] - 0.5 * full.bias, atol=1e-6)
+    assert torch.equal(out["layers.0.norm.weight"], base["layers.0.norm.weight"])
