@@ -142,9 +142,12 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
             continue
         report.changes.append(change)
         result.add(new)
+    problems += _partial_dora(result, spec)
     if problems and not drop_unknown:
         raise LoraToolError(_refusal(problems, spec))
     report.dropped = problems
+    for key, _ in problems:
+        result.modules.pop(key, None)
     result = regroup_flux(result, spec, report)
     if dtype is not None:
         result = cast_adapter(result, dtype)
@@ -220,6 +223,22 @@ def _check_dora(module: Module, spec: TargetSpec) -> None:
         raise Unexpressible(f"a DoRA magnitude taken {have}; {spec.name} stores only "
                             f"{'/'.join(sorted(spec.dora_axes))}-axis magnitudes, and one cannot be turned "
                             "into the other without the base weight")
+
+
+def _partial_dora(adapter: Adapter, spec: TargetSpec) -> list[tuple[str, str]]:
+    """peft's ``use_dora`` is one switch per model: DoRA on some modules of a component only cannot be
+    written for a peft-style target (every module would get a magnitude it does not have)."""
+    if spec.name not in ("diffusers", "peft"):
+        return []
+    out = []
+    for comp in adapter.components():
+        mods = [m for m in adapter.modules.values() if m.component == comp]
+        with_dora = [m for m in mods if m.dora is not None]
+        if with_dora and len(with_dora) < len(mods):
+            why = (f"DoRA on {len(with_dora)} of the {len(mods)} {comp} modules; {spec.name} switches DoRA on "
+                   "for a whole model (use_dora)")
+            out += [(m.key, why) for m in mods if m.dora is None]
+    return out
 
 
 def cast_adapter(adapter: Adapter, dtype: torch.dtype) -> Adapter:
