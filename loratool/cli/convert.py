@@ -124,27 +124,22 @@ def _render(report, mapping, output, embeddings, *, as_json: bool, quiet: bool, 
     if quiet:
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(soft_wrap=True)
     counts = ", ".join(f"{n} {a}" for a, n in sorted(report.counts().items()))
     verb = "would convert" if dry_run else "converted"
     console.print(f"{verb} {report.source_format} → {report.target}: {counts}")
     if report.lossy:
-        table = Table("module", "kind", "rank", "rel. error ‖ΔW'−ΔW‖/‖ΔW‖", title="lossy modules (SVD)")
+        console.print("lossy modules (truncated SVD of ΔW): relative error ‖ΔW'−ΔW‖/‖ΔW‖, rank, kind, module")
         for c in report.lossy:
-            table.add_row(c.key, c.kind, str(c.rank_out), f"{c.rel_error:.3e}")
-        console.print(table)
+            console.print(f"  {c.rel_error:.3e}  r={c.rank_out:<4} {c.kind:<5} {c.key}", highlight=False)
         console.print(f"largest relative error: {report.max_rel_error:.3e}")
     for key, why in report.dropped:
         console.print(f"[yellow]dropped[/] {key}: {why}")
     if mapping is not None:
-        table = Table("module", "action", "target keys", title="mapping")
-        actions = {c.key: c for c in report.changes}
+        actions = {c.key: c.action for c in report.changes}
         for key, keys in mapping.items():
-            c = actions.get(key)
-            table.add_row(key, c.action if c else "fuse/split", ", ".join(keys))
-        console.print(table)
+            console.print(f"  {key}  [{actions.get(key, 'fuse/split')}] → {', '.join(keys)}", highlight=False)
     for token, path in embeddings.items():
         console.print(f"token embedding {token} → {path}")
     if output and not dry_run:
