@@ -126,3 +126,29 @@ def test_path_with_colon(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     assert run("mix", odd, "-o", out, "-q").exit_code == 0
     assert run("mix", f"{odd}:0.5", "-o", tmp_path / "n.safetensors", "-q").exit_code == 0
+
+
+def test_real_sd15_loras_mix_exactly_and_refuse_sd2(real_dir: Path, tmp_path: Path) -> None:
+    """Two real SD1.5 diffusers-made LoRAs (different layouts) and three modules of a real LyCORIS LoKr."""
+    from loratool.ops.mix import MixInput, mix
+
+    ads = real_dir / "adapters"
+    a = read_adapter(ads / "sd15_diffusers_attnprocs.safetensors")
+    c = read_adapter(ads / "sd15_diffusers_lora_down_up.safetensors")
+    lokr = read_adapter(ads / "sd15_kohya_lycoris_lokr_r4.safetensors")
+    small = sorted((k for k, m in lokr.modules.items() if len(m.weight_shape) == 2 and k in a.modules),
+                   key=lambda k: lokr.modules[k].weight_shape)[:3]
+    assert small, "the LoKr file shares no linear module with the attnprocs LoRA"
+    lokr.modules = {k: lokr.modules[k] for k in small}
+    inputs = [MixInput(a, 0.6), MixInput(c, -0.3), MixInput(lokr, 0.8)]
+    res = mix(inputs)
+    checked = set(small) | set(sorted(res.adapter.modules)[::8])  # a float64 reference on a sample
+    for key in sorted(checked):
+        m = res.adapter.modules[key]
+        want = sum(i.weight * i.adapter.modules[key].delta(torch.float64) for i in inputs if key in i.adapter.modules)
+        assert _rel(m.delta(torch.float64).reshape(want.shape), want) < 1e-5, key
+    assert {r.key for r in res.modules if r.method == "concat+svd"} == set(small)
+    out = tmp_path / "x.safetensors"
+    res = CliRunner().invoke(cli, ["mix", str(ads / "sd15_diffusers_lora_down_up.safetensors"),
+                                   str(ads / "sd2_diffusers_lora_down_up.safetensors"), "-o", str(out)])
+    assert res.exit_code == 1 and "different base models" in res.output and not out.exists()
