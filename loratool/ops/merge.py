@@ -144,16 +144,13 @@ def _add_low_rank(app: Application, views: list[tuple[torch.Tensor, int, int]]) 
 
 
 def load_arch_or_none(name: str | None):
+    """The architecture table, or None for ``generic``/``unknown`` (tensor names are module paths);
+    an unknown name is an error."""
     if not name or name in ("unknown", "generic"):
         return None
-    try:
-        from loratool.arch import load_arch
-    except ImportError:
-        return None
-    try:
-        return load_arch(name)
-    except LoraToolError:
-        return None
+    from loratool.arch import load_arch
+
+    return load_arch(name)
 
 
 def _single_file_placement(arch, key: str, part: str, file_keys: set[str]) -> tuple[str, Placement] | None:

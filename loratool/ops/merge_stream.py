@@ -235,7 +235,9 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     report = plan.summary()
     if plan.unmatched and not allow_unmatched:
         shown = ", ".join(plan.unmatched[:8]) + (f" and {len(plan.unmatched) - 8} more" if len(plan.unmatched) > 8 else "")
-        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {arch_name} checkpoint weight: {shown} "
+        what = f"{arch_name} checkpoint weight" if arch_name not in ("unknown", "generic") else \
+            "weight of this checkpoint (architecture not recognised: --arch sets it)"
+        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {what}: {shown} "
                             "(--allow-unmatched skips them)", src)
     if dry_run or output is None:
         return report
