@@ -5,8 +5,7 @@ SAI-named UNet) at rank 256 instead of 32, random values, fp16. The floor is wha
 must at least do: ``safetensors.torch.load_file`` + ``save_file`` of the same file. Ours is the
 whole ``loratool convert`` path: read (lazy) → decide → encode → atomic write with hashes.
 
-    python -m bench.convert [--rank 256] [--repeats 3] [--dir /tmp]   (from the repository root; bench/inspect.py
-    would shadow the standard library if the script were run by path)
+    python bench/convert.py [--rank 256] [--repeats 3] [--dir /tmp]
 
 Prints one table (best of N wall-clock seconds, and ours / floor).
 """

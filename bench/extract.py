@@ -24,24 +24,18 @@ full-SVD singular values, before its clamp).
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import os
+import resource
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-# run as a script, this folder comes first on sys.path, and bench/inspect.py would shadow the
-# standard library's inspect for torch
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"sd1": "sd15_ldm_checkpoint_full.json", "sdxl": "sdxl_sgm_checkpoint_full.json"}

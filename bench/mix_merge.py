@@ -8,7 +8,7 @@
    checkpoint (real LDM key shapes, float tensors stored fp16): wall time and peak RSS of a
    ``loratool merge`` process vs a plain file copy of the same checkpoint (``cp``).
 
-    python -P bench/mix_merge.py [--stride N] [--threads T] [--workdir DIR] [--skip-mix] [--skip-merge]
+    python bench/mix_merge.py [--stride N] [--threads T] [--workdir DIR] [--skip-mix] [--skip-merge]
 
 (``-P``: keep bench/ off sys.path, where other benchmark scripts' names can shadow stdlib modules.)
 

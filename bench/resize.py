@@ -15,21 +15,13 @@ relative difference between the two per module.
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import math
+import time
 
-# run as a script, this folder comes first on sys.path, and bench/inspect.py would shadow the
-# standard library's inspect for torch
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+import torch
 
-import argparse  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-from loratool.core.modules import Adapter, LoraModule, flat2d  # noqa: E402
+from loratool.core.modules import Adapter, LoraModule, flat2d
 
 
 def build(arch: str, rank: int, limit: int | None, seed: int = 0) -> Adapter:

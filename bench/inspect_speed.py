@@ -6,7 +6,7 @@ a correct sshs_model_hash) in a temporary folder, times each way of reading it, 
 and removes the file. The page cache is warm (the file was just written), which is the usual
 case for a file inspected right after download or training.
 
-    python bench/inspect.py [--rank 256] [--repeat 3]
+    python bench/inspect_speed.py [--rank 256] [--repeat 3]
 
 Target (issue 2): inspect without --modules under 1 s on the 2-core CI machine.
 """
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if not KEYSHAPES.is_file():
-        sys.exit(f"bench/inspect.py needs {KEYSHAPES} (../shared is absent)")
+        sys.exit(f"bench/inspect_speed.py needs {KEYSHAPES} (../shared is absent)")
 
     from loratool.ops.inspect import HASH_AUTO_LIMIT, inspect_file
 
