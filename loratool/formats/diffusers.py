@@ -3,6 +3,8 @@
 * diffusers: ``<component>.<path>.lora_A.weight`` and alpha in the ``lora_adapter_metadata`` entry
   (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``, …);
 * peft: ``base_model.model.<path>.lora_A.weight`` and ``adapter_config.json``, one model per folder;
+  CLIP paths as the model class it is loaded into names them (``names.peft_text_encoder_path``: a
+  transformers-5 CLIPTextModel has no ``text_model.``), unlike every other layout here;
 * ai-toolkit (Flux): ``transformer.<diffusers path>`` without any alpha: the scale is folded into the
   factors (√scale on each);
 * BFL (Flux): ``diffusion_model.<BFL path>`` (fused q/k/v), scale folded likewise.
@@ -72,21 +74,30 @@ PEFT_DEFAULTS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "
                  "base_model_name_or_path": None, "layers_to_transform": None, "layers_pattern": None}
 
 
-def encode_peft_component(modules: list[Module]) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+def encode_peft_component(modules: list[Module], base_model: str = "unknown", clip_layout: str = "auto"
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """One peft model's tensors and config. A peft folder binds to a concrete model's module names (peft
+    reports every key missing otherwise), so text-encoder keys follow ``names.peft_text_encoder_path``
+    (``clip_layout``: auto/flat/nested); kohya and diffusers files always write ``text_model.``."""
     out: dict[str, torch.Tensor] = {}
     loras = [_lora_only(m, "peft") for m in modules]
+    paths = [m.path for m in loras]
     for m in loras:
-        _factor_keys(f"base_model.model.{_path(m, 'peft')}", m, out)
+        path = _path(m, "peft")
+        if m.component.startswith("text_encoder"):
+            path = names.peft_text_encoder_path(path, base_model, m.component, paths, clip_layout)
+        _factor_keys(f"base_model.model.{path}", m, out)
     config = {**PEFT_DEFAULTS, **build_config(loras)}
     return out, config
 
 
-def encode_peft(adapter: Adapter) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]]:
+def encode_peft(adapter: Adapter, clip_layout: str = "auto"
+                ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]]:
     """component -> (tensors, adapter_config) — one peft folder per adapted model."""
     per: dict[str, list[Module]] = {}
     for m in adapter.modules.values():
         per.setdefault(m.component, []).append(m)
-    return {comp: encode_peft_component(mods) for comp, mods in per.items()}
+    return {comp: encode_peft_component(mods, adapter.base_model, clip_layout) for comp, mods in per.items()}
 
 
 def encode_aitoolkit(adapter: Adapter) -> dict[str, torch.Tensor]:

@@ -199,5 +199,48 @@ def text_encoder_path(path: str) -> str:
     return path
 
 
+# peft folders bind to a concrete model's module names, so their CLIP keys follow the model class.
+# transformers 5 made CLIPTextModel flat (``encoder.layers.…``) while CLIPTextModelWithProjection keeps
+# ``text_model.`` (its ``text_model`` is a flat CLIPTextModel); transformers 4 nests both.
+CLIP_LAYOUTS = ("auto", "flat", "nested")
+# (base model, component) pairs whose CLIP encoder is a CLIPTextModelWithProjection (always nested)
+_WITH_PROJECTION = {("sdxl", "text_encoder_2"), ("sd3", "text_encoder"), ("sd3", "text_encoder_2")}
+
+
+@lru_cache(maxsize=1)
+def installed_clip_is_flat() -> bool | None:
+    """Whether the installed transformers' CLIPTextModel has no ``text_model`` level (None: not importable)."""
+    try:
+        import torch
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        cfg = CLIPTextConfig(hidden_size=4, intermediate_size=4, num_hidden_layers=1, num_attention_heads=1,
+                             vocab_size=4, max_position_embeddings=2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        with torch.device("meta"):
+            model = CLIPTextModel(cfg)
+    except Exception:  # noqa: BLE001 - any failure means "cannot tell"
+        return None
+    return not hasattr(model, "text_model")
+
+
+def peft_text_encoder_path(path: str, base_model: str, component: str, paths: list[str], layout: str = "auto") -> str:
+    """A canonical text-encoder path as the model a peft folder is loaded into names it.
+
+    ``layout``: ``flat`` (transformers ≥ 5 CLIPTextModel), ``nested`` (``text_model.``, transformers 4), or
+    ``auto``: the installed transformers' layout, and ``flat`` when transformers is not importable (the
+    layout of the current transformers release). A CLIPTextModelWithProjection (SDXL's second encoder,
+    SD3's CLIP encoders, or any component with ``text_projection``) is nested in every version.
+    """
+    if layout not in CLIP_LAYOUTS:
+        raise ValueError(f"unknown CLIP layout {layout!r} (choose from {', '.join(CLIP_LAYOUTS)})")
+    path = text_encoder_path(path)
+    if not path.startswith("text_model."):
+        return path  # T5 and other encoders: one spelling
+    if (base_model, component) in _WITH_PROJECTION or "text_projection" in paths:
+        return path
+    flat = layout == "flat" or (layout == "auto" and installed_clip_is_flat() is not False)
+    return path[len("text_model."):] if flat else path
+
+
 def is_t5_path(path: str) -> bool:
     return path.startswith(("encoder.block.", "shared", "encoder.final_layer_norm"))

@@ -143,23 +143,29 @@ def peft_config(adapter: Adapter) -> dict[str, dict[str, object]]:
 
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, force: bool = False,
-                  inputs: Iterable[str | os.PathLike[str]] = (), metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``adapter`` as ``fmt`` to ``path`` (a file, or a folder for peft) and return the path."""
+                  inputs: Iterable[str | os.PathLike[str]] = (), metadata: Mapping[str, str] | None = None,
+                  peft_clip_layout: str = "auto") -> Path:
+    """Write ``adapter`` as ``fmt`` to ``path`` (a file, or a folder for peft) and return the path.
+
+    ``peft_clip_layout`` (peft only): how CLIP text-encoder keys are spelt — ``auto`` follows the installed
+    transformers (``flat`` when it is not importable), see ``names.peft_text_encoder_path``."""
     from loratool.io.writer import write_safetensors
 
     fmt = canonical_format(fmt)
     if fmt == "peft":
-        return _write_peft(adapter, Path(path), force=force, inputs=list(inputs), metadata=metadata)
+        return _write_peft(adapter, Path(path), force=force, inputs=list(inputs), metadata=metadata,
+                           clip_layout=peft_clip_layout)
     tensors, meta = encode(adapter, fmt, metadata)
     return write_safetensors(path, tensors, meta, force=force, inputs=inputs)
 
 
-def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata) -> Path:
+def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata,
+                clip_layout: str = "auto") -> Path:
     from loratool.io.writer import AtomicFile, check_output, write_safetensors
 
     if not adapter.modules:
         raise LoraToolError("the adapter has no modules to write")
-    parts = diffusers_codec.encode_peft(adapter)
+    parts = diffusers_codec.encode_peft(adapter, clip_layout)
     if folder.exists() and not folder.is_dir():
         raise LoraToolError("output for peft must be a folder, and a file of that name exists", folder)
     if folder.is_dir() and any(folder.iterdir()) and not force:

@@ -46,17 +46,14 @@ def _roundtrip_kohya(adapter, tmp_path, tag: str):
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj")
 
 
-@pytest.mark.parametrize("component", [
-    "unet",
-    pytest.param("text_encoder", marks=pytest.mark.xfail(strict=True, reason=(
-        "formats/diffusers.py writes peft keys as base_model.model.text_model.encoder.… while a "
-        "transformers-5 CLIPTextModel has no text_model: peft reports every key missing"))),
-])
+@pytest.mark.parametrize("component", ["unet", "text_encoder", "text_encoder_2"])
 def test_our_peft_output_loads_in_peft_with_equal_delta(tmp_path, component):
-    kind, targets = ("sd1", UNET_TARGETS) if component == "unet" else ("te", TE)
+    # text_encoder: a CLIPTextModel (flat in transformers 5); text_encoder_2: SDXL's CLIPTextModelWithProjection
+    kind, targets = {"unet": ("sd1", UNET_TARGETS), "text_encoder": ("te", TE), "text_encoder_2": ("te2", TE)}[component]
     adapter = cm.random_adapter({component: cm.model(kind)}, lambda c, p: p.endswith(targets), seed=21,
                                 rank=lambda c, p: 2 if p.endswith(("fc1", "conv1")) else 4,
-                                alpha=lambda c, p: 3.0 if "q" in p.rsplit(".", 1)[-1] else 1.5, base_model="sd1")
+                                alpha=lambda c, p: 3.0 if "q" in p.rsplit(".", 1)[-1] else 1.5,
+                                base_model="sdxl" if component == "text_encoder_2" else "sd1")
     gen = torch.Generator().manual_seed(2)
     for m in adapter.modules.values():  # DoRA everywhere (peft's use_dora is per model), output axis
         shape = (m.up.shape[0],) + (1,) * (m.down.dim() - 1)
@@ -95,14 +92,36 @@ def test_peft_made_adapter_to_kohya_and_back(tmp_path):
     again = _roundtrip_kohya(ours, tmp_path, "peft")
     back, _ = convert(again, "peft")
     write_adapter(back, tmp_path / "back", "peft")
-    # read back with our reader: PeftModel cannot load a CLIP peft folder we write under transformers 5
-    # (see the xfail above), the UNet case proves peft's own loading
     final = read_adapter(tmp_path / "back")
+    with cm.captured() as messages:
+        loaded = PeftModel.from_pretrained(cm.model("te"), str(tmp_path / "back"))
+    assert cm.problems(messages) == []
+    assert set(_peft_deltas(loaded)) == set(want)
     assert set(want) == {m.path for m in again.modules.values()} == {m.path for m in final.modules.values()}
     for path, w in want.items():
         for adapter in (again, final):
             got = adapter.modules[f"text_encoder.{path}"].delta(torch.float64)
             assert float((got - w).norm() / w.norm()) < 1e-6, path
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_peft_clip_layout_is_explicit_and_read_back_either_way(tmp_path, layout):
+    from loratool.formats.diffusers import encode_peft
+
+    adapter = cm.random_adapter({"text_encoder": cm.model("te")}, lambda c, p: p.endswith(TE), seed=3)
+    (tensors, _), = encode_peft(adapter, clip_layout=layout).values()
+    spelt = {k.startswith("base_model.model.text_model.") for k in tensors}
+    assert spelt == {layout == "nested"}
+    write_adapter(adapter, tmp_path / layout, "peft", peft_clip_layout=layout)
+    back = read_adapter(tmp_path / layout)
+    assert set(back.modules) == set(adapter.modules)  # canonical paths carry text_model. either way
+    for key, m in adapter.modules.items():
+        assert torch.equal(back.modules[key].delta(torch.float64), m.delta(torch.float64))
+    if layout == "nested":  # a transformers-5 CLIPTextModel has no text_model: this spelling is for v4
+        return
+    with cm.captured() as messages:
+        PeftModel.from_pretrained(cm.model("te"), str(tmp_path / layout))
+    assert cm.problems(messages) == []
 
 
 def test_diffusers_made_adapter_to_kohya_and_back(tmp_path):
