@@ -114,7 +114,13 @@ def _finalize(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> d
 def encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None = None
            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of ``adapter`` in layout ``fmt`` (peft: one component only)."""
-    fmt = canonical_format(fmt)
+    tensors, meta = _encode(adapter, canonical_format(fmt), metadata)
+    return tensors, _finalize(tensors, meta)
+
+
+def _encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None
+            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``encode`` without the hashes (the writer computes them as it writes)."""
     if not adapter.modules:
         raise LoraToolError("the adapter has no modules to write")
     meta = target_metadata(adapter, fmt, None)
@@ -134,7 +140,7 @@ def encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None = None
             raise LoraToolError(f"the {fmt} layout is for Flux adapters; this one is {adapter.base_model}")
         tensors = diffusers_codec.encode_aitoolkit(adapter) if fmt == "aitoolkit" else diffusers_codec.encode_bfl(adapter)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    return tensors, _finalize(tensors, meta)
+    return tensors, meta
 
 
 def peft_config(adapter: Adapter) -> dict[str, dict[str, object]]:
@@ -155,8 +161,8 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, f
     if fmt == "peft":
         return _write_peft(adapter, Path(path), force=force, inputs=list(inputs), metadata=metadata,
                            clip_layout=peft_clip_layout)
-    tensors, meta = encode(adapter, fmt, metadata)
-    return write_safetensors(path, tensors, meta, force=force, inputs=inputs)
+    tensors, meta = _encode(adapter, fmt, metadata)
+    return write_safetensors(path, tensors, meta, force=force, inputs=inputs, hashes=True)
 
 
 def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata,
@@ -179,8 +185,8 @@ def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, me
         sub.mkdir(parents=True, exist_ok=True)
         cfg_path = sub / "adapter_config.json"
         check_output(cfg_path, force=True, inputs=inputs)
-        write_safetensors(sub / "adapter_model.safetensors", tensors, _finalize(tensors, base_meta),
-                          force=True, inputs=inputs)
+        write_safetensors(sub / "adapter_model.safetensors", tensors, base_meta, force=True, inputs=inputs,
+                          hashes=True)
         with AtomicFile(cfg_path) as fh:
             fh.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
     return folder

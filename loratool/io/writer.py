@@ -5,14 +5,23 @@ then name, header padded with spaces to a multiple of 8), so a file we write is 
 to ``safetensors.torch.save_file`` of the same tensors and metadata. Output goes to a temporary
 file in the target folder, is fsynced and then renamed into place: a failure never leaves a half
 file, and an input is never overwritten.
+
+``write_safetensors(..., hashes=True)`` sets ``sshs_model_hash``/``sshs_legacy_hash`` itself without a
+separate pass over the data: the legacy hash (a 64 KiB window) is taken first, the header is written
+with a 64-digit placeholder for the model hash, the data region is SHA-256'd in a worker thread while
+the same chunks are written (both release the GIL), and the digest is patched into the header in
+place before the fsync and rename. The file is the same bytes as writing ``finalize_metadata``'s
+metadata in one go.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -189,14 +198,60 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+HASH_KEY = "sshs_model_hash"
+_PLACEHOLDER = "0" * 64  # a SHA-256 hex digest is always 64 characters: the header length is fixed
+HASH_CHUNK = 1 << 24  # bytes per write/hash step
+
+
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, force: bool = False,
-                      inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-    """Write tensors atomically. Tensors sharing storage are each written in full."""
+                      inputs: Iterable[str | os.PathLike[str]] = (), hashes: bool = False) -> Path:
+    """Write tensors atomically. Tensors sharing storage are each written in full.
+
+    ``hashes=True``: any ``sshs_*`` values in ``metadata`` are replaced by the right ones, computed
+    while writing (the same file as ``finalize_metadata(tensors, metadata)`` would give)."""
     out = check_output(path, force=force, inputs=inputs)
+    if hashes:
+        _write_hashed(out, tensors, metadata)
+        return out
     head, names = build_header(tensors, metadata)
     with AtomicFile(out) as fh:
         fh.write(head)
         for name in names:
             fh.write(tensor_bytes(tensors[name]))
     return out
+
+
+def _hash_slot(head: bytes) -> int:
+    """Where the placeholder digest starts in a header (the key's only unescaped occurrence)."""
+    needle = json.dumps({HASH_KEY: _PLACEHOLDER}, separators=(",", ":"))[1:-1].encode()
+    at = head.find(needle)
+    if at < 0 or head.find(needle, at + 1) >= 0:  # pragma: no cover - keys are unique, values escaped
+        raise LoraToolError("cannot place sshs_model_hash in the header")
+    return at + len(needle) - len(_PLACEHOLDER) - 1  # the needle ends with the closing quote
+
+
+def _chunks(tensors: Mapping[str, torch.Tensor], names: list[str]):
+    for name in names:
+        data = tensor_bytes(tensors[name])
+        for lo in range(0, len(data), HASH_CHUNK):
+            yield data[lo:lo + HASH_CHUNK]
+
+
+def _write_hashed(out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+    from loratool.io.hashes import legacy_hash  # hashes builds on this module
+
+    meta = {k: v for k, v in (check_metadata(metadata) or {}).items() if not k.startswith("sshs_")}
+    meta["sshs_legacy_hash"] = legacy_hash(tensors, meta)  # 64 KiB window: cheap, and known before writing
+    meta[HASH_KEY] = _PLACEHOLDER
+    head, names = build_header(tensors, meta)
+    slot = _hash_slot(head)
+    digest = hashlib.sha256()
+    with AtomicFile(out) as fh, ThreadPoolExecutor(max_workers=1) as pool:
+        fh.write(head)
+        for chunk in _chunks(tensors, names):
+            hashed = pool.submit(digest.update, chunk)  # overlaps with the write of the same chunk
+            fh.write(chunk)
+            hashed.result()
+        fh.seek(slot)
+        fh.write(digest.hexdigest().encode("ascii"))
