@@ -70,6 +70,19 @@ def floor_hashed(src: Path, dst: Path) -> None:
         os.close(fd)
 
 
+def load_and_hash(src: Path, dst: Path) -> None:
+    """No write at all: load + SHA-256 of the data, the lower bound of any output with a correct
+    ``sshs_model_hash`` (SHA-256 is sequential: one core's throughput)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(src))
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(tensors[name].reshape(-1).contiguous().view(torch.uint8).numpy())
+
+
 def ours(src: Path, dst: Path) -> None:
     from loratool.formats import read_adapter, write_adapter
     from loratool.ops.convert import convert
@@ -105,6 +118,7 @@ def main() -> None:
         size = make_input(src, args.rank)
         rows = []
         for name, fn in (("safetensors load_file + save_file (floor)", floor),
+                         ("load_file + SHA-256 of the data, no write", load_and_hash),
                          ("floor + SHA-256 of the data + fsync", floor_hashed),
                          ("loratool convert kohya → diffusers", ours)):
             rows.append((name, best_of(fn, src, work / "out.safetensors", args.repeats)))
