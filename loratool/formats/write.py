@@ -61,14 +61,44 @@ def _kohya_meta(adapter: Adapter) -> dict[str, str]:
             conv_dim, conv_alpha = _dim_alpha(conv)
             extra = {"conv_dim": str(conv_dim), "conv_alpha": repr(float(conv_alpha))}
         args = json.dumps(extra)
-    if adapter.base_model != "unknown":
-        from loratool.io.metadata import ss_minimal
+    return network_metadata(adapter.base_model, dim, alpha, module=module, args=args)
 
-        meta = ss_minimal(adapter.base_model, dim, alpha, network_module=module)
+
+def network_metadata(base_model: str, dim: int | str, alpha: float | str, *, module: str | None,
+                     args: str | None = None, v_prediction: bool = False) -> dict[str, str]:
+    """The ``ss_network_*`` keys of an output file — the one place they are built (``convert`` calls it too).
+
+    A known base model also gets ``ss_v2``/``ss_base_model_version`` (``ss_minimal``). ``module=None``
+    leaves ``ss_network_module`` out (targets kohya-style loaders do not read); ``args`` is the
+    ``ss_network_args`` text: None gives ``{}`` for a known base model and no key otherwise.
+    """
+    from loratool.io.metadata import BASE_MODELS, ss_minimal
+
+    if base_model in BASE_MODELS:
+        meta = ss_minimal(base_model, dim, alpha, network_module=module, v_prediction=v_prediction)
+        if module is None:
+            del meta["ss_network_module"]
+    else:
+        meta = {"ss_network_dim": str(dim), "ss_network_alpha": alpha if isinstance(alpha, str) else repr(float(alpha))}
+        if module is not None:
+            meta["ss_network_module"] = module
+    if args is not None:
         meta["ss_network_args"] = args
-        return meta
-    return {"ss_network_module": module, "ss_network_dim": str(dim), "ss_network_alpha": repr(float(alpha)),
-            "ss_network_args": args}
+    return meta
+
+
+def modelspec_metadata(base_model: str, title: str, date: str | None, *, v_prediction: bool = False
+                       ) -> dict[str, str]:
+    """The ``modelspec.*`` keys of an output file — the one place they are built. None for an unknown
+    base model; without a source date the date is left out, so that the same input gives the same bytes."""
+    from loratool.io.metadata import BASE_MODELS, modelspec
+
+    if base_model not in BASE_MODELS:
+        return {}
+    spec = modelspec(base_model, title, date=date or "1970-01-01T00:00:00", v_prediction=v_prediction)
+    if not date:
+        del spec["modelspec.date"]
+    return spec
 
 
 def most_common(counts: Counter):
@@ -78,18 +108,8 @@ def most_common(counts: Counter):
 
 def _modelspec(adapter: Adapter) -> dict[str, str]:
     src = adapter.metadata
-    try:
-        from loratool.io.metadata import modelspec
-    except ImportError:
-        return {}
-    if adapter.base_model == "unknown":
-        return {}
-    date = src.get("modelspec.date", "")
-    ms = modelspec(adapter.base_model, src.get("modelspec.title") or src.get("ss_output_name") or "LoRA",
-                   date=date or "1970-01-01T00:00:00")
-    if not date:
-        ms.pop("modelspec.date", None)  # none in the source: left out, so that output bytes are reproducible
-    return ms
+    title = src.get("modelspec.title") or src.get("ss_output_name") or "LoRA"
+    return modelspec_metadata(adapter.base_model, title, src.get("modelspec.date"))
 
 
 def target_metadata(adapter: Adapter, fmt: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

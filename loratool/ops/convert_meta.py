@@ -5,6 +5,8 @@
   ``networks.lora``, ``networks.lora_flux`` or ``lycoris.kohya``), ``ss_network_dim``/``alpha``
   (``Dynamic`` when modules differ), ``ss_v2``/``ss_base_model_version``.
 * ``modelspec.*`` is written for the target (title and date kept from the source when it had them).
+  Both groups are built by ``formats.write.network_metadata``/``modelspec_metadata``, which
+  ``write_adapter`` uses too; this module only chooses the values (dims, module, args, title).
 * ``loratool.*`` records the conversion: the command, its parameters and a summary of what was done.
 * ``sshs_*`` hashes are never carried: they are recomputed on the tensors as written
   (``finalize_metadata`` at write time).
@@ -17,7 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from loratool.core.modules import Adapter
-from loratool.io.metadata import BASE_MODELS, loratool_keys, modelspec, ss_minimal
+from loratool.formats.write import modelspec_metadata, network_metadata
+from loratool.io.metadata import BASE_MODELS, loratool_keys
 from loratool.ops.convert import ConvertReport
 from loratool.ops.convert_targets import resolve_target
 
@@ -67,29 +70,24 @@ def target_metadata(source: Mapping[str, str], result: Adapter, report: ConvertR
     meta = {k: v for k, v in source.items() if k.startswith("ss_") and k not in _NETWORK_KEYS}
     dim, alpha = network_dims(result)
     base = result.base_model
-    if base in BASE_MODELS:
-        v_pred = source.get("ss_base_model_version", "").endswith("_v")
-        args = json.loads(source["ss_network_args"]) if _is_json_object(source.get("ss_network_args")) else None
-        ss = ss_minimal(base, dim, alpha, network_module=network_module(result), network_args=args,
-                        v_prediction=v_pred)
-        if "ss_network_args" in source and args is None:
-            ss["ss_network_args"] = source["ss_network_args"]
-        if not spec.kohya_metadata:
-            del ss["ss_network_module"]
-        meta.update(ss)
-        name = title or source.get("modelspec.title") or source.get("ss_output_name") or "converted"
-        date = source.get("modelspec.date")
-        spec_keys = modelspec(base, name, date=date or "1970-01-01T00:00:00", v_prediction=v_pred)
-        if not date:  # none in the source: left out, so that the same input gives the same bytes
-            del spec_keys["modelspec.date"]
-        meta.update(spec_keys)
-    else:
-        meta.update({"ss_network_dim": str(dim), "ss_network_alpha": str(alpha)})
-        if spec.kohya_metadata:
-            meta["ss_network_module"] = network_module(result)
+    v_pred = source.get("ss_base_model_version", "").endswith("_v")
+    module = network_module(result) if spec.kohya_metadata else None
+    args = _network_args(source) if base in BASE_MODELS else None
+    meta.update(network_metadata(base, dim, alpha, module=module, args=args, v_prediction=v_pred))
+    name = title or source.get("modelspec.title") or source.get("ss_output_name") or "converted"
+    meta.update(modelspec_metadata(base, name, source.get("modelspec.date"), v_prediction=v_pred))
     meta.update(loratool_keys("convert", parameters))
     meta["loratool.convert"] = json.dumps(conversion_summary(report), sort_keys=True)
     return meta
+
+
+def _network_args(source: Mapping[str, str]) -> str | None:
+    """The source's ``ss_network_args``: a JSON object re-spelt with string values as kohya writes them,
+    other text kept as it is, None when absent."""
+    raw = source.get("ss_network_args")
+    if _is_json_object(raw):
+        return json.dumps({str(k): str(v) for k, v in json.loads(raw).items()})  # type: ignore[arg-type]
+    return raw
 
 
 def _is_json_object(text: str | None) -> bool:
