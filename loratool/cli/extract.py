@@ -75,7 +75,7 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Clamp factors at this quantile of their entries (kohya's 0.99; off by default).")
 @click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default=None,
-              help="Output layout (default: kohya; peft for --arch generic).")
+              help="Output layout (default: kohya; peft for a generic pair).")
 @device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (modules, shapes, ranks, size); read no tensor.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -98,7 +98,7 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         clamp_quantile=clamp_quantile, dtype=dtype, device=str(dev))
     if dry_run:
         return _dry_run(base, tuned, options, as_json, quiet)
-    fmt = (fmt or ("peft" if options.arch == "generic" else "kohya")).lower()
+    fmt = (fmt or _default_format(base, tuned, options)).lower()
     output = output or default_output(tuned, rank, fmt)
     _check_output_first(output, fmt, force, (base, tuned))
     result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json))
@@ -114,6 +114,17 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         emit_json(full)
     elif not quiet:
         render_summary(result.summary, str(path), result.plan.arch, result.reports)
+
+
+def _default_format(base: str, tuned: str, options) -> str:
+    """kohya for a known architecture, peft for a generic pair (detected from the headers when --arch
+    is not given, so an unknown model still gets a layout that can name its modules)."""
+    arch = options.arch
+    if arch is None:
+        from loratool.ops.extract import plan_extract
+
+        arch = plan_extract(base, tuned, options).arch
+    return "peft" if arch == "generic" else "kohya"
 
 
 def _check_output_first(output: str, fmt: str, force: bool, inputs) -> None:

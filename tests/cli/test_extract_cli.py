@@ -86,6 +86,16 @@ def test_generic_to_peft_json_and_identical_bytes(generic_pair, tmp_path):
     assert sorted(adapter.modules) == ["model.model.layers.0.mlp.down_proj", "model.model.layers.0.mlp.up_proj"]
 
 
+def test_undetected_pair_defaults_to_peft_and_sd1_to_kohya(generic_pair, sd1_pair, tmp_path):
+    base, tuned = generic_pair  # no --arch, no --to: detection finds no known model
+    res = run("extract", base, tuned, "-r", 2, "-o", tmp_path / "g", "--json")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "g" / "adapter_config.json").is_file()
+    res = run("extract", *sd1_pair, "-r", 2, "-o", tmp_path / "k.safetensors", "-q")
+    assert res.exit_code == 0, res.output
+    assert read_adapter(tmp_path / "k.safetensors").source_format == "kohya"
+
+
 def test_dry_run_writes_nothing_and_lists_the_plan(sd1_pair, tmp_path):
     base, tuned = sd1_pair
     res = run("extract", base, tuned, "-r", 8, "--dry-run", "--json", "-o", tmp_path / "x.safetensors")
