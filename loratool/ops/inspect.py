@@ -291,7 +291,12 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None,
     if not os.path.exists(p):
         raise LoraToolError("no such file", p)
     if os.path.isdir(p):
-        return FileFacts(p, _path_size(p), container="folder")
+        weights = os.path.join(p, "adapter_model.safetensors")  # a peft folder: its one tensor file
+        if not os.path.isfile(weights):
+            return FileFacts(p, _path_size(p), container="folder")
+        inner = read_facts(weights, check_hash=check_hash, validated=validated)
+        inner.path, inner.size_bytes, inner.container = p, _path_size(p), "folder"
+        return inner
     if not (is_safetensors_path(p) or looks_like_safetensors(p)):  # renamed safetensors files exist
         return FileFacts(p, _path_size(p), container="pickle")
     if validated:

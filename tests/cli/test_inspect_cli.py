@@ -198,7 +198,7 @@ def test_peft_folder(tmp_path):
     for i in range(2):
         t[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight"] = torch.randn(8, 64, generator=g)
         t[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight"] = torch.randn(64, 8, generator=g)
-    write_safetensors(tmp_path / "adapter_model.safetensors", t, None)
+    write_safetensors(tmp_path / "adapter_model.safetensors", t, None, hashes=True)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
                                                               "target_modules": ["q_proj"]}))
     [rep] = json.loads(run("inspect", "--json", str(tmp_path)).stdout)
@@ -206,6 +206,7 @@ def test_peft_folder(tmp_path):
     # 2 · 8·(64+64) = 2048 LoRA parameters for 2 · 64·64 = 8192 weights
     assert (rep["params"], rep["full_params"], rep["reduction_ratio"]) == (2048, 8192, 4.0)
     assert rep["dtypes"] == {"F32": 4}
+    assert rep["hash_ok"] is True  # the folder's tensor file carries the hash, and it is checked
 
 
 def test_without_modules_no_tensor_values_are_read_but_scalars(lora, monkeypatch):
