@@ -25,7 +25,13 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 
 
 @click.command("train")
-@click.option("--model", required=True, help="Base model: a diffusers folder (SD1.x, SD2.x, SDXL).")
+@click.option("--model", required=True,
+              help="Base model: a diffusers folder or a single-file .safetensors checkpoint (SD1.x, SD2.x, SDXL).")
+@click.option("--tokenizer", type=click.Path(file_okay=False),
+              help="Single-file models: a CLIP tokenizer folder (or a pipeline folder with tokenizer/).")
+@click.option("--config", "model_config", type=click.Path(file_okay=False),
+              help="Single-file models: a diffusers folder whose unet/vae/text_encoder/scheduler configs "
+                   "replace the shipped ones (e.g. SD2 512-base: epsilon prediction).")
 @click.option("--instance-data", required=True, help="Folder of instance images.")
 @click.option("--instance-prompt", required=True, help='e.g. "a photo of sks dog".')
 @click.option("--class-data", help="Folder of class images (missing ones are generated with the base model).")

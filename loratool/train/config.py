@@ -49,6 +49,8 @@ class TrainConfig:
     sample_steps: int = 25
     output_format: str = "kohya"
     output_name: str = "lora"
+    tokenizer: str | None = None  # single-file checkpoints: a CLIP tokenizer folder
+    model_config: str | None = None  # single-file checkpoints: a diffusers folder of configs to use instead of ours
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -82,6 +84,9 @@ class TrainConfig:
                 raise LoraToolError(f"new token {t!r} does not appear in --instance-prompt")
         if not Path(self.model).exists():
             raise LoraToolError("model path does not exist", self.model)
+        if Path(self.model).is_dir() and (self.tokenizer or self.model_config):
+            raise LoraToolError("--tokenizer/--config are for single-file checkpoints; a diffusers folder has "
+                                "its own", self.model)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -46,7 +46,7 @@ class Trainer:
         self.instance = data.load_folder(cfg.instance_data, cfg.resolution, "instance image folder")
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.base = load_base(cfg.model, device)
+        self.base = load_base(cfg.model, device, cfg.tokenizer, cfg.model_config)
         self.token_ids = add_tokens(self.base, list(cfg.new_tokens), cfg.init_token) if cfg.new_tokens else []
         self.klass = self._class_images() if cfg.class_data else None
         self.examples = data.Examples(self.instance, cfg.instance_prompt, self.klass, cfg.class_prompt)

@@ -1,9 +1,9 @@
 """Loading the base model for training and turning prompts into conditioning.
 
 A base model is a diffusers folder (``model_index.json``) of an SD1.x/SD2.x pipeline (one text
-encoder) or an SDXL pipeline (two text encoders, pooled embeddings and size conditioning).
-Single-file checkpoints are refused with a clear message: diffusers' ``from_single_file`` needs
-configs from the Hub (or a matching config folder) that we do not ship.
+encoder) or an SDXL pipeline (two text encoders, pooled embeddings and size conditioning), or a
+single-file ``.safetensors`` checkpoint of those, loaded offline from the configs we ship
+(loratool.train.single_file; its tokenizer comes from ``--tokenizer DIR``).
 """
 
 from __future__ import annotations
@@ -56,17 +56,43 @@ class BaseModel:
         return pipe
 
 
-def load_base(path: str | Path, device: torch.device) -> BaseModel:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and schedulers, frozen, in fp32 on ``device``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+def load_base(path: str | Path, device: torch.device, tokenizer: str | Path | None = None,
+              config: str | Path | None = None) -> BaseModel:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and schedulers, frozen, in fp32 on ``device``.
 
+    ``tokenizer`` and ``config`` are for single-file checkpoints only (a tokenizer folder; a diffusers
+    folder whose component configs replace the shipped ones)."""
     path = Path(path)
     if not path.exists():
         raise LoraToolError("model path does not exist", path)
     if path.is_file():
-        raise LoraToolError("single-file checkpoints are not supported for training (diffusers needs Hub "
-                            "configs to load them); give a diffusers folder with model_index.json", path)
+        return _load_single_file(path, device, tokenizer, config)
+    if tokenizer is not None or config is not None:
+        raise LoraToolError("--tokenizer/--config are for single-file checkpoints; a diffusers folder has its own",
+                            path)
+    return _load_folder(path, device)
+
+
+def _load_single_file(path: Path, device: torch.device, tokenizer, config) -> BaseModel:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from loratool.train.single_file import checkpoint_arch, load_single_file, load_tokenizers
+
+    arch = checkpoint_arch(path)
+    toks = load_tokenizers(arch, tokenizer, path)  # before the slow part: a missing --tokenizer fails at once
+    models, configs = load_single_file(path, arch, config)
+    tes = [models["text_encoder"]] + ([models["text_encoder_2"]] if arch == "sdxl" else [])
+    for m in models.values():
+        m.requires_grad_(False).eval().to(device)
+    sched = configs["scheduler"]
+    return BaseModel(models["unet"], models["vae"], tes, toks, DDPMScheduler.from_config(sched),
+                     DDIMScheduler.from_config(sched), path, arch)
+
+
+def _load_folder(path: Path, device: torch.device) -> BaseModel:
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
     index = path / "model_index.json"
     if not index.is_file():
         raise LoraToolError("not a diffusers model folder (no model_index.json)", path)
