@@ -268,8 +268,33 @@ class LokrModule(ModuleBase):
         return [t for t in parts if t is not None]
 
 
+class _StoredDelta:
+    """Shared by the kinds that store their ΔW as it is (no factors, no scale)."""
+
+    @property
+    def rank(self) -> None:
+        return None
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def _stored(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._stored().shape)
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._stored().to(dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self._stored(), self.bias) if t is not None]
+
+
 @dataclass
-class FullModule(ModuleBase):
+class FullModule(_StoredDelta, ModuleBase):
     """LyCORIS full / plain weight difference: ``ΔW = diff`` (alpha plays no part)."""
 
     diff: torch.Tensor = None  # type: ignore[assignment]
@@ -277,27 +302,12 @@ class FullModule(ModuleBase):
     def __post_init__(self) -> None:
         self.kind = "full"
 
-    @property
-    def rank(self) -> None:
-        return None
-
-    @property
-    def scale(self) -> float:
-        return 1.0
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.diff.shape)
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.diff.to(dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.diff, self.bias) if t is not None]
+    def _stored(self) -> torch.Tensor:
+        return self.diff
 
 
 @dataclass
-class NormModule(ModuleBase):
+class NormModule(_StoredDelta, ModuleBase):
     """LyCORIS norm training: additive changes to a LayerNorm/GroupNorm weight and bias."""
 
     w_norm: torch.Tensor = None  # type: ignore[assignment]
@@ -305,27 +315,12 @@ class NormModule(ModuleBase):
     def __post_init__(self) -> None:
         self.kind = "norm"
 
-    @property
-    def rank(self) -> None:
-        return None
-
-    @property
-    def scale(self) -> float:
-        return 1.0
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.w_norm.shape)
+    def _stored(self) -> torch.Tensor:
+        return self.w_norm
 
     @property
     def is_conv(self) -> bool:
         return False
-
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return self.w_norm.to(dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.w_norm, self.bias) if t is not None]
 
 
 Module = LoraModule | LohaModule | LokrModule | FullModule | NormModule
