@@ -14,11 +14,10 @@ import click
 import torch
 
 from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
+from loratool.core.dtypes import DTYPES
 from loratool.errors import LoraToolError
 from loratool.ops.convert_math import DEFAULT_ENERGY, DEFAULT_RANK_CAP
 from loratool.ops.convert_targets import FORMAT_CHOICES
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def embedding_paths(output: Path, tokens: list[str]) -> dict[str, Path]:

@@ -20,9 +20,9 @@ from loratool.cli.options import (
     quiet_option,
     resolve_device,
 )
+from loratool.formats.write import FORMATS
 
 TARGETS = ("attn", "attn+conv", "all")
-FORMATS = ("kohya", "webui", "comfyui", "a1111", "forge", "diffusers", "peft", "aitoolkit", "bfl")
 
 
 def svd_options(f):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 
 from loratool.cli.options import (
     debug_option,
@@ -21,9 +20,9 @@ from loratool.cli.options import (
     quiet_option,
     resolve_device,
 )
+from loratool.core.dtypes import DTYPES
 from loratool.errors import LoraToolError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SPEC_HELP = "PATH[:WEIGHT][:lbw=BLOCKS] — BLOCKS is a preset (ALL, INS, MIDD, OUTD, …) or 12/17/20/26 numbers."
 
 

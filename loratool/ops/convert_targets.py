@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loratool.errors import LoraToolError
-
-# names users type for the kohya layout (the web UIs all read it)
-ALIASES: dict[str, str] = {"webui": "kohya", "comfyui": "kohya", "a1111": "kohya", "forge": "kohya"}
+from loratool.formats.write import ALIASES
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ TARGETS: dict[str, TargetSpec] = {
                       tucker=False, flux_fused=True, components=frozenset({"transformer"})),
 }
 
-FORMAT_CHOICES: tuple[str, ...] = (*TARGETS, *ALIASES)
+FORMAT_CHOICES: tuple[str, ...] = tuple(k for k, v in ALIASES.items() if v in TARGETS)
 
 
 def resolve_target(name: str) -> TargetSpec:

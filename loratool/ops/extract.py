@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.linalg import clamp_factors, decompose
@@ -23,7 +24,6 @@ from loratool.ops.extract_plan import ExtractOptions, Plan, PlannedModule, build
 from loratool.ops.extract_report import ModuleReport, compact, summarize
 
 Progress = Callable[[int, int, str], None]  # (modules done, total, last module key)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BATCH_BYTES = {"cuda": 128 << 20, "cpu": 64 << 20}  # stored bytes of a batch's base + tuned weights
 SLOTS = 3  # pinned staging buffers: one being filled, one queued, one being copied
 

@@ -18,12 +18,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, FullModule, LohaModule, LokrModule, LoraModule, NormModule, flat2d
 from loratool.linalg import RankMode, SvdPolicy, decompose, select_rank
 from loratool.linalg.factored import factored_svd
 from loratool.ops.extract_report import ModuleReport
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
