@@ -7,7 +7,8 @@ from the configs shipped in loratool/train/configs/<arch>.json, then filled stri
 the file does not provide, or a file tensor that belongs to no model tensor, is an error naming it.
 
 The file holds no tokenizer, and none may be fetched: the CLIP tokenizer comes from ``tokenizer_dir``
-(a tokenizer folder, or a diffusers pipeline folder with tokenizer/ and, for SDXL, tokenizer_2/).
+(a tokenizer folder, or a diffusers pipeline folder with tokenizer/ and, for SDXL, tokenizer_2/), else it
+is built from the CLIP BPE merges list in the installed open_clip_torch package (MIT; found, not imported).
 """
 
 from __future__ import annotations
@@ -132,8 +133,13 @@ def load_tokenizers(arch: str, tokenizer_dir: str | Path | None, path: Path) -> 
     from transformers import AutoTokenizer
 
     if tokenizer_dir is None:
-        raise LoraToolError("a single-file checkpoint holds no tokenizer: give --tokenizer DIR (a CLIP tokenizer "
-                            "folder, or a diffusers pipeline folder with tokenizer/)", path)
+        bpe = open_clip_bpe_file()
+        if bpe is None:
+            raise LoraToolError("a single-file checkpoint holds no tokenizer: give --tokenizer DIR (a CLIP "
+                                "tokenizer folder, or a diffusers pipeline folder with tokenizer/), or install "
+                                "open_clip_torch (its CLIP BPE list is used)", path)
+        first = clip_tokenizer_from_bpe(bpe, "!" if arch == "sd2" else "<|endoftext|>")  # as SD2 and SDXL ship
+        return [first] + ([clip_tokenizer_from_bpe(bpe, "!")] if arch == "sdxl" else [])
     tdir = Path(tokenizer_dir)
     if not tdir.is_dir():
         raise LoraToolError("--tokenizer is not a folder", tdir)
@@ -174,3 +180,41 @@ def load_single_file(path: Path, arch: str, config_dir: str | Path | None = None
     models = build_models(arch, configs)
     fill_models(models, map_checkpoint(arch, file.keys(), file.get, path), path)
     return models, configs
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 characters of byte-level BPE in vocabulary order: the printable bytes (standing for
+    themselves) first, in byte order, then the other bytes, which take the code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    rest = [b for b in range(256) if b not in set(keep)]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
+
+
+def open_clip_bpe_file() -> Path | None:
+    """open_clip_torch's CLIP BPE merges list (MIT), when that package is installed; not imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    file = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    return file if file.is_file() else None
+
+
+def clip_tokenizer_from_bpe(bpe_gz: Path, pad_token: str = "<|endoftext|>"):
+    """The CLIP tokenizer (49408 tokens) from the gzipped BPE merges list: vocab = the byte alphabet, the same
+    with ``</w>``, the first 48894 merges joined, then the two special tokens."""
+    import gzip
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    merges = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merge_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
+        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        merge_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer(str(vocab), str(merge_file), pad_token=pad_token, model_max_length=77)

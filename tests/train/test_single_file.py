@@ -15,7 +15,16 @@ from loratool.arch import detect_arch_from_checkpoint, load_arch
 from loratool.cli.main import cli
 from loratool.errors import LoraToolError
 from loratool.io.writer import write_safetensors
-from loratool.train.single_file import build_models, fill_models, map_checkpoint, shipped_configs
+from loratool.train import single_file
+from loratool.train.single_file import (
+    build_models,
+    clip_tokenizer_from_bpe,
+    fill_models,
+    load_tokenizers,
+    map_checkpoint,
+    open_clip_bpe_file,
+    shipped_configs,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 INSTANCE = REPO / "fixtures" / "tiny-instance"
@@ -111,12 +120,29 @@ def _one_error(result, *fragments: str) -> str:
     return lines[0]
 
 
-def test_cli_single_file_errors(tmp_path):
+def test_clip_tokenizer_from_open_clip_bpe(tmp_path):
+    bpe = open_clip_bpe_file()
+    if bpe is None:
+        pytest.skip("open_clip_torch is not installed (its BPE list is the optional tokenizer source)")
+    tok = clip_tokenizer_from_bpe(bpe)
+    assert len(tok) == 49408
+    # CLIP's published ids: <|startoftext|> a photo of a cat <|endoftext|>
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("A PHOTO").input_ids == tok("a photo").input_ids
+    one, two = load_tokenizers("sdxl", None, tmp_path / "x.safetensors")
+    ids = two(["a cat"], padding="max_length", max_length=77).input_ids[0]
+    # SDXL's second tokenizer pads with "!" (id 0), the first with <|endoftext|>
+    assert len(ids) == 77 and ids[:4] == [49406, 320, 2368, 49407] and ids[4:] == [0] * 73
+    assert one(["a cat"], padding="max_length", max_length=77).input_ids[0][4:] == [49407] * 73
+
+
+def test_cli_single_file_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(single_file, "open_clip_bpe_file", lambda: None)
     part = tmp_path / "part.safetensors"  # SD1 keys with real shapes, but only two of them
     write_safetensors(part, {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, {})
-    _one_error(_train("--model", str(part)), "part.safetensors", "--tokenizer")
+    _one_error(_train("--model", str(part)), "part.safetensors", "--tokenizer DIR", "open_clip_torch")
     _one_error(_train("--model", str(part), "--tokenizer", str(TOKENIZER)), "part.safetensors",
                "does not fit the unet config", "unet lacks")
     other = tmp_path / "other.safetensors"
