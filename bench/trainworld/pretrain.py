@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-from", type=Path, help="reuse the VAE of this pipeline folder (the text side does not touch it)")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-seconds", type=float, default=1e9)
@@ -136,14 +137,21 @@ def main(argv=None) -> None:
     te, vae, unet = (m.to(device) for m in tinysd.build_models(len(tok)))
     log = lambda s: print(s, flush=True)  # noqa: E731
     t0 = time.time()
-    std = train_vae(vae, args.vae_steps, args.batch, device, gen, log)
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(args.vae_from / "vae"), torch_dtype=torch.float32).to(device)
+        std, args.vae_steps = 1.0 / vae.config.scaling_factor, 0
+        log(f"vae reused from {args.vae_from}")
+    else:
+        std = train_vae(vae, args.vae_steps, args.batch, device, gen, log)
     vae.requires_grad_(False).eval()
     t1 = time.time()
     unet_ema, te_ema, done = train_unet(unet, te, vae, tok, args, device, gen, log)
     t2 = time.time()
     tinysd.save_pipeline(args.out, te_ema.cpu(), vae.cpu(), unet_ema.cpu(), tok_dir)
     info = {"unet_steps": done, "vae_steps": args.vae_steps, "batch": args.batch, "lr": args.lr,
-            "seed": args.seed, "device": str(device), "latent_std": std,
+            "seed": args.seed, "device": str(device), "vae_from": str(args.vae_from or ""), "latent_std": std,
             "vae_seconds": round(t1 - t0, 1), "unet_seconds": round(t2 - t1, 1)}
     (args.out / "pretrain.json").write_text(json.dumps(info, indent=1) + "\n")
     log(json.dumps(info))

@@ -4,7 +4,8 @@ Everything is a standard component, so the saved folder is an ordinary ``StableD
 folder that ``StableDiffusionPipeline.from_pretrained`` and loratool's trainer load:
 
 * tokenizer: a ``CLIPTokenizer`` over a whole-word vocabulary (every letter too, so any word
-  tokenizes; whole words come from BPE merges written here);
+  tokenizes; every world word is one token, from BPE merges written here; the longest caption is
+  10 tokens of the 16);
 * text_encoder: a 2-layer, 64-wide ``CLIPTextModel``;
 * vae: a one-level ``AutoencoderKL`` (no downsampling, 4 latent channels): nearly pixel space,
   learned in a few seconds;
@@ -23,26 +24,48 @@ MAX_LENGTH = 16
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP-style BPE vocabulary for ``words`` (every letter is a token too).
+def bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's byte-pair encoding of one lower-case word with ``merges`` (lowest rank merges first)."""
+    rank = {m: i for i, m in enumerate(merges)}
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:], strict=False))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
 
-    Known flaw, kept so that the shipped fixture stays reproducible: merges are ranked word by word,
-    so an early word's merge can pre-empt a later word's chain ("ma" from "magenta" splits "small").
-    Such words come out as several known sub-word tokens, never as unknown ones.
+
+def vocab_and_merges(words=WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP-style BPE vocabulary in which every word of ``words`` is ONE token (every letter is one too).
+
+    Each word gets a left-to-right chain of merges. A merge ranked early for one word can pre-empt
+    another word's chain ("ma" of "magenta" inside "small"), so the words are re-encoded with the
+    merges so far and, where one still falls apart, merges joining its pieces are appended, until every
+    word is whole. (The first tiny-sd was trained with a tokenizer that stopped after one pass and split
+    "small" and "triangle", which pushed full captions past 16 tokens.)
     """
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokens = [*SPECIAL, *letters, *(c + "</w>" for c in letters)]
     merges: list[tuple[str, str]] = []
-    for word in words:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        joined = pieces[0]
-        for piece in pieces[1:]:
-            if (joined, piece) not in merges:
-                merges.append((joined, piece))
-            joined += piece
-            if joined not in tokens:
-                tokens.append(joined)
-    return {t: i for i, t in enumerate(tokens)}, merges
+    for _ in range(10):
+        broken = 0
+        for word in words:
+            pieces = bpe(word, merges)
+            if len(pieces) == 1:
+                continue
+            broken += 1
+            joined = pieces[0]
+            for piece in pieces[1:]:
+                if (joined, piece) not in merges:
+                    merges.append((joined, piece))
+                joined += piece
+                if joined not in tokens:
+                    tokens.append(joined)
+        if not broken:
+            return {t: i for i, t in enumerate(tokens)}, merges
+    raise RuntimeError("BPE merges for the world's words did not converge")
 
 
 def write_tokenizer(folder: Path) -> None:
