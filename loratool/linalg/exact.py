@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from loratool.linalg.orient import as_batch, fix_signs
+from loratool.linalg.orient import as_batch, finish
 
 GRAM_RELATIVE_FLOOR = 1e-6
 
@@ -31,12 +31,7 @@ def exact_svd(a: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, t
     if u is None:
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    if wide:
-        u, vh = vh.transpose(-1, -2), u.transpose(-1, -2)
-    u, vh = fix_signs(u, vh)
-    if was_2d:
-        return u[0], s[0], vh[0]
-    return u, s, vh
+    return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
 
 def _gram_svd(x: torch.Tensor, k: int):

@@ -24,3 +24,15 @@ def fix_signs(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     sign = torch.gather(u, -2, idx).sign()
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return u * sign, vh * sign.transpose(-1, -2)
+
+
+def finish(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, *, wide: bool,
+           was_2d: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The last steps every decomposition shares: undo the tall orientation (a wide input was
+    transposed), fix the signs, and drop the batch dimension a single matrix was given."""
+    if wide:
+        u, vh = vh.transpose(-1, -2), u.transpose(-1, -2)
+    u, vh = fix_signs(u, vh)
+    if was_2d:
+        return u[0], s[0], vh[0]
+    return u, s, vh

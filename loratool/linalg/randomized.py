@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loratool.linalg.orient import as_batch, fix_signs
+from loratool.linalg.orient import as_batch, finish
 from loratool.linalg.seeding import gaussian_sketch
 
 
@@ -55,12 +55,7 @@ def randomized_svd(
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
     u, s, vh = _range_finder_svd(x, width, niter, seed, names)
     u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    if wide:
-        u, vh = vh.transpose(-1, -2), u.transpose(-1, -2)
-    u, vh = fix_signs(u, vh)
-    if was_2d:
-        return u[0], s[0], vh[0]
-    return u, s, vh
+    return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
