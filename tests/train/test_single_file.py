@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_error
 from click.testing import CliRunner
 
 from loratool.arch import detect_arch_from_checkpoint, load_arch
@@ -111,15 +112,6 @@ def _train(*args: str):
     return CliRunner().invoke(cli, [*base, *args])
 
 
-def _one_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("loratool: error:")]
-    assert len(lines) == 1, result.output
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
-
-
 def test_clip_tokenizer_from_open_clip_bpe(tmp_path):
     bpe = open_clip_bpe_file()
     if bpe is None:
@@ -142,14 +134,14 @@ def test_cli_single_file_errors(tmp_path, monkeypatch):
     write_safetensors(part, {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
         "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, {})
-    _one_error(_train("--model", str(part)), "part.safetensors", "--tokenizer DIR", "open_clip_torch")
-    _one_error(_train("--model", str(part), "--tokenizer", str(TOKENIZER)), "part.safetensors",
+    one_error(_train("--model", str(part)), "part.safetensors", "--tokenizer DIR", "open_clip_torch")
+    one_error(_train("--model", str(part), "--tokenizer", str(TOKENIZER)), "part.safetensors",
                "does not fit the unet config", "unet lacks")
     other = tmp_path / "other.safetensors"
     write_safetensors(other, {"foo.weight": torch.zeros(2, 2)}, {})
-    _one_error(_train("--model", str(other), "--tokenizer", str(TOKENIZER)), "not an SD1.x/SD2.x/SDXL checkpoint")
+    one_error(_train("--model", str(other), "--tokenizer", str(TOKENIZER)), "not an SD1.x/SD2.x/SDXL checkpoint")
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")
-    _one_error(_train("--model", str(ckpt), "--tokenizer", str(TOKENIZER)), "must be .safetensors")
+    one_error(_train("--model", str(ckpt), "--tokenizer", str(TOKENIZER)), "must be .safetensors")
     folder = REPO / "fixtures" / "tiny-sd"
-    _one_error(_train("--model", str(folder), "--tokenizer", str(TOKENIZER)), "are for single-file checkpoints")
+    one_error(_train("--model", str(folder), "--tokenizer", str(TOKENIZER)), "are for single-file checkpoints")

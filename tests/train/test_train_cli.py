@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_error
 from click.testing import CliRunner
 from PIL import Image
 
@@ -24,15 +25,6 @@ INSTANCE = REPO / "fixtures" / "tiny-instance"
 def train(*args: str):
     base = ["train", "--model", str(MODEL), "--instance-prompt", "a sks shape", "--resolution", "16", "-r", "4"]
     return CliRunner().invoke(cli, [*base, *args])
-
-
-def one_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.startswith("loratool: error:")]
-    assert len(lines) == 1, result.output
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
 
 
 def _folder(tmp_path: Path, name: str, images: dict[str, Image.Image | bytes]) -> Path:
