@@ -46,6 +46,10 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
               help="How TriLoRA's B·C·A is exported as up/down.")
 @click.option("--targets", default="unet", show_default=True, callback=_targets,
               help="Comma list of unet, text_encoder, vae (decoder).")
+@click.option("--unet-layers", type=click.Choice(["attn", "transformer", "all"]), default="attn", show_default=True,
+              help="UNet layers to adapt: attn = attention projections (diffusers' default); transformer = every "
+                   "linear/1x1 layer of the transformer blocks (kohya's LoRA); all = those plus the ResNet and "
+                   "up/downsampler convs (kohya's LoCon).")
 @click.option("--new-tokens", callback=_tokens, help='Comma list of new tokens to learn, e.g. "<sks>".')
 @click.option("--init-token", help="Existing word whose embedding starts the new tokens.")
 @click.option("--steps", default=500, show_default=True)

@@ -8,7 +8,8 @@
 
   Its metadata: ``loratool.format = "loratool-train-checkpoint"``, ``loratool.adapter`` (lora|trilora),
   ``loratool.rank``, ``loratool.alpha``, ``loratool.trilora_init``, ``loratool.targets`` and
-  ``loratool.new_tokens`` (JSON lists), ``loratool.step``.
+  ``loratool.new_tokens`` (JSON lists), ``loratool.unet_layers`` (attn|transformer|all, empty without a
+  UNet adapter), ``loratool.step``.
 
 ``state.pt`` — what continuing needs: the optimizer state, the step, the loss history, and the
 states of the data/noise generator, torch's CPU generator and (when used) CUDA's.
@@ -59,7 +60,7 @@ def read_meta(folder: Path) -> dict[str, str]:
 
 
 def check_compatible(folder: Path, expected: dict[str, str]) -> None:
-    """Refuse a checkpoint made with another adapter type, rank, alpha, init or targets."""
+    """Refuse a checkpoint made with another adapter type, rank, alpha, init, targets or UNet layer set."""
     meta = read_meta(folder)
     for key, want in expected.items():
         have = meta.get(key)

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import LoraToolError
-from loratool.train.layers import ADAPTERS, FOLDS, TRILORA_INITS
+from loratool.train.layers import ADAPTERS, FOLDS, TRILORA_INITS, UNET_LAYER_SETS
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -29,6 +29,7 @@ class TrainConfig:
     trilora_init: str = "svd"
     fold: str = "balanced"
     targets: tuple[str, ...] = ("unet",)
+    unet_layers: str = "attn"
     new_tokens: tuple[str, ...] = ()
     init_token: str | None = None
     steps: int = 500
@@ -64,6 +65,8 @@ class TrainConfig:
         bad = [t for t in self.targets if t not in COMPONENTS]
         if bad or not self.targets:
             raise LoraToolError(f"--targets takes a comma list of {', '.join(COMPONENTS)} (got {','.join(self.targets)})")
+        if self.unet_layers not in UNET_LAYER_SETS:
+            raise LoraToolError(f"--unet-layers must be one of {', '.join(UNET_LAYER_SETS)}, not {self.unet_layers!r}")
         if self.resolution <= 0 or self.resolution % 8:
             raise LoraToolError(f"--resolution {self.resolution} is not a positive multiple of 8")
         if self.rank < 1:

@@ -44,6 +44,8 @@ def training_metadata(cfg: TrainConfig, summary: dict, n_instance: int, n_class:
     args = {"algo": cfg.adapter}
     if cfg.adapter == "trilora":
         args.update(trilora_init=cfg.trilora_init, fold=cfg.fold)
+    if "unet" in cfg.targets and cfg.unet_layers == "all":  # kohya marks a LoCon run by conv_dim/conv_alpha
+        args.update(conv_dim=str(cfg.rank), conv_alpha=str(cfg.alpha if cfg.alpha is not None else cfg.rank))
     dirs = {Path(cfg.instance_data).name: {"n_repeats": 1, "img_count": n_instance}}
     meta = {
         "ss_session_id": str(random.Random(cfg.seed).randint(0, 2**32 - 1)),

@@ -147,11 +147,40 @@ def adapt(model: nn.Module, names: list[str], kind: str, rank: int, alpha: float
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# --unet-layers: which UNet layers get an adapter.
+#   attn         the attention projections to_q/to_k/to_v/to_out.0 (diffusers' DreamBooth-LoRA default);
+#   transformer  every Linear and 1x1 conv of the transformer blocks: the attention projections plus
+#                proj_in/proj_out and the feed-forward (kohya's networks.lora default);
+#   all          transformer, plus the ResNet blocks (3x3 convs, 1x1 shortcuts, time-embedding projections)
+#                and the down/upsampler convs (kohya's LoCon, conv_dim set).
+UNET_LAYER_SETS = ("attn", "transformer", "all")
+_TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+_CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
-def target_names(model: nn.Module, component: str) -> list[str]:
-    """The layers a component's adapter covers: attention projections (UNet, text encoder); for the VAE,
-    the decoder's attention projections and 3x3 convs."""
+def _adaptable(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+
+
+def _inside(model: nn.Module, block_types: tuple[str, ...]) -> list[str]:
+    """Names of the adaptable layers inside modules whose class name is one of ``block_types``."""
+    out = []
+    for prefix, block in model.named_modules():
+        if type(block).__name__ in block_types:
+            out += [f"{prefix}.{name}" for name, mod in block.named_modules() if name and _adaptable(mod)]
+    return out
+
+
+def target_names(model: nn.Module, component: str, unet_layers: str = "attn") -> list[str]:
+    """The layers a component's adapter covers: for the UNet as ``unet_layers`` says (UNET_LAYER_SETS);
+    the text encoder's attention projections; for the VAE, the decoder's attention projections and 3x3
+    convs."""
+    if component == "unet" and unet_layers != "attn":
+        if unet_layers not in UNET_LAYER_SETS:
+            raise ValueError(f"unknown UNet layer set {unet_layers!r}")
+        blocks = _TRANSFORMER_BLOCKS + (_CONV_BLOCKS if unet_layers == "all" else ())
+        adapted = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+        return sorted({n for n in _inside(model, blocks) if not f"{n}.".startswith(adapted)})
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, AdaptedLayer):

@@ -81,7 +81,7 @@ class Trainer:
             wanted = component if not component.startswith("text_encoder") else "text_encoder"
             if wanted not in cfg.targets:
                 continue
-            names = target_names(model, component)
+            names = target_names(model, component, cfg.unet_layers)
             if not names:
                 raise LoraToolError(f"--targets {component}: no layers to adapt in this model", cfg.model)
             for name, layer in adapt(model, names, cfg.adapter, cfg.rank, cfg.alpha, cfg.trilora_init, self.gen).items():
@@ -118,6 +118,7 @@ class Trainer:
                 "loratool.alpha": str(float(cfg.alpha if cfg.alpha is not None else cfg.rank)),
                 "loratool.trilora_init": cfg.trilora_init if cfg.adapter == "trilora" else "",
                 "loratool.targets": checkpoint.json_list(cfg.targets),
+                "loratool.unet_layers": cfg.unet_layers if "unet" in cfg.targets else "",
                 "loratool.new_tokens": checkpoint.json_list(cfg.new_tokens)}
 
     def _resume(self, folder: Path) -> None:

@@ -91,3 +91,27 @@ def test_vae_decoder_adapter_is_written_beside_with_its_exact_delta(trained):
         alpha = float(f.get(f"{key}.alpha"))
         delta = (alpha / down.shape[0]) * (up.flatten(1) @ down.flatten(1))
         assert torch.allclose(delta, layer.delta().flatten(1), atol=1e-6), key
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_locon_unet_adapter_loads_in_diffusers_and_matches(tmp_path, fmt):
+    """--unet-layers all (ResNet, sampler and transformer layers, convs included) exports as a LoCon file
+    that diffusers applies module for module."""
+    cfg = TrainConfig(model=str(MODEL), instance_data=str(INSTANCE), instance_prompt="a sks shape",
+                      output=str(tmp_path / "o"), rank=4, steps=1, resolution=16, unet_layers="all")
+    tr = Trainer(cfg, torch.device("cpu"))
+    assert any(layer.is_conv and layer.base.kernel_size == (3, 3) for layer in tr.layers.values())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in tr.layers.values():
+            for p in layer.factors().values():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    path = tmp_path / f"locon_{fmt}.safetensors"
+    write_adapter(adapter_from_layers(tr.layers, tr.base.base_model), path, fmt)
+    pipe, before = _load(MODEL, path)
+    ids = pipe.tokenizer(["a shape"] * 2, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with torch.no_grad():
+        states = pipe.text_encoder(ids)[0]
+        ours, theirs = _unet_out(tr.base.unet, states), _unet_out(pipe.unet, states)
+    assert (theirs - before).abs().max() > 1e-2
+    assert torch.allclose(theirs, ours, atol=1e-4)

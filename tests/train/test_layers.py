@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +92,23 @@ def test_rank_is_capped_by_the_layer_and_targets_are_found():
     layers = adapt(model, names, "lora", 8, None, "svd", torch.Generator())
     assert layers["attn.to_q"].rank == 3 and isinstance(model.attn.to_q, AdaptedLayer)
     assert target_names(model, "unet") == []  # already adapted layers are not wrapped twice
+
+
+def test_unet_layer_sets_follow_kohya_and_diffusers():
+    from diffusers import UNet2DConditionModel
+
+    from loratool.train.layers import UNET_LAYER_SETS
+
+    unet = UNet2DConditionModel.from_pretrained(str(Path(__file__).resolve().parents[2] / "fixtures/tiny-sd/unet"))
+    attn, transformer, every = (set(target_names(unet, "unet", s)) for s in UNET_LAYER_SETS)
+    blocks = {n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"}
+    assert attn < transformer < every
+    # kohya's networks.lora: 12 layers a transformer block (proj_in/out, 2 x q/k/v/out, 2 feed-forward)
+    assert len(transformer) == 12 * len(blocks) and len(attn) == 8 * len(blocks)
+    extra = every - transformer
+    assert {n.rsplit(".", 1)[1] for n in extra} == {"conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"}
+    assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in every)
+    adapt(unet, sorted(every), "lora", 2, None, "svd", torch.Generator())
+    assert target_names(unet, "unet", "all") == []  # already adapted layers are not wrapped twice
+    with pytest.raises(ValueError):
+        target_names(unet, "unet", "convs")

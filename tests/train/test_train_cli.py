@@ -65,6 +65,14 @@ def test_resume_from_another_adapter_type_is_refused(tmp_path):
     write_safetensors(ckpt / "adapter.safetensors", {"x": torch.zeros(1)}, meta)
     res = train("--instance-data", str(INSTANCE), "--adapter", "trilora", "--resume", str(ckpt), "-o", str(tmp_path / "o"))
     one_error(res, "--resume", "adapter is lora, but this run asks for trilora")
+    ckpt2 = tmp_path / "ckpt2"
+    ckpt2.mkdir()
+    write_safetensors(ckpt2 / "adapter.safetensors", {"x": torch.zeros(1)},
+                      {**meta, "loratool.adapter": "trilora", "loratool.trilora_init": "svd",
+                       "loratool.unet_layers": "attn"})
+    res = train("--instance-data", str(INSTANCE), "--adapter", "trilora", "--unet-layers", "all", "--resume", str(ckpt2),
+                "-o", str(tmp_path / "o"))
+    one_error(res, "--resume", "unet_layers is attn, but this run asks for all")
 
 
 @pytest.mark.slow
