@@ -8,6 +8,7 @@ weights carry two trailing 1-dims; OpenCLIP's text_projection is stored transpos
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -25,14 +26,33 @@ def _to_diffusers(p: ParamSpec, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def checkpoint_to_diffusers(arch: Arch, key: str, tensor: torch.Tensor) -> list[tuple[ParamSpec, torch.Tensor]]:
-    """The diffusers tensors inside single-file tensor `key` (views where possible)."""
+def _scaled(p: ParamSpec, rows: int, table_rows: int) -> ParamSpec:
+    """`p` with its row ranges scaled from the table's first dim to `rows` (a fused tensor of other widths)."""
+    if p.rows is None or rows == table_rows:
+        return p
+    if any(a * rows % table_rows or b * rows % table_rows for a, b in p.rows):
+        raise LoraToolError(f"{p.checkpoint_key} has {rows} rows, which do not split as {table_rows} do")
+    return replace(p, rows=tuple((a * rows // table_rows, b * rows // table_rows) for a, b in p.rows))
+
+
+def checkpoint_to_diffusers(arch: Arch, key: str, tensor: torch.Tensor,
+                            table_shapes: bool = True) -> list[tuple[ParamSpec, torch.Tensor]]:
+    """The diffusers tensors inside single-file tensor `key` (views where possible).
+
+    With table_shapes=False the widths are not the table's (a model built from a config, which the caller
+    checks the results against): only the number of dims is checked, and fused row ranges are scaled."""
     params = arch.checkpoint_params.get(key)
     if not params:
         raise LoraToolError(f"{key} is not a {arch.name} checkpoint key")
     want = arch.checkpoint_shape(key)
-    if tuple(tensor.shape) != want:
-        raise LoraToolError(f"{key} has shape {list(tensor.shape)}, {arch.name} expects {list(want)}")
+    shape = tuple(tensor.shape)
+    if table_shapes and shape != want:
+        raise LoraToolError(f"{key} has shape {list(shape)}, {arch.name} expects {list(want)}")
+    if not table_shapes:
+        if len(shape) != len(want) or (params[0].op == "conv1x1" and shape[2:] != (1, 1)):
+            raise LoraToolError(f"{key} has shape {list(shape)}, {arch.name} stores {len(want)} dims"
+                                + (" ending in 1x1" if params[0].op == "conv1x1" else ""))
+        params = [_scaled(p, shape[0], want[0]) for p in params]
     return [(p, _to_diffusers(p, tensor)) for p in params]
 
 

@@ -46,3 +46,24 @@ def _detect_text_encoder(shapes: dict[str, tuple[int, ...]]) -> str:
         if key.endswith("encoder.layers.0.self_attn.q_proj.weight") and len(shape) == 2:
             return {768: "sd1", 1024: "sd2"}.get(shape[1], "unknown")
     return "unknown"
+
+
+def detect_layout_from_checkpoint(keys: Iterable[str]) -> str:
+    """sd1 | sd2 | sdxl | unknown by key names alone: the one architecture whose table names every key of
+    the file (its single-file keys and known extras); none, or more than one (a file of UNet keys only), is
+    unknown.
+
+    Widths play no part, so this names the layout of a file built at other widths (a tiny test model in
+    SD1's block structure) or one with tensors missing; use it only where every tensor is checked against
+    something else (training fills models built from a config, strictly, and names what is missing).
+    Real files go through detect_arch_from_checkpoint, which reads the widths."""
+    from loratool.arch import load_arch
+
+    keys = set(keys)
+    fits = []
+    for name in ("sd1", "sd2", "sdxl"):
+        table = load_arch(name)
+        ours = keys & set(table.checkpoint_params)
+        if ours and all(table.is_checkpoint_extra(k) for k in keys - ours):
+            fits.append(name)
+    return fits[0] if len(fits) == 1 else "unknown"

@@ -73,8 +73,10 @@ def _model_name(name: str, wanted: set[str]) -> str:
 
 
 def map_checkpoint(arch: str, keys: Iterable[str], get: Callable[[str], torch.Tensor],
-                   path: Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """{component: {diffusers param: tensor}} from single-file keys; unknown keys are an error."""
+                   path: Path | None = None, table_shapes: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """{component: {diffusers param: tensor}} from single-file keys; unknown keys are an error.
+
+    table_shapes=False: the widths come from a config, not the table (fill_models checks them)."""
     from loratool.arch import load_arch
     from loratool.arch.convert import checkpoint_to_diffusers
 
@@ -86,7 +88,7 @@ def map_checkpoint(arch: str, keys: Iterable[str], get: Callable[[str], torch.Te
             if not table.is_checkpoint_extra(key):
                 unknown.append(key)
             continue
-        for spec, tensor in checkpoint_to_diffusers(table, key, get(key)):
+        for spec, tensor in checkpoint_to_diffusers(table, key, get(key), table_shapes):
             out.setdefault(spec.component, {})[spec.name] = tensor
     if unknown:
         raise LoraToolError(f"{len(unknown)} tensor(s) of no {arch} model: {', '.join(sorted(unknown)[:5])}", path)
@@ -157,8 +159,13 @@ def load_tokenizers(arch: str, tokenizer_dir: str | Path | None, path: Path) -> 
 
 
 def checkpoint_arch(path: Path) -> str:
-    """sd1 | sd2 | sdxl from a single file's keys and shapes (anything else is an error)."""
+    """sd1 | sd2 | sdxl from a single file's keys and shapes (anything else is an error).
+
+    Widths of no known model (the cross-attention width decides) fall back to the key names: a file whose
+    keys are all of one table's layout is of that layout (loratool.arch.detect.detect_layout_from_checkpoint),
+    and its widths must then fit the configs (``--config``), which fill_models checks tensor by tensor."""
     from loratool.arch import detect_arch_from_checkpoint
+    from loratool.arch.detect import detect_layout_from_checkpoint
     from loratool.io.safetensors import SafetensorsFile
 
     if path.suffix.lower() != ".safetensors":
@@ -166,19 +173,23 @@ def checkpoint_arch(path: Path) -> str:
                             path)
     file = SafetensorsFile(path)
     arch = detect_arch_from_checkpoint((k, file.info(k).shape) for k in file.keys())
+    if arch == "unknown":
+        arch = detect_layout_from_checkpoint(file.keys())
     if arch not in ARCHS:
         raise LoraToolError(f"not an SD1.x/SD2.x/SDXL checkpoint (detected: {arch})", path)
     return arch
 
 
 def load_single_file(path: Path, arch: str, config_dir: str | Path | None = None) -> tuple[dict, dict]:
-    """({component: model on CPU, fp32}, configs) from a .safetensors single-file checkpoint of ``arch``."""
+    """({component: model on CPU, fp32}, configs) from a .safetensors single-file checkpoint of ``arch``.
+
+    With ``config_dir`` the configs decide the widths (the table's shapes are not required of the file)."""
     from loratool.io.safetensors import SafetensorsFile
 
     file = SafetensorsFile(path)
     configs = load_configs(arch, config_dir)
     models = build_models(arch, configs)
-    fill_models(models, map_checkpoint(arch, file.keys(), file.get, path), path)
+    fill_models(models, map_checkpoint(arch, file.keys(), file.get, path, table_shapes=config_dir is None), path)
     return models, configs
 
 
