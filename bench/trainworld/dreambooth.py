@@ -9,6 +9,9 @@ evaluation step the same seeds are sampled and judged by code (world.detect):
 * drift     — RMS pixel distance of "a shape" samples from the base model's (same seeds), the share of
               them that show magenta or a cross (leak), and base-world prompt following (colour+shape);
 * collapse  — diversity (mean pairwise RMS distance across seeds) and saturated-pixel share.
+
+The UNet layers default to ``all`` (LoCon): with attention-only adapters this tiny UNet learns the
+subject's colour but hardly its shape (docs/TRAINING.md). ``sweep.py`` runs several settings at once.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def measure(pipe, base_class: torch.Tensor | None) -> tuple[dict, dict]:
     return row, {"subject": subj[:16], "class": cls[:16]}
 
 
-def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log) -> list[dict]:
+def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log, done: list[dict]) -> list[dict]:
     from loratool.train.config import TrainConfig
     from loratool.train.loop import Trainer
 
@@ -60,7 +63,7 @@ def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log
                       output=str(args.out / adapter), class_data=str(class_dir), class_prompt=ev.CLASS_PROMPT,
                       num_class_images=args.class_images, adapter=adapter, rank=args.rank, steps=1,
                       lr=args.lr, batch_size=args.batch, resolution=32, targets=tuple(args.targets.split(",")),
-                      snr_gamma=5.0, seed=args.seed)
+                      unet_layers=args.unet_layers, snr_gamma=5.0, seed=args.seed)
     tr = Trainer(cfg, torch.device(args.device))
     rows, train_s = [], 0.0
     for target in args.eval_at:
@@ -74,6 +77,7 @@ def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log
                    trainable=summary["trainable_parameters"], peak_mb=summary["peak_gpu_memory_mb"])
         rows.append(row)
         log(json.dumps(row))
+        save(args, [*done, *rows])
     ev.grid(torch.cat([imgs["subject"], imgs["class"]]), 16, args.out / f"{adapter}_final.png")
     from loratool.train.export import write_outputs
 
@@ -103,8 +107,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--targets", default="unet,text_encoder")
+    ap.add_argument("--unet-layers", default="all", choices=["attn", "transformer", "all"])
+    ap.add_argument("--class-dir", type=Path, help="class images (default OUT/class; made by the base when missing)")
     ap.add_argument("--class-images", type=int, default=64)
-    ap.add_argument("--eval-at", type=int, nargs="+", default=[150, 300, 600, 1200])
+    ap.add_argument("--eval-at", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--adapters", nargs="+", default=["lora", "trilora"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -118,12 +124,17 @@ def main(argv=None) -> None:
     ev.grid(torch.cat([base_imgs["subject"], base_imgs["class"]]), 16, args.out / "base.png")
     log(json.dumps(base_row))
     rows = [base_row]
+    save(args, rows)
     for adapter in args.adapters:
-        rows += train_one(adapter, args, args.out / "class", base_class, log)
+        rows += train_one(adapter, args, args.class_dir or args.out / "class", base_class, log, rows)
+    log(table(rows))
+
+
+def save(args, rows: list[dict]) -> None:
+    """results.json and table.md as they stand (rewritten after every evaluation, so a cut run keeps its rows)."""
     (args.out / "results.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": rows}, indent=1))
     (args.out / "table.md").write_text(table(rows) + "\n")
-    log(table(rows))
 
 
 if __name__ == "__main__":
