@@ -105,8 +105,13 @@ def encode_kohya(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 def network_module(adapter: Adapter) -> str:
+    """kohya's ``ss_network_module`` for this adapter: LyCORIS for any LoHa/LoKr/full/norm module or a
+    Tucker LoRA (kohya's networks.lora cannot load a mid factor), else the base model's LoRA module."""
+    from loratool.io.metadata import BASE_MODELS
+
     kinds = set(adapter.kinds)
     tucker = any(isinstance(m, LoraModule) and m.mid is not None for m in adapter.modules.values())
     if kinds - {"lora"} or tucker:
         return "lycoris.kohya"
-    return {"flux": "networks.lora_flux", "sd3": "networks.lora_sd3"}.get(adapter.base_model, "networks.lora")
+    spec = BASE_MODELS.get(adapter.base_model)
+    return spec.network_module if spec else "networks.lora"

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loratool.core.modules import Adapter
+from loratool.formats.kohya import network_module
 from loratool.formats.write import modelspec_metadata, network_metadata
 from loratool.io.metadata import BASE_MODELS, loratool_keys
 from loratool.ops.convert import ConvertReport
@@ -43,12 +44,6 @@ def network_dims(adapter: Adapter) -> tuple[int | str, float | str | None]:
               if isinstance(m.rank, int)]
     alpha = _uniform([float(a) for a in alphas])
     return dim, alpha
-
-
-def network_module(adapter: Adapter) -> str:
-    if any(m.kind != "lora" for m in adapter.modules.values()):
-        return "lycoris.kohya"
-    return BASE_MODELS[adapter.base_model].network_module if adapter.base_model in BASE_MODELS else "networks.lora"
 
 
 def conversion_summary(report: ConvertReport) -> dict[str, Any]:

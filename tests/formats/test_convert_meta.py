@@ -68,3 +68,17 @@ def test_flux_kohya_module_name():
     out, report = convert(a, "kohya")
     meta = target_metadata({}, out, report)
     assert meta["ss_network_module"] == "networks.lora_flux" and "modelspec.prediction_type" not in meta
+
+
+def test_tucker_lora_is_a_lycoris_module_in_both_writers():
+    """A LoRA with a Tucker mid factor needs LyCORIS; convert's metadata and the file writer agree."""
+    from loratool.formats.kohya import network_module
+
+    a = Adapter(base_model="sd1", source_format="lycoris")
+    a.add(LoraModule("unet", "down_blocks.0.resnets.0.conv1", alpha=2.0, down=torch.ones(2, 4, 1, 1),
+                     mid=torch.ones(2, 2, 3, 3), up=torch.ones(8, 2, 1, 1)))
+    out, report = convert(a, "kohya")
+    assert target_metadata(a.metadata, out, report)["ss_network_module"] == "lycoris.kohya"
+    assert network_module(out) == "lycoris.kohya"
+    plain = _adapter(base="flux")
+    assert network_module(plain) == "networks.lora_flux"
