@@ -36,6 +36,8 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--instance-prompt", required=True, help='e.g. "a photo of sks dog".')
 @click.option("--class-data", help="Folder of class images (missing ones are generated with the base model).")
 @click.option("--class-prompt", help='e.g. "a photo of a dog" (turns on prior preservation).')
+@click.option("--caption-extension", help="Read each image's caption from its sidecar file with this extension "
+              "(e.g. .txt, as kohya's caption_extension); images without one use --instance-prompt/--class-prompt.")
 @click.option("--num-class-images", default=100, show_default=True)
 @click.option("--prior-loss-weight", default=1.0, show_default=True)
 @click.option("--adapter", type=click.Choice(["lora", "trilora"]), default="lora", show_default=True)

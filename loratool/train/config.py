@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loratool.errors import LoraToolError
+from loratool.train.data import IMAGE_SUFFIXES
 from loratool.train.layers import ADAPTERS, FOLDS, TRILORA_INITS, UNET_LAYER_SETS
 
 COMPONENTS = ("unet", "text_encoder", "vae")
@@ -29,6 +30,7 @@ class TrainConfig:
     trilora_init: str = "svd"
     fold: str = "balanced"
     targets: tuple[str, ...] = ("unet",)
+    caption_extension: str | None = None  # sidecar captions, e.g. ".txt" (kohya's caption_extension)
     unet_layers: str = "attn"
     new_tokens: tuple[str, ...] = ()
     init_token: str | None = None
@@ -67,6 +69,13 @@ class TrainConfig:
             raise LoraToolError(f"--targets takes a comma list of {', '.join(COMPONENTS)} (got {','.join(self.targets)})")
         if self.unet_layers not in UNET_LAYER_SETS:
             raise LoraToolError(f"--unet-layers must be one of {', '.join(UNET_LAYER_SETS)}, not {self.unet_layers!r}")
+        if self.caption_extension is not None:
+            ext = self.caption_extension
+            if not ext.lstrip(".") or "/" in ext or "\\" in ext:
+                raise LoraToolError(f"--caption-extension {ext!r} is not a file extension (e.g. .txt)")
+            if ext.lower().endswith(IMAGE_SUFFIXES):
+                raise LoraToolError(f"--caption-extension {ext!r} is an image extension")
+            self.caption_extension = ext if ext.startswith(".") else f".{ext}"
         if self.resolution <= 0 or self.resolution % 8:
             raise LoraToolError(f"--resolution {self.resolution} is not a positive multiple of 8")
         if self.rank < 1:

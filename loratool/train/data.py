@@ -1,5 +1,7 @@
-"""Training images: reading and checking a folder, class-image generation, batches.
+"""Training images: reading and checking a folder, captions, class-image generation, batches.
 
+With a caption extension (kohya's ``caption_extension``, e.g. ``.txt``), an image whose sidecar file
+``<stem><ext>`` exists is trained with that caption; the others use the run's instance or class prompt.
 Images are resized (shorter side to the resolution, Lanczos) and centre-cropped, then scaled to
 [-1, 1]. A batch with prior preservation is the instance examples followed by as many class
 examples, so one forward pass serves both losses.
@@ -70,6 +72,30 @@ def load_folder(folder: str | Path, resolution: int, what: str = "image folder")
     return torch.stack([load_image(p, resolution) for p in image_files(folder, what)])
 
 
+def read_caption(image: Path, extension: str) -> str | None:
+    """The caption in ``image``'s sidecar file, or None when there is none; an unusable file is an error."""
+    path = image.with_suffix(extension)
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise LoraToolError("caption file is not UTF-8 text", path) from None
+    except OSError as e:
+        raise LoraToolError(f"caption file cannot be read ({e.strerror})", path) from None
+    if not text:
+        raise LoraToolError("caption file is empty", path)
+    return " ".join(text.split())
+
+
+def load_captioned(folder: str | Path, resolution: int, what: str, prompt: str,
+                   caption_extension: str | None) -> tuple[torch.Tensor, list[str]]:
+    """A folder's images and one prompt for each: its sidecar caption, else ``prompt``."""
+    files = image_files(folder, what)
+    captions = [read_caption(p, caption_extension) if caption_extension else None for p in files]
+    return torch.stack([load_image(p, resolution) for p in files]), [c or prompt for c in captions]
+
+
 def save_image(img: torch.Tensor, path: Path) -> None:
     """Save ``[3, H, W]`` in [0, 1] as PNG."""
     from PIL import Image
@@ -100,19 +126,34 @@ def generate_class_images(pipe, folder: Path, prompt: str, wanted: int, resoluti
 
 @dataclass
 class Examples:
-    """Pixel tensors and their prompts; ``n_instance`` rows of a batch are instances, the rest class."""
+    """Pixel tensors and their prompts (one for all, or one per image); ``n_instance`` rows of a batch are
+    instances, the rest class."""
 
     instance: torch.Tensor
-    instance_prompt: str
+    instance_prompt: str | list[str]
     klass: torch.Tensor | None = None
-    class_prompt: str | None = None
+    class_prompt: str | list[str] | None = None
+
+    @staticmethod
+    def _prompts(prompt: str | list[str], idx: torch.Tensor) -> list[str]:
+        return [prompt] * len(idx) if isinstance(prompt, str) else [prompt[i] for i in idx.tolist()]
 
     def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
         """``size`` instance examples (drawn with ``gen``), then ``size`` class ones if any."""
         idx = torch.randint(0, len(self.instance), (size,), generator=gen)
-        pixels, prompts = [self.instance[idx]], [self.instance_prompt] * size
+        pixels, prompts = [self.instance[idx]], self._prompts(self.instance_prompt, idx)
         if self.klass is not None:
             cidx = torch.randint(0, len(self.klass), (size,), generator=gen)
             pixels.append(self.klass[cidx])
-            prompts += [self.class_prompt] * size
+            prompts += self._prompts(self.class_prompt, cidx)
         return torch.cat(pixels), prompts, size
+
+    def prompt_counts(self, part: str) -> dict[str, int]:
+        """How many images of ``part`` ("instance" or "class") are trained with each prompt."""
+        prompt, pixels = (self.instance_prompt, self.instance) if part == "instance" else (self.class_prompt, self.klass)
+        if pixels is None:
+            return {}
+        counts: dict[str, int] = {}
+        for p in [prompt] * len(pixels) if isinstance(prompt, str) else prompt:
+            counts[p] = counts.get(p, 0) + 1
+        return counts

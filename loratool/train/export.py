@@ -38,7 +38,8 @@ def adapter_from_layers(layers: dict, base_model: str, fold: str = "balanced",
     return adapter
 
 
-def training_metadata(cfg: TrainConfig, summary: dict, n_instance: int, n_class: int, started: float) -> dict[str, str]:
+def training_metadata(cfg: TrainConfig, summary: dict, n_instance: int, n_class: int, started: float,
+                      captions: dict[str, int] | None = None) -> dict[str, str]:
     """The ``ss_*`` training keys (kohya's spelling and value style) that apply to this trainer."""
     te_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr
     args = {"algo": cfg.adapter}
@@ -65,13 +66,22 @@ def training_metadata(cfg: TrainConfig, summary: dict, n_instance: int, n_class:
         "ss_prior_loss_weight": str(cfg.prior_loss_weight), "ss_optimizer": "torch.optim.AdamW(weight_decay=0.01)",
         "ss_max_grad_norm": str(cfg.max_grad_norm), "ss_sd_model_name": Path(cfg.model).name,
         "ss_dataset_dirs": json.dumps(dirs), "ss_tag_frequency": json.dumps(
-            {Path(cfg.instance_data).name: {cfg.instance_prompt: n_instance}}),
+            {Path(cfg.instance_data).name: tag_frequency(captions or {cfg.instance_prompt: n_instance})}),
         "ss_training_comment": f"loratool train --adapter {cfg.adapter}", "ss_network_dropout": "None",
         "ss_network_args": json.dumps(args),
     }
     if cfg.class_data:
         meta["ss_reg_dataset_dirs"] = json.dumps({Path(cfg.class_data).name: {"n_repeats": 1, "img_count": n_class}})
     return meta
+
+
+def tag_frequency(captions: dict[str, int]) -> dict[str, int]:
+    """kohya's ``ss_tag_frequency`` entry of one folder: how many images carry each comma-separated tag."""
+    tags: dict[str, int] = {}
+    for caption, n in captions.items():
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            tags[tag] = tags.get(tag, 0) + n
+    return tags
 
 
 def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
@@ -82,7 +92,8 @@ def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
     cfg, out, base = trainer.cfg, trainer.out, trainer.base
     out.mkdir(parents=True, exist_ok=True)
     n_class = 0 if trainer.klass is None else len(trainer.klass)
-    meta = training_metadata(cfg, summary, len(trainer.instance), n_class, started)
+    meta = training_metadata(cfg, summary, len(trainer.instance), n_class, started,
+                             trainer.examples.prompt_counts("instance"))
     when = _dt.datetime.fromtimestamp(started).replace(microsecond=0).isoformat()
     meta.update(modelspec(base.base_model, cfg.output_name, date=when, resolution=f"{cfg.resolution}x{cfg.resolution}"))
     meta.update(loratool_keys("train", {k: v for k, v in cfg.as_dict().items() if k != "extra"}))

@@ -43,13 +43,14 @@ class Trainer:
             if cfg.mixed_precision == "fp16":
                 raise LoraToolError("--mixed-precision fp16 needs a CUDA device")
         self.out = Path(cfg.output)
-        self.instance = data.load_folder(cfg.instance_data, cfg.resolution, "instance image folder")
+        self.instance, instance_prompts = data.load_captioned(cfg.instance_data, cfg.resolution, "instance image folder",
+                                                              cfg.instance_prompt, cfg.caption_extension)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.base = load_base(cfg.model, device, cfg.tokenizer, cfg.model_config)
         self.token_ids = add_tokens(self.base, list(cfg.new_tokens), cfg.init_token) if cfg.new_tokens else []
-        self.klass = self._class_images() if cfg.class_data else None
-        self.examples = data.Examples(self.instance, cfg.instance_prompt, self.klass, cfg.class_prompt)
+        self.klass, class_prompts = self._class_images() if cfg.class_data else (None, None)
+        self.examples = data.Examples(self.instance, instance_prompts, self.klass, class_prompts)
         self.layers = self._adapt()
         self.optimizer = self._optimizer()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -65,7 +66,7 @@ class Trainer:
             self._resume(Path(cfg.resume))
 
     # -- setup -------------------------------------------------------------------------------
-    def _class_images(self) -> torch.Tensor:
+    def _class_images(self) -> tuple[torch.Tensor, list[str]]:
         cfg, folder = self.cfg, Path(self.cfg.class_data)
         if folder.exists() and not folder.is_dir():
             raise LoraToolError("class image folder is not a folder", folder)
@@ -73,7 +74,7 @@ class Trainer:
         if have < cfg.num_class_images:
             data.generate_class_images(self.base.pipeline(), folder, cfg.class_prompt, cfg.num_class_images,
                                        cfg.resolution, cfg.seed, steps=cfg.sample_steps)
-        return data.load_folder(folder, cfg.resolution, "class image folder")
+        return data.load_captioned(folder, cfg.resolution, "class image folder", cfg.class_prompt, cfg.caption_extension)
 
     def _adapt(self) -> dict:
         cfg, layers = self.cfg, {}
