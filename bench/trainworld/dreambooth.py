@@ -63,7 +63,8 @@ def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log
                       output=str(args.out / adapter), class_data=str(class_dir), class_prompt=ev.CLASS_PROMPT,
                       num_class_images=args.class_images, adapter=adapter, rank=args.rank, steps=1,
                       lr=args.lr, batch_size=args.batch, resolution=32, targets=tuple(args.targets.split(",")),
-                      unet_layers=args.unet_layers, snr_gamma=5.0, seed=args.seed)
+                      unet_layers=args.unet_layers, caption_extension=args.caption_extension, snr_gamma=5.0,
+                      trilora_init=args.trilora_init, seed=args.seed)
     tr = Trainer(cfg, torch.device(args.device))
     rows, train_s = [], 0.0
     for target in args.eval_at:
@@ -108,10 +109,12 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--targets", default="unet,text_encoder")
     ap.add_argument("--unet-layers", default="all", choices=["attn", "transformer", "all"])
+    ap.add_argument("--caption-extension", help="train on sidecar captions (e.g. .txt) where images have them")
     ap.add_argument("--class-dir", type=Path, help="class images (default OUT/class; made by the base when missing)")
     ap.add_argument("--class-images", type=int, default=64)
     ap.add_argument("--eval-at", type=int, nargs="+", default=[1000, 2000])
     ap.add_argument("--adapters", nargs="+", default=["lora", "trilora"])
+    ap.add_argument("--trilora-init", default="svd", choices=["svd", "orthogonal"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

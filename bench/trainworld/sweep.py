@@ -29,13 +29,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dreambooth  # noqa: E402
 import evaluate as ev  # noqa: E402
+import world  # noqa: E402
 
 
-def make_class_images(model: str, folder: Path, n: int, device: str) -> None:
-    from loratool.train.data import generate_class_images
+def make_class_images(model: str, folder: Path, n: int, device: str, captioned: int = 0) -> None:
+    """``n`` images of the class prompt and ``captioned`` more of random full world captions, each of those
+    with its caption in a ``.txt`` sidecar (regularisation that covers the whole language of the world)."""
+    from loratool.train.data import generate_class_images, save_image
 
     pipe = ev.load_pipeline(model, device)
     generate_class_images(pipe, folder, ev.CLASS_PROMPT, n, 32, seed=0)
+    scenes = world.random_scenes(captioned, torch.Generator().manual_seed(777))
+    captions = [s.caption() for s in scenes]
+    imgs = ev.sample(pipe, captions, [10_000 + i for i in range(captioned)]) if captioned else []
+    for i, (img, caption) in enumerate(zip(imgs, captions, strict=True)):
+        save_image(img, folder / f"world-{i:05d}.png")
+        (folder / f"world-{i:05d}.txt").write_text(caption + "\n")
 
 
 def main(argv=None) -> None:
@@ -45,18 +54,22 @@ def main(argv=None) -> None:
     ap.add_argument("--common", default="", help="options added to every run")
     ap.add_argument("--model", default="fixtures/tiny-sd")
     ap.add_argument("--class-images", type=int, default=64)
+    ap.add_argument("--captioned-class-images", type=int, default=0,
+                    help="add this many class images of full world captions, captions in .txt sidecars "
+                         "(give the runs --caption-extension .txt)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=float, default=1e9, help="seconds after which unfinished runs are stopped")
     args = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args.out.mkdir(parents=True, exist_ok=True)
     class_dir = args.out / "class"
-    make_class_images(args.model, class_dir, args.class_images, args.device)
+    make_class_images(args.model, class_dir, args.class_images, args.device, args.captioned_class_images)
     procs = {}
     for spec in args.run:
         name, _, opts = spec.partition("=")
         cmd = [sys.executable, str(HERE / "dreambooth.py"), "--model", args.model, "-o", str(args.out / name),
-               "--class-dir", str(class_dir), "--class-images", str(args.class_images), "--device", args.device,
+               "--class-dir", str(class_dir), "--class-images", str(args.class_images + args.captioned_class_images),
+               "--device", args.device,
                *shlex.split(args.common), *shlex.split(opts)]
         log = (args.out / f"{name}.log").open("w")
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
