@@ -88,7 +88,15 @@ def map_checkpoint(arch: str, keys: Iterable[str], get: Callable[[str], torch.Te
             if not table.is_checkpoint_extra(key):
                 unknown.append(key)
             continue
-        for spec, tensor in checkpoint_to_diffusers(table, key, get(key), table_shapes):
+        try:
+            pairs = checkpoint_to_diffusers(table, key, get(key), table_shapes)
+        except LoraToolError as e:
+            if e.path is not None:
+                raise
+            hint = " (a model of other widths needs --config DIR, a diffusers folder of its configs)" \
+                if table_shapes else ""
+            raise LoraToolError(e.message + hint, path) from None
+        for spec, tensor in pairs:
             out.setdefault(spec.component, {})[spec.name] = tensor
     if unknown:
         raise LoraToolError(f"{len(unknown)} tensor(s) of no {arch} model: {', '.join(sorted(unknown)[:5])}", path)

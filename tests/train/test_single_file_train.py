@@ -172,10 +172,10 @@ def test_a_missing_tensor_or_no_config_is_one_line(tiny_sd1, tmp_path):
 
     one_error(train(part, "--config", str(cfg)), "part.safetensors", "does not fit the vae config",
               "vae lacks decoder.mid_block.attentions.0.to_out.0.weight")
-    one_error(train(file), "has shape", "sd1 expects")  # no --config: SD1.5 widths are required
+    one_error(train(file), file.name, "has shape", "sd1 expects", "--config")  # no --config: SD1.5 widths
     bad = tmp_path / "bad.safetensors"  # a 1x1 attention conv stored as a 3x3
     write_safetensors(bad, {**{k: ckpt.get(k) for k in ckpt.keys()}, gone: torch.zeros(32, 32, 3, 3)}, {})
-    one_error(train(bad, "--config", str(cfg)), gone, "ending in 1x1")
+    one_error(train(bad, "--config", str(cfg)), "bad.safetensors", gone, "ending in 1x1")
 
 
 def test_layout_by_key_names_alone(real_dir):
