@@ -58,7 +58,8 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--text-encoder-lr", type=float, help="Default: --lr.")
 @click.option("--batch-size", default=1, show_default=True)
-@click.option("--resolution", default=512, show_default=True)
+@click.option("--resolution", type=int, help="Training and sample size in pixels (default: the model's own: 512 "
+              "for SD1.x and SD2 base, 768 for SD2 768-v, 1024 for SDXL).")
 @click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--seed", default=0, show_default=True)

@@ -38,7 +38,7 @@ class TrainConfig:
     lr: float = 1e-4
     text_encoder_lr: float | None = None
     batch_size: int = 1
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's native size (BaseModel.native_resolution)
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -76,7 +76,7 @@ class TrainConfig:
             if ext.lower().endswith(IMAGE_SUFFIXES):
                 raise LoraToolError(f"--caption-extension {ext!r} is an image extension")
             self.caption_extension = ext if ext.startswith(".") else f".{ext}"
-        if self.resolution <= 0 or self.resolution % 8:
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise LoraToolError(f"--resolution {self.resolution} is not a positive multiple of 8")
         if self.rank < 1:
             raise LoraToolError(f"-r/--rank must be at least 1, not {self.rank}")

@@ -43,11 +43,14 @@ class Trainer:
             if cfg.mixed_precision == "fp16":
                 raise LoraToolError("--mixed-precision fp16 needs a CUDA device")
         self.out = Path(cfg.output)
-        self.instance, instance_prompts = data.load_captioned(cfg.instance_data, cfg.resolution, "instance image folder",
-                                                              cfg.instance_prompt, cfg.caption_extension)
+        if cfg.resolution is not None:  # bad images fail before the model loads
+            self.instance, instance_prompts = self._instance_images()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.base = load_base(cfg.model, device, cfg.tokenizer, cfg.model_config)
+        if cfg.resolution is None:
+            cfg.resolution = self.base.native_resolution
+            self.instance, instance_prompts = self._instance_images()
         self.token_ids = add_tokens(self.base, list(cfg.new_tokens), cfg.init_token) if cfg.new_tokens else []
         self.klass, class_prompts = self._class_images() if cfg.class_data else (None, None)
         self.examples = data.Examples(self.instance, instance_prompts, self.klass, class_prompts)
@@ -66,6 +69,11 @@ class Trainer:
             self._resume(Path(cfg.resume))
 
     # -- setup -------------------------------------------------------------------------------
+    def _instance_images(self) -> tuple[torch.Tensor, list[str]]:
+        cfg = self.cfg
+        return data.load_captioned(cfg.instance_data, cfg.resolution, "instance image folder", cfg.instance_prompt,
+                                   cfg.caption_extension)
+
     def _class_images(self) -> tuple[torch.Tensor, list[str]]:
         cfg, folder = self.cfg, Path(self.cfg.class_data)
         if folder.exists() and not folder.is_dir():

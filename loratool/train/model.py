@@ -34,6 +34,11 @@ class BaseModel:
         return self.base_model == "sdxl"
 
     @property
+    def native_resolution(self) -> int:
+        """The pixel size the UNet was made for: its latent sample size times the VAE's downscaling."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def components(self) -> dict[str, torch.nn.Module]:
         names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
         return {"unet": self.unet, "vae": self.vae, **dict(zip(names, self.text_encoders, strict=False))}

@@ -145,3 +145,12 @@ def test_cli_single_file_errors(tmp_path, monkeypatch):
     one_error(_train("--model", str(ckpt), "--tokenizer", str(TOKENIZER)), "must be .safetensors")
     folder = REPO / "fixtures" / "tiny-sd"
     one_error(_train("--model", str(folder), "--tokenizer", str(TOKENIZER)), "are for single-file checkpoints")
+
+
+@pytest.mark.parametrize("arch,size", [("sd1", 512), ("sd2", 768), ("sdxl", 1024)])
+def test_native_resolution_of_the_shipped_configs(arch, size):
+    """The --resolution default: SD1.5 512, SD2 768-v 768, SDXL 1024 (models on the meta device)."""
+    from loratool.train.model import BaseModel
+
+    models = single_file.build_models(arch, single_file.shipped_configs(arch))
+    assert BaseModel.native_resolution.fget(type("M", (), {"unet": models["unet"], "vae": models["vae"]})) == size

@@ -95,3 +95,19 @@ def test_cli_run_writes_every_output(tmp_path):
     assert any(k.startswith("lora_unet_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
     assert (out / "samples" / "step_000002.png").is_file() and (out / "loss.png").is_file()
     assert (out / "checkpoint-000001" / "state.pt").is_file() and (out / "checkpoint-final" / "adapter.safetensors").is_file()
+
+
+def test_the_readme_example_trains_at_the_models_own_resolution(tmp_path):
+    """No --resolution: the UNet's sample size times the VAE's scale (32 for tiny-sd, 512 for SD1.5)."""
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--model", str(MODEL), "--instance-data", str(INSTANCE),
+                                   "--instance-prompt", "a photo of sks", "--steps", "1", "--device", "cpu",
+                                   "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    meta = SafetensorsFile(Path(summary["files"]["adapter"])).metadata
+    assert meta["ss_resolution"] == "(32, 32)" and meta["modelspec.resolution"] == "32x32"
+    too_big = CliRunner().invoke(cli, ["train", "--model", str(MODEL), "--instance-data", str(INSTANCE),
+                                       "--instance-prompt", "a photo of sks", "--resolution", "64", "--steps", "1",
+                                       "--device", "cpu", "-o", str(tmp_path / "big")])
+    one_error(too_big, "sks_0.png", "smaller than --resolution 64")
