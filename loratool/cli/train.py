@@ -129,11 +129,13 @@ def _print_summary(result: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"{result['adapter']} rank {result['rank']}: {result['steps']} steps", show_header=False)
-    for key in ("final_loss", "mean_loss_last_10", "seconds", "it_per_s", "trainable_parameters", "adapted_layers",
-                "peak_gpu_memory_mb", "resumed_from"):
-        if result.get(key) is not None:
-            value = result[key]
-            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) else str(value))
+    rows = {"final_loss": ("final loss", "{:.4f}"), "mean_loss_last_10": ("mean loss, last 10 steps", "{:.4f}"),
+            "seconds": ("time", "{:.1f} s"), "it_per_s": ("speed", "{:.2f} it/s"),
+            "trainable_parameters": ("trainable parameters", "{:,}"), "adapted_layers": ("adapted layers", "{}"),
+            "peak_gpu_memory_mb": ("peak GPU memory", "{:.0f} MB"), "resumed_from": ("resumed from step", "{}")}
+    for key, (label, fmt) in rows.items():
+        if result.get(key) is not None and not (key == "resumed_from" and not result[key]):
+            table.add_row(label, fmt.format(result[key]))
     for name, path in result["files"].items():
         table.add_row(name, path)
     Console().print(table)
