@@ -86,6 +86,8 @@ def command(device: str, as_json: bool, quiet: bool, **options) -> None:
 
     cfg = TrainConfig(**options)
     cfg.check()
+    if not click.get_current_context().meta.get("loratool.debug"):
+        _hush_libraries()
     dev = resolve_device(device)
     started = time.time()
     trainer = Trainer(cfg, dev)
@@ -99,6 +101,21 @@ def command(device: str, as_json: bool, quiet: bool, **options) -> None:
         emit_json(result)
     elif not quiet:
         _print_summary(result)
+
+
+def _hush_libraries() -> None:
+    """transformers and diffusers log notes and draw their own loading bars on stderr (weights loaded,
+    embeddings resized, optional torchvision missing): noise beside our progress bar, and --quiet promises
+    errors only. --debug keeps them."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)\b")
 
 
 def _run_with_progress(trainer) -> dict:

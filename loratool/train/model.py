@@ -104,20 +104,21 @@ def _load_folder(path: Path, device: torch.device) -> BaseModel:
     try:
         entries = json.loads(index.read_text())
         sdxl = "text_encoder_2" in entries and entries["text_encoder_2"][0] is not None
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32)]
+        # no dtype argument (newer diffusers and transformers renamed torch_dtype, older ones reject dtype):
+        # each module is cast to fp32 below, whatever the folder stores
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        tes = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder")]
         toks = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
         if sdxl:
-            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                   torch_dtype=torch.float32))
+            tes.append(CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"))
             toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
         sched_cfg = DDPMScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise LoraToolError(f"cannot load the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
                             path) from None
     for m in (unet, vae, *tes):
-        m.requires_grad_(False).eval().to(device)
+        m.requires_grad_(False).eval().to(device=device, dtype=torch.float32)
     kind = "sdxl" if sdxl else ("sd2" if unet.config.cross_attention_dim == 1024 else "sd1")
     return BaseModel(unet, vae, tes, toks, DDPMScheduler.from_config(sched_cfg),
                      DDIMScheduler.from_config(sched_cfg), path, kind)

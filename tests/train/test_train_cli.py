@@ -111,3 +111,19 @@ def test_the_readme_example_trains_at_the_models_own_resolution(tmp_path):
                                        "--instance-prompt", "a photo of sks", "--resolution", "64", "--steps", "1",
                                        "--device", "cpu", "-o", str(tmp_path / "big")])
     one_error(too_big, "sks_0.png", "smaller than --resolution 64")
+
+
+def test_quiet_prints_nothing_at_all(tmp_path):
+    """-q promises errors only: the libraries' own notes (weights loaded, embeddings resized, torchvision
+    missing) and loading bars must not leak onto stderr, in a real process with real stream handlers."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "loratool", "train", "--model", str(MODEL), "--instance-data", str(INSTANCE),
+           "--instance-prompt", "a <sks> shape", "--new-tokens", "<sks>", "--init-token", "cross",
+           "--targets", "unet,text_encoder", "--steps", "1", "--resolution", "16", "--device", "cpu", "-q",
+           "-o", str(tmp_path / "run")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == "", (done.stdout, done.stderr)
+    assert (tmp_path / "run" / "lora.safetensors").is_file()

@@ -73,3 +73,15 @@ def test_class_images_are_generated_and_used(tmp_path):
     pixels, prompts, n = tr.examples.batch(1, tr.gen)
     assert prompts == ["a sks shape", "a shape"] and n == 1
     assert torch.isfinite(torch.tensor(tr.step()))
+
+
+def test_a_half_precision_folder_is_trained_in_fp32(tmp_path):
+    """Folders published in fp16 (most SDXL ones) load as fp32 masters: mixed precision is autocast's job."""
+    from diffusers import StableDiffusionPipeline
+
+    from loratool.train.model import load_base
+
+    half = tmp_path / "tiny-sd-fp16"
+    StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None).to(torch.float16).save_pretrained(half)
+    base = load_base(half, torch.device("cpu"))
+    assert {p.dtype for m in base.components.values() for p in m.parameters()} == {torch.float32}
