@@ -27,11 +27,11 @@ STEPS = 25
 def load_pipeline(model: str | Path, device: str, lora: str | Path | None = None):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device=device, dtype=torch.float32)
 
 
 @torch.no_grad()

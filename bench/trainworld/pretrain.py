@@ -140,7 +140,7 @@ def main(argv=None) -> None:
     if args.vae_from is not None:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(args.vae_from / "vae"), torch_dtype=torch.float32).to(device)
+        vae = AutoencoderKL.from_pretrained(str(args.vae_from / "vae")).to(device, torch.float32)
         std, args.vae_steps = 1.0 / vae.config.scaling_factor, 0
         log(f"vae reused from {args.vae_from}")
     else:

@@ -42,7 +42,7 @@ def _unet_out(unet, states):
 def _load(path: Path, fmt_file: Path):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path)).to(dtype=torch.float32)
     base_states = pipe.text_encoder(pipe.tokenizer(["a shape"] * 2, padding="max_length", max_length=16,
                                                    return_tensors="pt").input_ids)[0]
     before = _unet_out(pipe.unet, base_states)
@@ -73,7 +73,7 @@ def test_new_token_embedding_loads_as_textual_inversion(trained):
     emb = Path(files["embedding <sks>"])
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL)).to(dtype=torch.float32)
     pipe.load_textual_inversion(str(emb), token="<sks>")
     row = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("<sks>")]
     assert torch.allclose(row, tr.new_embeddings()[0].detach(), atol=1e-6)
