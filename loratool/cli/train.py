@@ -107,15 +107,12 @@ def _hush_libraries() -> None:
     """transformers and diffusers log notes and draw their own loading bars on stderr (weights loaded,
     embeddings resized, optional torchvision missing): noise beside our progress bar, and --quiet promises
     errors only. --debug keeps them."""
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     for lib in (diffusers_logging, transformers_logging):
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)\b")
 
 
 def _run_with_progress(trainer) -> dict:
