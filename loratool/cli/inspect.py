@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from loratool.cli import render as rd
-from loratool.cli.options import debug_option, emit_json, json_option
+from loratool.cli.options import debug_option, debugging, emit_json, json_option
 from loratool.errors import LoraToolError
 
 HELP = """Summarise adapter files: format, base model, modules, ranks, alphas, sizes, metadata.
@@ -62,7 +62,7 @@ def command(ctx, files, show_modules, plot_path, check_hash, top_tags, as_json) 
             rep = inspect_file(path, modules=show_modules or bool(plot_path), check_hash=check_hash,
                                top_tags=top_tags)
         except LoraToolError as e:
-            if ctx.meta.get("loratool.debug"):
+            if debugging(ctx):
                 raise
             click.echo(f"loratool: error: {e.one_line()}", err=True)
             failed += 1

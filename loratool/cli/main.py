@@ -13,6 +13,7 @@ import sys
 import click
 
 from loratool import __version__
+from loratool.cli.options import debugging, set_debugging
 from loratool.errors import LoraToolError
 
 # name -> (module, one-line example shown in --help)
@@ -59,7 +60,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except LoraToolError as e:
-            if ctx.meta.get("loratool.debug"):
+            if debugging(ctx):
                 raise
             click.echo(f"loratool: error: {e.one_line()}", err=True)
             ctx.exit(1)
@@ -69,13 +70,13 @@ class LazyGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except OSError as e:
-            if ctx.meta.get("loratool.debug"):
+            if debugging(ctx):
                 raise
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"loratool: error: {where}{e.strerror or e}", err=True)
             ctx.exit(1)
         except Exception as e:  # a bug: still one line unless --debug
-            if ctx.meta.get("loratool.debug"):
+            if debugging(ctx):
                 raise
             click.echo(f"loratool: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
                        "for the traceback", err=True)
@@ -88,7 +89,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Inspect, convert, extract, resize, mix, merge and train LoRA adapters for diffusion models."""
-    ctx.meta["loratool.debug"] = debug
+    set_debugging(ctx, debug)
 
 
 def main() -> None:

@@ -10,9 +10,21 @@ import click
 F = Callable[..., object]
 
 
+_DEBUG = "loratool.debug"  # the context-meta key that --debug (group or command) sets
+
+
+def debugging(ctx: click.Context | None = None) -> bool:
+    """Whether --debug was given, before or after the command name."""
+    return bool((ctx or click.get_current_context()).meta.get(_DEBUG))
+
+
+def set_debugging(ctx: click.Context, value: bool) -> None:
+    ctx.meta[_DEBUG] = value
+
+
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     if value:
-        ctx.meta["loratool.debug"] = True
+        set_debugging(ctx, True)
     return value
 
 

@@ -8,6 +8,7 @@ import click
 
 from loratool.cli.options import (
     debug_option,
+    debugging,
     device_option,
     emit_json,
     json_option,
@@ -86,7 +87,7 @@ def command(device: str, as_json: bool, quiet: bool, **options) -> None:
 
     cfg = TrainConfig(**options)
     cfg.check()
-    if not click.get_current_context().meta.get("loratool.debug"):
+    if not debugging():
         _hush_libraries()
     dev = resolve_device(device)
     started = time.time()
