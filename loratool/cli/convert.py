@@ -2,48 +2,22 @@
 
 Thin: read (loratool.formats), decide (loratool.ops.convert), set metadata (ops.convert_meta),
 write (loratool.formats) and render the report. Token embeddings carried in the input
-(cloneofsimo, pivotal tuning) are written beside the output as textual-inversion files.
+(cloneofsimo, pivotal tuning) are written beside the output as textual-inversion files
+(loratool.ops.embeddings). Every output is claimed before the work starts (loratool.io.output).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
-import torch
 
 from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
 from loratool.core.dtypes import DTYPES
 from loratool.errors import LoraToolError
+from loratool.io.output import Outputs
 from loratool.ops.convert_math import DEFAULT_ENERGY, DEFAULT_RANK_CAP
 from loratool.ops.convert_targets import FORMAT_CHOICES
-
-
-def embedding_paths(output: Path, tokens: list[str]) -> dict[str, Path]:
-    """Where each token's embedding goes: ``<out stem>.<token>.safetensors`` beside the output."""
-    out = {}
-    for token in tokens:
-        safe = re.sub(r"[^A-Za-z0-9_-]+", "", token) or "token"
-        stem = output.name if output.suffix == "" else output.stem
-        out[token] = output.parent / f"{stem}.{safe}.safetensors"
-    return out
-
-
-def write_embeddings(embeddings: dict[str, torch.Tensor], output: Path, *, force: bool, inputs: list[str],
-                     base_model: str) -> dict[str, str]:
-    """One A1111/diffusers textual-inversion file (``emb_params [n, dim]``) per token."""
-    from loratool.io.metadata import loratool_keys
-    from loratool.io.writer import write_safetensors
-
-    written = {}
-    for token, path in embedding_paths(output, sorted(embeddings)).items():
-        emb = embeddings[token]
-        emb = emb.reshape(1, -1) if emb.dim() == 1 else emb
-        meta = {"loratool.token": token, "loratool.base_model": base_model, **loratool_keys("convert")}
-        write_safetensors(path, {"emb_params": emb.contiguous()}, meta, force=force, inputs=inputs)
-        written[token] = str(path)
-    return written
 
 
 @click.command(help="Rewrite an adapter in another layout: exact where only names change, lossy only when "
@@ -66,15 +40,22 @@ def write_embeddings(embeddings: dict[str, torch.Tensor], output: Path, *, force
 @debug_option
 def command(input_path: str, to: str, output: str | None, rank: int | None, lossy: bool, rank_cap: int,
             drop_unknown: bool, dry_run: bool, dtype: str | None, as_json: bool, force: bool, quiet: bool) -> None:
-    from loratool.formats import read_adapter
+    from loratool.formats import canonical_format, read_adapter, write_adapter
     from loratool.ops.convert import convert
     from loratool.ops.convert_meta import target_metadata
+    from loratool.ops.embeddings import embedding_paths
 
     if output is None and not dry_run:
         raise click.UsageError("-o/--output is required (or --dry-run)")
+    outputs = Outputs([input_path], force=force)
+    if not dry_run:
+        outputs.claim(output, "adapter", folder=canonical_format(to) == "peft")
     source = read_adapter(input_path)
     if not source.modules:
         raise LoraToolError("holds no adapter modules: nothing to convert", input_path)
+    token_files = {} if dry_run else embedding_paths(Path(output), sorted(source.embeddings))
+    for token, path in token_files.items():
+        outputs.claim(path, f"embedding of {token}")
     try:
         result, report = convert(source, to, rank=rank, lossy=lossy, rank_cap=rank_cap,
                                  drop_unknown=drop_unknown, dtype=DTYPES[dtype] if dtype else None)
@@ -88,15 +69,22 @@ def command(input_path: str, to: str, output: str | None, rank: int | None, loss
         mapping = _mapping(result, report.target)
         _render(report, mapping, output, {}, as_json=as_json, quiet=quiet, dry_run=True)
         return
-    from loratool.formats import write_adapter
+    write_adapter(result, output, report.target, metadata=meta, outputs=outputs)
+    embeddings = _write_embeddings(outputs, result.embeddings, token_files, result.base_model)
+    _render(report, None, str(Path(output)), embeddings, as_json=as_json, quiet=quiet, dry_run=False)
 
-    out_path = Path(output)
-    write_adapter(result, out_path, report.target, force=force, inputs=[input_path], metadata=meta)
-    embeddings = {}
-    if result.embeddings:
-        embeddings = write_embeddings(result.embeddings, out_path, force=force, inputs=[input_path],
-                                      base_model=result.base_model)
-    _render(report, None, str(out_path), embeddings, as_json=as_json, quiet=quiet, dry_run=False)
+
+def _write_embeddings(outputs: Outputs, embeddings: dict, paths: dict[str, Path], base_model: str) -> dict[str, str]:
+    """One textual-inversion file per token, at the path claimed for it."""
+    from loratool.io.metadata import loratool_keys
+    from loratool.ops.embeddings import textual_inversion
+
+    written = {}
+    for token, path in paths.items():
+        meta = {"loratool.token": token, "loratool.base_model": base_model, **loratool_keys("convert")}
+        outputs.write_safetensors(path, textual_inversion(embeddings[token]), meta)
+        written[token] = str(path)
+    return written
 
 
 def _mapping(result, target: str) -> dict[str, list[str]]:

@@ -5,8 +5,6 @@ Thin: parse options, call :mod:`loratool.ops.extract`, write through :mod:`lorat
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import click
@@ -17,37 +15,16 @@ from loratool.cli.options import (
     emit_json,
     force_option,
     json_option,
+    policy_from,
     quiet_option,
     resolve_device,
+    svd_options,
 )
+from loratool.cli.render import render_summary
 from loratool.formats.write import FORMATS
+from loratool.io.output import Outputs
 
 TARGETS = ("attn", "attn+conv", "all")
-
-
-def svd_options(f):
-    """--rank-mode, --svd, --niter, --oversample, --seed, --dtype (shared with resize)."""
-    for opt in reversed([
-        click.option("--rank-mode", default="fixed", show_default=True, metavar="fixed|fro:T|ratio:T|cumulative:T",
-                     help="Per-module rank: the minimal one meeting the target, -r/--conv-rank as the cap."),
-        click.option("--svd", "svd", type=click.Choice(["randomized", "exact"]), default="randomized",
-                     show_default=True, help="Randomized truncated SVD, or the exact float64 reference."),
-        click.option("--niter", type=click.IntRange(0, 20), default=2, show_default=True,
-                     help="Power iterations of the randomized SVD."),
-        click.option("--oversample", type=click.IntRange(8, None), default=None,
-                     help="Extra sketch columns (default: the rank, so the sketch is 2r wide)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-module sketches."),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
-                     help="Output dtype (default: the inputs')."),
-    ]):
-        f = opt(f)
-    return f
-
-
-def policy_from(svd: str, niter: int, oversample: int | None, seed: int):
-    from loratool.linalg import SvdPolicy
-
-    return SvdPolicy(method=svd, niter=niter, oversample=oversample, seed=seed)
 
 
 def default_output(tuned: str, rank: int, fmt: str) -> str:
@@ -100,16 +77,15 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         return _dry_run(base, tuned, options, as_json, quiet)
     fmt = (fmt or _default_format(base, tuned, options)).lower()
     output = output or default_output(tuned, rank, fmt)
-    _check_output_first(output, fmt, force, (base, tuned))
+    outputs = Outputs([base, tuned], force=force)
+    outputs.claim(output, "adapter", folder=fmt == "peft")
+    if report_path:
+        outputs.claim(report_path, "report")
     result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json))
-    path = _write(result, output, fmt, force, (base, tuned), _parameters(options, fmt))
+    path = _write(result, output, fmt, outputs, _parameters(options, fmt))
     full = {"output": str(path), **result.full_report()}
     if report_path:
-        from loratool.io.writer import AtomicFile, check_output
-
-        check_output(report_path, force=True, inputs=(base, tuned))
-        with AtomicFile(report_path) as fh:
-            fh.write(json.dumps(full, indent=1).encode() + b"\n")
+        outputs.write_json(report_path, full, indent=1)
     if as_json:
         emit_json(full)
     elif not quiet:
@@ -127,15 +103,6 @@ def _default_format(base: str, tuned: str, options) -> str:
     return "peft" if arch == "generic" else "kohya"
 
 
-def _check_output_first(output: str, fmt: str, force: bool, inputs) -> None:
-    """Fail on an existing output before the work, not after it."""
-    if fmt == "peft":
-        return
-    from loratool.io.writer import check_output
-
-    check_output(output, force=force, inputs=inputs)
-
-
 def _parameters(options, fmt: str) -> dict:
     return {"rank": options.rank, "conv_rank": options.conv_rank, "rank_mode": str(options.rank_mode),
             "targets": options.targets, "svd": options.policy.method, "niter": options.policy.niter,
@@ -145,13 +112,13 @@ def _parameters(options, fmt: str) -> dict:
             "include": list(options.include), "exclude": list(options.exclude)}
 
 
-def _write(result, output: str, fmt: str, force: bool, inputs, params: dict):
+def _write(result, output: str, fmt: str, outputs: Outputs, params: dict):
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys
 
     meta = {**loratool_keys("extract", {**params, "arch": result.plan.arch}),
             "loratool.extract_report": result.compact_report()}
-    return write_adapter(result.adapter, output, fmt, force=force, inputs=inputs, metadata=meta)
+    return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs)
 
 
 def _extract_with_progress(base: str, tuned: str, options, show: bool):
@@ -202,27 +169,3 @@ def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None
     con.print(f"output ≤ {fmt_bytes(size)}; excluded {len(plan.excluded)}; table modules not in the inputs "
               f"{len(plan.missing)}; {data['note']}")
     return None
-
-
-def render_summary(summary: dict, path: str, arch: str, reports) -> None:
-    from rich.table import Table
-
-    from loratool.cli.render import console
-
-    con = console()
-    table = Table(title=f"{os.path.basename(path)} ({arch})", show_header=False)
-    table.add_column("what")
-    table.add_column("value")
-    table.add_row("modules", str(summary["modules"]))
-    table.add_row("ranks", ", ".join(map(str, summary["ranks"])))
-    table.add_row("mean rel. error", f"{summary['mean_rel_error']:.4g}")
-    table.add_row("worst rel. error", f"{summary['worst_rel_error']:.4g} ({summary.get('worst_module')})")
-    table.add_row("mean retained energy", f"{summary['mean_retained']:.4%}")
-    for key, label in (("skipped_unchanged", "skipped, unchanged"),
-                       ("skipped_below_min_change", "skipped, below --min-change"), ("excluded", "excluded"),
-                       ("dense", "decomposed from dense ΔW")):
-        if summary.get(key):
-            names = summary[key]
-            table.add_row(label, f"{len(names)}: " + ", ".join(names[:4]) + (" …" if len(names) > 4 else ""))
-    con.print(table)
-    con.print(f"wrote {path}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from loratool.cli import render as rd
-from loratool.cli.options import debug_option, debugging, emit_json, json_option
+from loratool.cli.options import debug_option, debugging, emit_json, force_option, json_option
 from loratool.errors import LoraToolError
+from loratool.io.output import Outputs
 
 HELP = """Summarise adapter files: format, base model, modules, ranks, alphas, sizes, metadata.
 
@@ -47,13 +48,16 @@ bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
               help="Check the stored sshs_model_hash always / never (default: when the file is at most 256 MiB).")
 @click.option("--top-tags", default=10, show_default=True, type=click.IntRange(0),
               help="How many training tags to show.")
+@force_option
 @json_option
 @debug_option
 @click.pass_context
-def command(ctx, files, show_modules, plot_path, check_hash, top_tags, as_json) -> None:
+def command(ctx, files, show_modules, plot_path, check_hash, top_tags, force, as_json) -> None:
     from loratool.ops.inspect import inspect_file
 
+    outputs = Outputs(files, force=force)
     if plot_path:
+        outputs.claim(plot_path, "plot")
         rd.pyplot()  # fail early, before any work, when matplotlib is missing
     reports, failed = [], 0
     con = rd.console()
@@ -71,7 +75,7 @@ def command(ctx, files, show_modules, plot_path, check_hash, top_tags, as_json) 
         if not as_json:
             render_report(con, rep, show_modules)
     if plot_path and reports:
-        plot_reports(reports, plot_path)
+        plot_reports(reports, plot_path, outputs)
     if as_json:
         if not show_modules:  # computed only for the plot
             for rep in reports:
@@ -189,7 +193,7 @@ def modules_table(rows: list[dict]):
     return t
 
 
-def plot_reports(reports: list[dict], path: str) -> None:
+def plot_reports(reports: list[dict], path: str, outputs: Outputs) -> None:
     plt = rd.pyplot()
     fig, axes = plt.subplots(len(reports), 2, figsize=(13, 3.6 * len(reports)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 1]})
@@ -202,4 +206,4 @@ def plot_reports(reports: list[dict], path: str) -> None:
         ax_ranks.bar(list(hist), list(hist.values()))
         ax_ranks.set(xlabel="rank", ylabel="modules", title="rank histogram")
     fig.tight_layout()
-    rd.save_figure(fig, path)
+    rd.save_figure(outputs, fig, path)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from loratool.cli.mix import SPEC_HELP, read_inputs
 from loratool.cli.options import (
+    SPEC_HELP,
     debug_option,
     device_option,
     emit_json,
@@ -41,13 +41,19 @@ def _total_bytes(path: Path) -> int:
 @debug_option
 def command(checkpoint: str, loras: tuple[str, ...], output: str | None, arch: str | None, allow_unmatched: bool,
             dry_run: bool, as_json: bool, quiet: bool, force: bool, device: str) -> None:
+    from loratool.io.output import Outputs
+    from loratool.ops.inputs import parse_inputs, read_inputs
     from loratool.ops.merge_stream import merge_checkpoint
 
     if output is None and not dry_run:
         raise click.UsageError("-o/--output is required (or --dry-run)")
-    items = read_inputs(loras)
+    specs = parse_inputs(loras)
+    outputs = Outputs([checkpoint, *(s.path for s in specs)], force=force)
+    if not dry_run:
+        outputs.claim(output, "merged checkpoint", folder=Path(checkpoint).is_dir())
+    items = read_inputs(specs)
     dev = resolve_device(device)
-    kwargs = dict(arch=arch, allow_unmatched=allow_unmatched, dry_run=dry_run, force=force,
+    kwargs = dict(arch=arch, allow_unmatched=allow_unmatched, dry_run=dry_run, outputs=outputs,
                   device=None if dev.type == "cpu" else dev)
     if dry_run or as_json or quiet or not os.isatty(2):
         report = merge_checkpoint(checkpoint, items, output, **kwargs)

@@ -1,8 +1,7 @@
 """``loratool mix A[:w][:lbw=...] B[:w] ... -o OUT``: several adapters into one.
 
-Thin: parse the input specs (loratool.ops.lbw), read (loratool.formats), mix (loratool.ops.mix),
-write (loratool.formats) and render the per-module report. ``read_inputs`` and ``output_format``
-are shared with ``merge`` and ``scale``.
+Thin: read the input specs (loratool.ops.inputs), mix (loratool.ops.mix), write (loratool.formats)
+and render the per-module report.
 """
 
 from __future__ import annotations
@@ -12,52 +11,19 @@ from pathlib import Path
 import click
 
 from loratool.cli.options import (
+    SPEC_HELP,
     debug_option,
     device_option,
     emit_json,
     force_option,
     json_option,
+    output_format,
     quiet_option,
     resolve_device,
+    to_option,
 )
 from loratool.core.dtypes import DTYPES
-from loratool.errors import LoraToolError
-
-SPEC_HELP = "PATH[:WEIGHT][:lbw=BLOCKS] — BLOCKS is a preset (ALL, INS, MIDD, OUTD, …) or 12/17/20/26 numbers."
-
-
-def read_inputs(specs: tuple[str, ...] | list[str]) -> list:
-    """``MixInput`` for each command-line spec, the file read in any layout."""
-    from loratool.formats import read_adapter
-    from loratool.ops.lbw import parse_input_spec
-    from loratool.ops.mix import MixInput
-
-    out = []
-    for text in specs:
-        spec = parse_input_spec(text)
-        adapter = read_adapter(spec.path)
-        if not adapter.modules:
-            raise LoraToolError("holds no adapter modules", spec.path)
-        out.append(MixInput(adapter, spec.weight, spec.lbw, name=spec.path))
-    return out
-
-
-def output_format(requested: str | None, adapter) -> str:
-    """``--to`` when given, else the input's own layout when it can be written, else kohya."""
-    from loratool.formats import canonical_format
-
-    if requested:
-        return canonical_format(requested)
-    source = adapter.source_format
-    try:
-        return canonical_format(source) if isinstance(source, str) and source else "kohya"
-    except LoraToolError:
-        return "kohya"
-
-
-def to_option(f):
-    return click.option("--to", "to", default=None, metavar="FORMAT",
-                        help="Output layout: kohya (webui/comfyui/a1111/forge), diffusers, peft, aitoolkit, bfl.")(f)
+from loratool.io.output import Outputs
 
 
 @click.command(help="Mix adapters with weights into one: exact (concat, rank Σr), optimal at a rank (svd), "
@@ -80,18 +46,21 @@ def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, d
             as_json: bool, quiet: bool, force: bool, device: str) -> None:
     from loratool.formats import write_adapter
     from loratool.io.metadata import loratool_keys
+    from loratool.ops.inputs import parse_inputs, read_inputs
     from loratool.ops.mix import mix
 
-    items = read_inputs(inputs)
+    specs = parse_inputs(inputs)
+    items = read_inputs(specs)
     dev = resolve_device(device)
+    fmt = output_format(to, items[0].adapter)
+    outputs = Outputs([s.path for s in specs], force=force)
+    outputs.claim(output, "adapter", folder=fmt == "peft")
     result = mix(items, mode=mode, rank=rank, dtype=DTYPES[dtype] if dtype else None,
                  device=None if dev.type == "cpu" else dev)
-    fmt = output_format(to, items[0].adapter)
     params = {"mode": mode, "rank": rank, "inputs": [f"{Path(i.name).name}:{i.weight:g}"
                                                      + (f":lbw={i.lbw}" if i.lbw else "") for i in items]}
     result.adapter.metadata = {}
-    path = write_adapter(result.adapter, output, fmt, force=force, inputs=[i.name for i in items],
-                         metadata=loratool_keys("mix", params))
+    path = write_adapter(result.adapter, output, fmt, metadata=loratool_keys("mix", params), outputs=outputs)
     _render(result, str(path), fmt, as_json=as_json, quiet=quiet)
 
 

@@ -71,5 +71,53 @@ def resolve_device(name: str):
     return dev
 
 
+def svd_options(f: F) -> F:
+    """--rank-mode, --svd, --niter, --oversample, --seed, --dtype (extract and resize)."""
+    for opt in reversed([
+        click.option("--rank-mode", default="fixed", show_default=True, metavar="fixed|fro:T|ratio:T|cumulative:T",
+                     help="Per-module rank: the minimal one meeting the target, -r/--conv-rank as the cap."),
+        click.option("--svd", "svd", type=click.Choice(["randomized", "exact"]), default="randomized",
+                     show_default=True, help="Randomized truncated SVD, or the exact float64 reference."),
+        click.option("--niter", type=click.IntRange(0, 20), default=2, show_default=True,
+                     help="Power iterations of the randomized SVD."),
+        click.option("--oversample", type=click.IntRange(8, None), default=None,
+                     help="Extra sketch columns (default: the rank, so the sketch is 2r wide)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the per-module sketches."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+                     help="Output dtype (default: the inputs')."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def policy_from(svd: str, niter: int, oversample: int | None, seed: int):
+    """The SVD policy that :func:`svd_options` describe."""
+    from loratool.linalg import SvdPolicy
+
+    return SvdPolicy(method=svd, niter=niter, oversample=oversample, seed=seed)
+
+
+def to_option(f: F) -> F:
+    return click.option("--to", "to", default=None, metavar="FORMAT",
+                        help="Output layout: kohya (webui/comfyui/a1111/forge), diffusers, peft, aitoolkit, bfl.")(f)
+
+
+def output_format(requested: str | None, adapter) -> str:
+    """``--to`` when given, else the input's own layout when it can be written, else kohya."""
+    from loratool.errors import LoraToolError
+    from loratool.formats import canonical_format
+
+    if requested:
+        return canonical_format(requested)
+    source = adapter.source_format
+    try:
+        return canonical_format(source) if isinstance(source, str) and source else "kohya"
+    except LoraToolError:
+        return "kohya"
+
+
+SPEC_HELP = "PATH[:WEIGHT][:lbw=BLOCKS] — BLOCKS is a preset (ALL, INS, MIDD, OUTD, …) or 12/17/20/26 numbers."
+
+
 def emit_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))

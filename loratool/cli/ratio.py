@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from loratool.cli import render as rd
-from loratool.cli.options import debug_option, emit_json, json_option
+from loratool.cli.options import debug_option, emit_json, force_option, json_option
 from loratool.errors import LoraToolError
+from loratool.io.output import Outputs
 from loratool.ops import ratio as R
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128)
@@ -79,14 +78,18 @@ def _split_args(args: tuple[str, ...], ranks_given: bool) -> tuple[list[str], li
               help="Which components of --model a LoRA covers (and a full fine-tune trains).")
 @click.option("-r", "--rank", "rank_opts", multiple=True, metavar="R...", help="Ranks (default 4 8 16 32 64 128).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a chart to this PNG.")
+@force_option
 @json_option
 @debug_option
-def command(args, shapes, model, targets, components, rank_opts, plot_path, as_json) -> None:
+def command(args, shapes, model, targets, components, rank_opts, plot_path, force, as_json) -> None:
     files, extra = _split_args(args, bool(rank_opts))
     ranks = _ranks(rank_opts, extra)
     modes = sum([bool(shapes), bool(model), bool(files)])
     if modes != 1 or len(files) > 1:
         raise click.UsageError("give exactly one of --shape, --model or one FILE")
+    outputs = Outputs(files, force=force)
+    if plot_path:
+        outputs.claim(plot_path, "plot")
     if shapes:
         result = _shape_mode(shapes, ranks or list(DEFAULT_RANKS))
     elif model:
@@ -94,79 +97,35 @@ def command(args, shapes, model, targets, components, rank_opts, plot_path, as_j
     else:
         result = _file_mode(files[0], ranks)
     if plot_path:
-        _plot(result, plot_path)
+        _plot(result, plot_path, outputs)
     if as_json:
         emit_json(result)
     else:
         _render(result)
 
 
-# -- the three modes ---------------------------------------------------------------------------
+# -- the three modes: options here, arithmetic in loratool.ops.ratio ---------------------------
 
 
 def _shape_mode(shapes: tuple[str, ...], ranks: list[int]) -> dict:
-    rows = []
+    parsed = []
     for text in shapes:
         try:
-            shape = R.parse_shape(text)
+            parsed.append(R.parse_shape(text))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--shape") from None
-        d, k = R.layer_dims(shape)
-        for row in R.shapes_table([shape], ranks):
-            rows.append({"shape": list(shape), "d": d, "k": k, **row.as_dict()})
-    return {"mode": "shape", "rows": rows}
-
-
-def default_components(arch) -> tuple[str, ...]:
-    """kohya's defaults: every component but T5 (trained only with ``train_t5xxl``)."""
-    t5 = {s.component for s in arch.modules.values() if s.path.startswith("encoder.block.")}
-    return tuple(c for c in arch.components if c not in t5)
-
-
-def pick_components(arch, text: str) -> tuple[str, ...]:
-    if text == "default":
-        return default_components(arch)
-    if text == "all":
-        return tuple(arch.components)
-    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
-    bad = [c for c in chosen if c not in arch.components]
-    if bad or not chosen:
-        raise click.BadParameter(f"{', '.join(bad) or text!r}: {arch.name} has {', '.join(arch.components)}",
-                                 param_hint="--components")
-    return chosen
-
-
-def model_totals(arch, components: tuple[str, ...]) -> tuple[int, int]:
-    """(weights a full fine-tune of ``components`` trains, weights it keeps frozen: the other
-    components and the VAE) of an architecture table."""
-    trainable = frozen = 0
-    for (component, _name), p in arch.diffusers_param_map().items():
-        n = math.prod(p.shape)
-        if component in components:
-            trainable += n
-        else:
-            frozen += n
-    return trainable, frozen
+    return R.shape_report(parsed, ranks)
 
 
 def _model_mode(model: str, targets: str, components: str, ranks: list[int]) -> dict:
     from loratool.arch import load_arch
 
     arch = load_arch(model)
-    comps = pick_components(arch, components)
-    specs = arch.targets(targets, components=comps)
-    shapes = [s.shape for s in specs]
-    trainable, frozen = model_totals(arch, comps)
-    per_comp: dict[str, int] = {}
-    for s in specs:
-        per_comp[s.component] = per_comp.get(s.component, 0) + 1
-    return {
-        "mode": "model", "model": arch.name, "targets": targets, "components": list(comps), "layers": len(specs),
-        "layers_by_component": per_comp, "full_params": sum(R.full_params(s) for s in shapes),
-        "model_params": {"trainable": trainable, "frozen": frozen},
-        "precisions": R.PRECISIONS,
-        "rows": R.model_rows(shapes, ranks, trainable, frozen),
-    }
+    try:
+        chosen = R.pick_components(arch, components)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--components") from None
+    return R.model_report(arch, targets, chosen, ranks)
 
 
 def _file_mode(path: str, ranks: list[int]) -> dict:
@@ -175,12 +134,7 @@ def _file_mode(path: str, ranks: list[int]) -> dict:
     adapter = read_adapter(path)
     if not adapter.modules:
         raise LoraToolError("no adapter modules in this file (nothing to compare)", path)
-    result = {"mode": "file", "path": path, "format": adapter.source_format or None,
-              "base_model": adapter.base_model, **R.adapter_ratio(adapter)}
-    if ranks:
-        shapes = [m.weight_shape for m in adapter.modules.values() if m.kind != "norm"]
-        result["rows"] = [r.as_dict() for r in R.shapes_table(shapes, ranks)]
-    return result
+    return R.file_report(adapter, path, ranks)
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -241,7 +195,7 @@ def _render_file(con, result: dict) -> None:
         con.print(t)
 
 
-def _plot(result: dict, path: str) -> None:
+def _plot(result: dict, path: str, outputs: Outputs) -> None:
     plt = rd.pyplot()
     rows = result.get("rows") or []
     if not rows:
@@ -266,4 +220,4 @@ def _plot(result: dict, path: str) -> None:
             a1.plot([r["rank"] for r in sel], [r["ratio"] for r in sel], "o-", label=label or "file layers")
         a1.set(xscale="log", yscale="log", xlabel="rank", ylabel="reduction ratio")
         a1.legend(fontsize=8)
-    rd.save_figure(fig, path)
+    rd.save_figure(outputs, fig, path)

@@ -5,6 +5,7 @@ Only presentation lives here; what is shown comes from ``loratool.ops``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
@@ -96,13 +97,35 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str) -> None:
-    """Save a figure (format from the file name); one-line error when that fails."""
+def save_figure(outputs, fig, path: str) -> None:
+    """Save a figure through the command's outputs (format from the file name); one-line error when
+    matplotlib cannot draw it."""
     try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except (OSError, ValueError) as e:
+        outputs.save_figure(path, fig, dpi=120, bbox_inches="tight")
+    except ValueError as e:
         raise LoraToolError(f"cannot write plot: {e}", path) from None
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
+
+
+def render_summary(summary: dict, path: str, arch: str, reports) -> None:
+    """The table ``extract`` and ``resize`` print: modules, ranks, errors, retained energy, skips."""
+    con = console()
+    table = Table(title=f"{os.path.basename(path)} ({arch})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("modules", str(summary["modules"]))
+    table.add_row("ranks", ", ".join(map(str, summary["ranks"])))
+    table.add_row("mean rel. error", f"{summary['mean_rel_error']:.4g}")
+    table.add_row("worst rel. error", f"{summary['worst_rel_error']:.4g} ({summary.get('worst_module')})")
+    table.add_row("mean retained energy", f"{summary['mean_retained']:.4%}")
+    for key, label in (("skipped_unchanged", "skipped, unchanged"),
+                       ("skipped_below_min_change", "skipped, below --min-change"), ("excluded", "excluded"),
+                       ("dense", "decomposed from dense ΔW")):
+        if summary.get(key):
+            names = summary[key]
+            table.add_row(label, f"{len(names)}: " + ", ".join(names[:4]) + (" …" if len(names) > 4 else ""))
+    con.print(table)
+    con.print(f"wrote {path}")

@@ -9,17 +9,21 @@ import json
 
 import click
 
-from loratool.cli.extract import FORMATS, policy_from, render_summary, svd_options
 from loratool.cli.options import (
     debug_option,
     device_option,
     emit_json,
     force_option,
     json_option,
+    policy_from,
     quiet_option,
     resolve_device,
+    svd_options,
 )
+from loratool.cli.render import render_summary
 from loratool.errors import LoraToolError
+from loratool.formats.write import FORMATS
+from loratool.io.output import Outputs
 
 
 @click.command(help="Resize an adapter's ranks: QR of each factor and an SVD of the small core, so the dense "
@@ -52,6 +56,10 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
     source = read_adapter(input_path)
     if not source.modules:
         raise LoraToolError("holds no adapter modules: nothing to resize", input_path)
+    outputs = Outputs([input_path], force=force)
+    outputs.claim(output, "adapter", folder=fmt.lower() == "peft")
+    if report_path:
+        outputs.claim(report_path, "report")
     result = resize(source, options)
     params = {"rank": rank, "conv_rank": conv_rank, "rank_mode": str(options.rank_mode), "dtype": dtype,
               "to": fmt.lower()}
@@ -61,14 +69,10 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
                                                               if not isinstance(v, list) or len(v) <= 8},
                                                   "modules": per}, sort_keys=True, separators=(",", ":")),
             "ss_training_comment": f"resized by loratool to rank {rank} ({options.rank_mode})"}
-    path = write_adapter(result.adapter, output, fmt.lower(), force=force, inputs=[input_path], metadata=meta)
+    path = write_adapter(result.adapter, output, fmt.lower(), metadata=meta, outputs=outputs)
     full = {"output": str(path), "summary": result.summary, "modules": [r.as_dict() for r in result.reports]}
     if report_path:
-        from loratool.io.writer import AtomicFile, check_output
-
-        check_output(report_path, force=True, inputs=[input_path])
-        with AtomicFile(report_path) as fh:
-            fh.write(json.dumps(full, indent=1).encode() + b"\n")
+        outputs.write_json(report_path, full, indent=1)
     if as_json:
         emit_json(full)
     elif not quiet:

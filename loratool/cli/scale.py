@@ -6,8 +6,16 @@ from pathlib import Path
 
 import click
 
-from loratool.cli.mix import output_format, to_option
-from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
+from loratool.cli.options import (
+    debug_option,
+    emit_json,
+    force_option,
+    json_option,
+    output_format,
+    quiet_option,
+    to_option,
+)
+from loratool.io.output import Outputs
 
 
 @click.command(help="Scale an adapter's strength exactly (ΔW → w·ΔW): alpha where the file stores it, else one "
@@ -31,10 +39,12 @@ def command(input_path: str, weight: float, output: str, lbw: str | None, arch: 
     from loratool.ops.scale import scale
 
     adapter = read_adapter(input_path)
-    scaled, weights = scale(adapter, weight, lbw, arch_name=arch, path=input_path)
     fmt = output_format(to, adapter)
+    outputs = Outputs([input_path], force=force)
+    outputs.claim(output, "adapter", folder=fmt == "peft")
+    scaled, weights = scale(adapter, weight, lbw, arch_name=arch, path=input_path)
     params = {"weight": weight, "lbw": lbw, "input": Path(input_path).name}
-    path = write_adapter(scaled, output, fmt, force=force, inputs=[input_path], metadata=loratool_keys("scale", params))
+    path = write_adapter(scaled, output, fmt, metadata=loratool_keys("scale", params), outputs=outputs)
     values = sorted(set(weights.values()))
     if as_json:
         emit_json({"output": str(path), "format": fmt, "modules": len(weights), "weight": weight, "lbw": lbw,

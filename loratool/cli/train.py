@@ -11,6 +11,7 @@ from loratool.cli.options import (
     debugging,
     device_option,
     emit_json,
+    force_option,
     json_option,
     quiet_option,
     resolve_device,
@@ -76,22 +77,24 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--name", "output_name", default="lora", show_default=True, help="Output file name stem.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @device_option
+@force_option
 @json_option
 @quiet_option
 @debug_option
-def command(device: str, as_json: bool, quiet: bool, **options) -> None:
+def command(device: str, force: bool, as_json: bool, quiet: bool, **options) -> None:
     """Train a DreamBooth LoRA or TriLoRA adapter and write it for web UIs and diffusers."""
     from loratool.train.config import TrainConfig
-    from loratool.train.export import write_outputs
+    from loratool.train.export import run_outputs, write_outputs
     from loratool.train.loop import Trainer
 
     cfg = TrainConfig(**options)
     cfg.check()
+    outputs = run_outputs(cfg, force=force)  # an existing output folder is refused before anything loads
     if not debugging():
         _hush_libraries()
     dev = resolve_device(device)
     started = time.time()
-    trainer = Trainer(cfg, dev)
+    trainer = Trainer(cfg, dev, outputs)
     if quiet or as_json:
         summary = trainer.run()
     else:

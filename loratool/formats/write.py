@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.formats import diffusers as diffusers_codec
 from loratool.formats import kohya as kohya_codec
+
+if TYPE_CHECKING:
+    from loratool.io.output import Outputs
 
 ALIASES = {"kohya": "kohya", "webui": "kohya", "comfyui": "kohya", "a1111": "kohya", "forge": "kohya",
            "lycoris": "kohya", "diffusers": "diffusers", "peft": "peft", "aitoolkit": "aitoolkit",
@@ -170,45 +174,39 @@ def peft_config(adapter: Adapter) -> dict[str, dict[str, object]]:
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, force: bool = False,
                   inputs: Iterable[str | os.PathLike[str]] = (), metadata: Mapping[str, str] | None = None,
-                  peft_clip_layout: str = "auto") -> Path:
+                  peft_clip_layout: str = "auto", outputs: Outputs | None = None) -> Path:
     """Write ``adapter`` as ``fmt`` to ``path`` (a file, or a folder for peft) and return the path.
 
+    The write goes through ``outputs`` (a command's :class:`~loratool.io.output.Outputs`, which may have
+    claimed ``path`` already); without one, through a fresh one of ``inputs`` and ``force``.
     ``peft_clip_layout`` (peft only): how CLIP text-encoder keys are spelt — ``auto`` follows the installed
     transformers (``flat`` when it is not importable), see ``names.peft_text_encoder_path``."""
-    from loratool.io.writer import write_safetensors
+    from loratool.io.output import Outputs
 
+    outputs = outputs if outputs is not None else Outputs(inputs, force=force)
     fmt = canonical_format(fmt)
     if fmt == "peft":
-        return _write_peft(adapter, Path(path), force=force, inputs=list(inputs), metadata=metadata,
-                           clip_layout=peft_clip_layout)
+        return _write_peft(adapter, Path(path), force=force, inputs=[], metadata=metadata,
+                           clip_layout=peft_clip_layout, outputs=outputs)
     tensors, meta = _encode(adapter, fmt, metadata)
-    return write_safetensors(path, tensors, meta, force=force, inputs=inputs, hashes=True)
+    return outputs.write_safetensors(path, tensors, meta, hashes=True)
 
 
 def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata,
-                clip_layout: str = "auto") -> Path:
-    from loratool.io.writer import AtomicFile, check_output, write_safetensors
+                clip_layout: str = "auto", outputs: Outputs | None = None) -> Path:
+    """A peft folder (one sub-folder per component when several), replacing an old one as a whole."""
+    from loratool.io.output import Outputs
 
+    outputs = outputs if outputs is not None else Outputs(inputs, force=force)
     if not adapter.modules:
         raise LoraToolError("the adapter has no modules to write")
     parts = diffusers_codec.encode_peft(adapter, clip_layout)
-    if folder.exists() and not folder.is_dir():
-        raise LoraToolError("output for peft must be a folder, and a file of that name exists", folder)
-    if folder.is_dir() and any(folder.iterdir()) and not force:
-        raise LoraToolError("output folder exists and is not empty (use --force to overwrite)", folder)
-    for src in inputs:
-        if Path(src).resolve() == folder.resolve():
-            raise LoraToolError("refusing to overwrite an input", folder)
     base_meta = target_metadata(adapter, "peft", metadata)
-    for comp, (tensors, config) in parts.items():
-        sub = folder if len(parts) == 1 else folder / comp
-        sub.mkdir(parents=True, exist_ok=True)
-        cfg_path = sub / "adapter_config.json"
-        check_output(cfg_path, force=True, inputs=inputs)
-        write_safetensors(sub / "adapter_model.safetensors", tensors, base_meta, force=True, inputs=inputs,
-                          hashes=True)
-        with AtomicFile(cfg_path) as fh:
-            fh.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
+    with outputs.folder(folder) as out:
+        for comp, (tensors, config) in parts.items():
+            sub = "" if len(parts) == 1 else f"{comp}/"
+            out.write_safetensors(f"{sub}adapter_model.safetensors", tensors, base_meta, hashes=True)
+            out.write_json(f"{sub}adapter_config.json", config, indent=2, sort_keys=True)
     return folder
 
 

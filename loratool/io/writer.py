@@ -1,10 +1,9 @@
-"""Atomic, deterministic safetensors writing.
+"""Deterministic safetensors serialisation: the bytes of a file, written into an open file.
 
 Files are laid out as the reference safetensors writer lays them out (tensors ordered by dtype
 then name, header padded with spaces to a multiple of 8), so a file we write is byte-identical
-to ``safetensors.torch.save_file`` of the same tensors and metadata. Output goes to a temporary
-file in the target folder, is fsynced and then renamed into place: a failure never leaves a half
-file, and an input is never overwritten.
+to ``safetensors.torch.save_file`` of the same tensors and metadata. Where the bytes go — a
+temporary beside the target, fsynced and renamed, never over an input — is ``io.output``'s job.
 
 ``write_safetensors(..., hashes=True)`` sets ``sshs_model_hash``/``sshs_legacy_hash`` itself without a
 separate pass over the data: the legacy hash (a 64 KiB window) is taken first, the header is written
@@ -19,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -121,83 +120,6 @@ def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] |
     return head + b"".join(bytes(tensor_bytes(tensors[n])) for n in names)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def check_output(path: str | os.PathLike[str], *, force: bool = False,
-                 inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
-    """Refuse to write over an input, or over an existing file without ``force``."""
-    out = Path(path)
-    for src in inputs:
-        if _same_file(out, Path(src)) or (Path(src).is_dir() and out.resolve().is_relative_to(Path(src).resolve())):
-            raise LoraToolError("refusing to overwrite an input file", out)
-    if out.exists() and not force:
-        raise LoraToolError("output exists (use --force to overwrite)", out)
-    if out.is_dir():
-        raise LoraToolError("output is a folder", out)
-    if not out.parent.exists():
-        raise LoraToolError("the output's folder does not exist", out)
-    return out
-
-
-class AtomicFile:
-    """Write to a temporary file beside ``path``; rename into place on success, delete on failure."""
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            os.fchmod(fd, _new_file_mode(self.path))  # mkstemp makes 0600; give the usual mode
-        except (OSError, AttributeError):
-            pass
-        self.fh = os.fdopen(fd, "wb")
-        return self.fh
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                self.fh.flush()
-                os.fsync(self.fh.fileno())
-            self.fh.close()
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-                _fsync_dir(self.path.parent)
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-
-
-def _new_file_mode(path: Path) -> int:
-    """The mode a plain ``open(path, "wb")`` would give: an existing file's mode is kept, a new file
-    gets 0666 less the umask."""
-    try:
-        return path.stat().st_mode & 0o7777
-    except OSError:
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 HASH_KEY = "sshs_model_hash"
 _PLACEHOLDER = "0" * 64  # a SHA-256 hex digest is always 64 characters: the header length is fixed
 HASH_CHUNK = 1 << 24  # bytes per write/hash step
@@ -206,20 +128,27 @@ HASH_CHUNK = 1 << 24  # bytes per write/hash step
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, force: bool = False,
                       inputs: Iterable[str | os.PathLike[str]] = (), hashes: bool = False) -> Path:
-    """Write tensors atomically. Tensors sharing storage are each written in full.
+    """One file written through the one writer (``io.output``: atomic, never over an input, an existing
+    file only with ``force``) — for library callers and tests that write a single file.
 
     ``hashes=True``: any ``sshs_*`` values in ``metadata`` are replaced by the right ones, computed
     while writing (the same file as ``finalize_metadata(tensors, metadata)`` would give)."""
-    out = check_output(path, force=force, inputs=inputs)
+    from loratool.io.output import Outputs
+
+    return Outputs(inputs, force=force).write_safetensors(path, tensors, metadata, hashes=hashes)
+
+
+def write_file(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+               *, hashes: bool = False) -> None:
+    """Serialise into ``fh``, an open binary file at offset 0 (tensors sharing storage are each written in
+    full). ``hashes=True``: see :func:`write_safetensors`."""
     if hashes:
-        _write_hashed(out, tensors, metadata)
-        return out
+        _write_hashed(fh, tensors, metadata)
+        return
     head, names = build_header(tensors, metadata)
-    with AtomicFile(out) as fh:
-        fh.write(head)
-        for name in names:
-            fh.write(tensor_bytes(tensors[name]))
-    return out
+    fh.write(head)
+    for name in names:
+        fh.write(tensor_bytes(tensors[name]))
 
 
 def _hash_slot(head: bytes) -> int:
@@ -251,7 +180,7 @@ def _writeback_starter():
     return lambda fd, offset, n: call(fd, offset, n, 2)  # errors ignored: the fsync still follows
 
 
-def _write_hashed(out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
+def _write_hashed(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> None:
     from loratool.io.hashes import legacy_hash  # hashes builds on this module
 
     meta = {k: v for k, v in (check_metadata(metadata) or {}).items() if not k.startswith("sshs_")}
@@ -261,7 +190,7 @@ def _write_hashed(out: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     slot = _hash_slot(head)
     digest = hashlib.sha256()
     writeback = _writeback_starter()
-    with AtomicFile(out) as fh, ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(head)
         pos = len(head)
         for chunk in _chunks(tensors, names):

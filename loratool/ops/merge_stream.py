@@ -5,14 +5,13 @@ layouts), so the header is written first and the data follows in the input's ord
 tensors are copied byte for byte with ``copy_file_range`` (the kernel moves the pages; they never
 enter this process), and only a changed tensor is read — with plain reads, not a memory map, so
 the pages it touched do not stay in the process — changed in float32 and written. Peak memory is
-one layer, whatever the checkpoint's size. A single-file output goes through :class:`AtomicFile`;
-a diffusers folder is built beside its destination and renamed into place.
+one layer, whatever the checkpoint's size. The output goes through ``io.output``: a single file is
+written to a temporary and renamed; a diffusers folder is built beside its destination and swapped in.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,9 @@ import torch
 
 from loratool.errors import LoraToolError
 from loratool.io.metadata import loratool_keys
+from loratool.io.output import FolderWriter, Outputs
 from loratool.io.safetensors import DTYPES, SafetensorsFile, TensorInfo
-from loratool.io.writer import AtomicFile, check_output, header_bytes, tensor_bytes
+from loratool.io.writer import header_bytes, tensor_bytes
 from loratool.ops.merge import Application, MergePlan, apply_to_tensor, plan_merge
 from loratool.ops.mix import MixInput
 
@@ -172,44 +172,17 @@ def detect_arch(checkpoint: Path, shapes: dict[str, tuple[int, ...]]) -> str:
     return detect_arch_from_checkpoint(shapes)
 
 
-def _check_folder_output(src: Path, out: Path, force: bool) -> None:
-    s, o = src.resolve(), out.resolve()
-    if s == o or o.is_relative_to(s) or s.is_relative_to(o):
-        raise LoraToolError("refusing to write the output inside (or over) the input folder", out)
-    if out.exists() and not force:
-        raise LoraToolError("output exists (use --force to overwrite)", out)
-    if out.exists() and not out.is_dir():
-        raise LoraToolError("output exists and is not a folder", out)
-    if not out.parent.exists():
-        raise LoraToolError("the output's folder does not exist", out)
-
-
-def _write_folder(src: Path, out: Path, plan: MergePlan, params: dict, device, progress) -> int:
-    tmp = out.parent / f".{out.name}.loratool-tmp-{os.getpid()}"
+def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, device, progress) -> int:
+    """Every file of the folder ``src`` into ``out``: the changed ones rewritten, the rest copied."""
     changed = 0
-    try:
-        tmp.mkdir()
-        for p in _list_files(src):
-            rel = p.relative_to(src).as_posix()
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            changes = plan.files.get(rel)
-            if changes:
-                meta = _with_keys(p, params)
-                with open(target, "wb") as fh:
-                    changed += rewrite_file(p, fh, changes, meta, device, progress)
-            else:
-                shutil.copyfile(p, target)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.loratool-old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    for p in _list_files(src):
+        rel = p.relative_to(src).as_posix()
+        changes = plan.files.get(rel)
+        if changes:
+            with out.file(rel) as fh:
+                changed += rewrite_file(p, fh, changes, _with_keys(p, params), device, progress)
+        else:
+            out.copy(p, rel)
     return changed
 
 
@@ -223,10 +196,13 @@ def _with_keys(path: Path, params: dict) -> dict[str, str]:
 def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
                      output: str | os.PathLike[str] | None, *, arch: str | None = None,
                      allow_unmatched: bool = False, dry_run: bool = False, force: bool = False,
-                     device: torch.device | None = None, progress: Progress | None = None) -> dict:
+                     device: torch.device | None = None, progress: Progress | None = None,
+                     outputs: Outputs | None = None) -> dict:
     """Bake ``inputs`` into ``checkpoint`` (a single file or a diffusers folder) and write ``output``.
 
-    Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
+    The output (a file, or a folder replaced as a whole) goes through ``outputs`` (the command's, which
+    may have claimed it already); without one, through a fresh one of the checkpoint, the inputs' names
+    and ``force``. Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
     """
     src = Path(checkpoint)
     keys, shapes = file_keys(src)
@@ -244,6 +220,8 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     params = {"checkpoint": src.name, "arch": arch_name,
               "inputs": [f"{i.name}:{i.weight:g}" + (f":lbw={i.lbw}" if i.lbw else "") for i in inputs]}
     out = Path(output)
+    if outputs is None:
+        outputs = Outputs([src, *(i.name for i in inputs if i.name)], force=force)
     threads = torch.get_num_threads()
     if device is None or device.type == "cpu":
         # the worker thread's math already runs beside the copies; more intra-op threads only fight
@@ -251,11 +229,10 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
         torch.set_num_threads(1)
     try:
         if src.is_dir():
-            _check_folder_output(src, out, force)
-            report["tensors_written"] = _write_folder(src, out, plan, params, device, progress)
+            with outputs.folder(out) as folder:
+                report["tensors_written"] = _write_folder(src, folder, plan, params, device, progress)
         else:
-            check_output(out, force=force, inputs=[src, *(i.name for i in inputs if i.name)])
-            with AtomicFile(out) as fh:
+            with outputs.file(out) as fh:
                 report["tensors_written"] = rewrite_file(src, fh, plan.files.get("", {}),
                                                          _with_keys(src, params), device, progress)
     finally:

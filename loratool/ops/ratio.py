@@ -10,7 +10,9 @@ weight has ``out·in·kh·kw`` parameters and kohya's conv LoRA ``r·(in·kh·kw
 For a square layer (``d = k``) at ``r = d/10`` the ratio is ``d² / (2d²/10) = 5``, not 10: the
 "roughly 10x" of the seed text forgets that both factors count.
 
-Everything here is pure arithmetic on shapes (Python ints, exact); nothing reads a file.
+Everything here is exact arithmetic on shapes (Python ints): of single layers, of an architecture
+table's targeted layers (the ``ratio`` command's three modes: ``shape_report``, ``model_report``,
+``file_report``), of an adapter already read. Nothing reads a file.
 """
 
 from __future__ import annotations
@@ -182,3 +184,77 @@ def adapter_ratio(adapter) -> dict[str, object]:
     comps = {c: entry(*v) for c, v in sorted(per.items())}
     total = entry(*(sum(v[i] for v in per.values()) for i in range(3)))
     return {"components": comps, "total": total}
+
+
+# -- the ratio command's three modes -----------------------------------------------------------
+
+
+def shape_report(shapes: Sequence[Sequence[int]], ranks: Iterable[int]) -> dict[str, object]:
+    """Per layer shape and rank: d, k, full and LoRA parameters, ratio."""
+    ranks = list(ranks)
+    rows = []
+    for shape in shapes:
+        d, k = layer_dims(shape)
+        for row in shapes_table([shape], ranks):
+            rows.append({"shape": list(shape), "d": d, "k": k, **row.as_dict()})
+    return {"mode": "shape", "rows": rows}
+
+
+def default_components(arch) -> tuple[str, ...]:
+    """kohya's defaults: every component but T5 (trained only with ``train_t5xxl``)."""
+    t5 = {s.component for s in arch.modules.values() if s.path.startswith("encoder.block.")}
+    return tuple(c for c in arch.components if c not in t5)
+
+
+def pick_components(arch, text: str) -> tuple[str, ...]:
+    """``default``, ``all`` or a comma list of the architecture's components (ValueError otherwise)."""
+    if text == "default":
+        return default_components(arch)
+    if text == "all":
+        return tuple(arch.components)
+    chosen = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in chosen if c not in arch.components]
+    if bad or not chosen:
+        raise ValueError(f"{', '.join(bad) or text!r}: {arch.name} has {', '.join(arch.components)}")
+    return chosen
+
+
+def model_totals(arch, components: tuple[str, ...]) -> tuple[int, int]:
+    """(weights a full fine-tune of ``components`` trains, weights it keeps frozen: the other
+    components and the VAE) of an architecture table."""
+    trainable = frozen = 0
+    for (component, _name), p in arch.diffusers_param_map().items():
+        n = math.prod(p.shape)
+        if component in components:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen
+
+
+def model_report(arch, targets: str, components: tuple[str, ...], ranks: Iterable[int]) -> dict[str, object]:
+    """An architecture's ``targets`` layers in ``components``, per rank: LoRA parameters, file sizes,
+    ratio and the training-memory estimate."""
+    specs = arch.targets(targets, components=components)
+    shapes = [s.shape for s in specs]
+    trainable, frozen = model_totals(arch, components)
+    per_comp: dict[str, int] = {}
+    for s in specs:
+        per_comp[s.component] = per_comp.get(s.component, 0) + 1
+    return {
+        "mode": "model", "model": arch.name, "targets": targets, "components": list(components),
+        "layers": len(specs), "layers_by_component": per_comp, "full_params": sum(full_params(s) for s in shapes),
+        "model_params": {"trainable": trainable, "frozen": frozen},
+        "precisions": PRECISIONS,
+        "rows": model_rows(shapes, ranks, trainable, frozen),
+    }
+
+
+def file_report(adapter, path: str, ranks: Sequence[int]) -> dict[str, object]:
+    """An adapter as it is, per component and in total; with ``ranks``, its layers at each of them."""
+    result: dict[str, object] = {"mode": "file", "path": path, "format": adapter.source_format or None,
+                                 "base_model": adapter.base_model, **adapter_ratio(adapter)}
+    if ranks:
+        shapes = [m.weight_shape for m in adapter.modules.values() if m.kind != "norm"]
+        result["rows"] = [r.as_dict() for r in shapes_table(shapes, ranks)]
+    return result

@@ -24,28 +24,29 @@ from pathlib import Path
 import torch
 
 from loratool.errors import LoraToolError
+from loratool.io.output import Outputs
 from loratool.io.safetensors import SafetensorsFile
-from loratool.io.writer import AtomicFile, write_safetensors
 
 FORMAT = "loratool-train-checkpoint"
 
 
 def save(folder: Path, layers: dict, embeddings: dict[int, torch.Tensor], meta: dict[str, str],
-         optimizer: torch.optim.Optimizer, step: int, gen: torch.Generator, losses: list[float]) -> Path:
-    """Write a checkpoint folder (each file atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
+         optimizer: torch.optim.Optimizer, step: int, gen: torch.Generator, losses: list[float],
+         outputs: Outputs | None = None) -> Path:
+    """Write a checkpoint folder through ``outputs`` (the run's; without one, a fresh one that may replace
+    an old folder): built beside its place and swapped in as a whole, so it never mixes two steps."""
+    outputs = outputs if outputs is not None else Outputs(force=True)
     tensors = {f"{key}.{name}": t.detach().float().cpu().contiguous()
                for key, layer in layers.items() for name, t in layer.factors().items()}
     tensors.update({f"token_embedding.{i}": row.detach().float().cpu().contiguous() for i, row in embeddings.items()})
-    write_safetensors(folder / "adapter.safetensors", tensors,
-                      {**meta, "loratool.format": FORMAT, "loratool.step": str(step)}, force=True)
     state = {"optimizer": optimizer.state_dict(), "step": step, "losses": list(losses),
              "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     buf = io.BytesIO()
     torch.save(state, buf)
-    with AtomicFile(folder / "state.pt") as fh:
-        fh.write(buf.getvalue())
+    with outputs.folder(folder) as out:
+        out.write_safetensors("adapter.safetensors", tensors, {**meta, "loratool.format": FORMAT, "loratool.step": str(step)})
+        out.write_bytes("state.pt", buf.getvalue())
     return folder
 
 

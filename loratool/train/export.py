@@ -8,6 +8,11 @@
 * new token embeddings as textual-inversion files (``<name>_emb_<i>.safetensors``, key ``emb_params``,
   which A1111 and diffusers' ``load_textual_inversion`` read);
 * ``loss.png``, the loss curve.
+
+Every file goes through the run's :class:`~loratool.io.output.Outputs` (``run_outputs``): the output folder
+is a run folder, refused when it exists and is not empty unless ``--force``; the files at fixed names are
+claimed before the model loads, so a clash with an input (``--resume`` from ``checkpoint-final``) is refused
+before any work.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 
 from loratool.core.modules import Adapter
-from loratool.io.writer import write_safetensors
+from loratool.io.output import Outputs
 from loratool.train.config import TrainConfig
 
 NETWORK_MODULE = "networks.lora"
@@ -84,13 +89,52 @@ def tag_frequency(captions: dict[str, int]) -> dict[str, int]:
     return tags
 
 
+def train_inputs(cfg: TrainConfig) -> list[str]:
+    """The paths a run reads (none of them is ever written)."""
+    return [p for p in (cfg.model, cfg.instance_data, cfg.class_data, cfg.resume, cfg.tokenizer, cfg.model_config) if p]
+
+
+def _main_components(cfg: TrainConfig) -> bool:
+    return any(t in cfg.targets for t in ("unet", "text_encoder"))
+
+
+def _embedding_path(cfg: TrainConfig, index: int) -> Path:
+    return Path(cfg.output) / f"{cfg.output_name}_emb_{index}.safetensors"
+
+
+def output_paths(cfg: TrainConfig) -> dict[str, tuple[Path, bool]]:
+    """What a run writes at fixed names in its output folder: name -> (path, is a folder). Intermediate
+    checkpoints and samples are written inside the run folder as they come."""
+    out, name, peft = Path(cfg.output), cfg.output_name, cfg.output_format == "peft"
+    paths: dict[str, tuple[Path, bool]] = {}
+    if _main_components(cfg):
+        paths["adapter"] = (out / (name if peft else f"{name}.safetensors"), peft)
+    if "vae" in cfg.targets:
+        paths["vae_adapter"] = (out / f"{name}_vae.safetensors", False)
+    for i, token in enumerate(cfg.new_tokens):
+        paths[f"embedding {token}"] = (_embedding_path(cfg, i), False)
+    paths.update({"checkpoint": (out / "checkpoint-final", True), "losses": (out / "losses.json", False),
+                  "loss_curve": (out / "loss.png", False)})
+    return paths
+
+
+def run_outputs(cfg: TrainConfig, *, force: bool) -> Outputs:
+    """The run's outputs: its folder claimed as a run folder, the files at fixed names claimed in it."""
+    outputs = Outputs(train_inputs(cfg), force=force)
+    outputs.claim(cfg.output, "output folder", folder=True, in_place=True)
+    for what, (path, folder) in output_paths(cfg).items():
+        outputs.claim(path, what, folder=folder)
+    return outputs
+
+
 def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
     """Write every final file of a run into its output folder; name -> path."""
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys, modelspec
+    from loratool.ops.embeddings import textual_inversion
 
-    cfg, out, base = trainer.cfg, trainer.out, trainer.base
-    out.mkdir(parents=True, exist_ok=True)
+    cfg, base, outputs = trainer.cfg, trainer.base, trainer.outputs
+    paths = output_paths(cfg)
     n_class = 0 if trainer.klass is None else len(trainer.klass)
     meta = training_metadata(cfg, summary, len(trainer.instance), n_class, started,
                              trainer.examples.prompt_counts("instance"))
@@ -101,30 +145,28 @@ def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
     main = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(k.startswith(c + ".") for k in trainer.layers)]
     if main:
         adapter = adapter_from_layers(trainer.layers, base.base_model, cfg.fold, tuple(main))
-        target = out / (cfg.output_name if cfg.output_format == "peft" else f"{cfg.output_name}.safetensors")
-        files["adapter"] = str(write_adapter(adapter, target, cfg.output_format, force=True, metadata=meta))
+        files["adapter"] = str(write_adapter(adapter, paths["adapter"][0], cfg.output_format, metadata=meta,
+                                             outputs=outputs))
     vae = adapter_from_layers(trainer.layers, base.base_model, cfg.fold, ("vae",))
     if vae.modules:
         tensors = {}
         for m in vae.modules.values():
             tensors[f"{m.key}.lora_down"], tensors[f"{m.key}.lora_up"] = m.down, m.up
             tensors[f"{m.key}.alpha"] = torch.tensor(float(m.alpha))
-        files["vae_adapter"] = str(write_safetensors(out / f"{cfg.output_name}_vae.safetensors", tensors,
-                                                     {"loratool.format": "loratool-vae-lora"}, force=True))
+        files["vae_adapter"] = str(outputs.write_safetensors(paths["vae_adapter"][0], tensors,
+                                                             {"loratool.format": "loratool-vae-lora"}))
     for i, row in trainer.new_embeddings().items():
-        path = out / f"{cfg.output_name}_emb_{i}.safetensors"
         tok_meta = {"token": cfg.new_tokens[i], "init_token": cfg.init_token or ""}
-        write_safetensors(path, {"emb_params": row.detach().float().cpu().reshape(1, -1).contiguous()}, tok_meta,
-                          force=True)
+        path = outputs.write_safetensors(_embedding_path(cfg, i), textual_inversion(row.float().cpu()), tok_meta)
         files[f"embedding {cfg.new_tokens[i]}"] = str(path)
-    files["checkpoint"] = str(trainer.save_checkpoint(out / "checkpoint-final"))
-    curve = loss_curve(trainer.losses, out / "loss.png")
+    files["checkpoint"] = str(trainer.save_checkpoint(paths["checkpoint"][0]))
+    curve = loss_curve(trainer.losses, paths["loss_curve"][0], outputs)
     if curve:
         files["loss_curve"] = curve
     return files
 
 
-def loss_curve(losses: list[float], path: Path) -> str | None:
+def loss_curve(losses: list[float], path: Path, outputs: Outputs) -> str | None:
     """A PNG of the loss per step and its running mean; None when matplotlib is missing."""
     try:
         import matplotlib
@@ -143,6 +185,8 @@ def loss_curve(losses: list[float], path: Path) -> str | None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        outputs.save_figure(path, fig)
+    finally:
+        plt.close(fig)
     return str(path)

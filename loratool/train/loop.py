@@ -17,7 +17,6 @@ resumed from a checkpoint continues exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from loratool.errors import LoraToolError
+from loratool.io.output import Outputs
 from loratool.train import checkpoint, data
 from loratool.train.config import TrainConfig
+from loratool.train.export import run_outputs
 from loratool.train.layers import adapt, target_names
 from loratool.train.model import add_tokens, encode_prompts, load_base
 
@@ -36,8 +37,9 @@ Callback = Callable[[int, float, dict], None]
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device, outputs: Outputs | None = None) -> None:
         cfg.check()
+        self.outputs = outputs if outputs is not None else run_outputs(cfg, force=True)  # every file goes here
         self.cfg, self.device = cfg, device
         if cfg.mixed_precision != "no" and device.type != "cuda":
             if cfg.mixed_precision == "fp16":
@@ -144,7 +146,7 @@ class Trainer:
 
     def save_checkpoint(self, folder: Path) -> Path:
         return checkpoint.save(folder, self.layers, self.new_embeddings(), self.checkpoint_meta(), self.optimizer,
-                               self.step_no, self.gen, self.losses)
+                               self.step_no, self.gen, self.losses, self.outputs)
 
     # -- training ----------------------------------------------------------------------------
     def loss(self) -> torch.Tensor:
@@ -215,12 +217,11 @@ class Trainer:
         return out.images.float().cpu()
 
     def save_samples(self) -> Path:
-        folder = self.out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
         imgs = self.sample(list(self.cfg.sample_prompts), seed=self.cfg.seed)
         grid = torch.cat(list(imgs), dim=2)  # one row, prompts left to right
-        path = folder / f"step_{self.step_no:06d}.png"
-        data.save_image(grid, path)
+        path = self.out / "samples" / f"step_{self.step_no:06d}.png"
+        with self.outputs.file(path) as fh:
+            data.save_image(grid, fh)
         return path
 
     def run(self, callback: Callback | None = None) -> dict:
@@ -251,5 +252,5 @@ class Trainer:
                    "adapted_layers": len(self.layers),
                    "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
                    if self.device.type == "cuda" else None}
-        (self.out / "losses.json").write_text(json.dumps(self.losses) + "\n")
+        self.outputs.write_json(self.out / "losses.json", self.losses)
         return summary

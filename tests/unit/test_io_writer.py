@@ -1,11 +1,9 @@
-"""The atomic writer: all-or-nothing, never over an input, deterministic, byte-identical to the
-reference writer, shared storage written in full."""
+"""The safetensors serialisation: deterministic, byte-identical to the reference writer, shared storage
+written in full. (Where the bytes go — atomically, never over an input — is tests/unit/test_io_output.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import stat
 
 import pytest
 import torch
@@ -13,9 +11,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from loratool.errors import LoraToolError
-from loratool.io import writer
+from loratool.io.output import TEMP_TAG
 from loratool.io.safetensors import SafetensorsFile, load_file
-from loratool.io.writer import AtomicFile, check_output, serialize, write_safetensors
+from loratool.io.writer import serialize, write_safetensors
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -31,7 +29,7 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _leftovers(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if TEMP_TAG in p.name)
 
 
 def _split(blob: bytes) -> tuple[int, dict, list, bytes]:
@@ -111,98 +109,6 @@ def test_cuda_like_and_grad_tensors(tmp_path) -> None:
     with pytest.raises(LoraToolError, match="meta device"):
         write_safetensors(tmp_path / "m.safetensors", {"s": torch.empty(3, device="meta")})
     assert _leftovers(tmp_path) == []
-
-
-def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch) -> None:
-    calls = {"n": 0}
-    real = writer.tensor_bytes
-
-    def failing(t):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise OSError(28, "No space left on device")
-        return real(t)
-
-    monkeypatch.setattr(writer, "tensor_bytes", failing)
-    target = tmp_path / "out.safetensors"
-    with pytest.raises(OSError):
-        write_safetensors(target, _tensors())
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_failure_mid_write_keeps_the_old_file(tmp_path, monkeypatch) -> None:
-    target = tmp_path / "out.safetensors"
-    target.write_bytes(b"old contents")
-    monkeypatch.setattr(writer, "tensor_bytes", lambda t: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        write_safetensors(target, _tensors(), force=True)
-    assert target.read_bytes() == b"old contents" and _leftovers(tmp_path) == []
-
-
-def test_failed_rename_leaves_no_temp(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(writer.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError(18, "cross-device")))
-    with pytest.raises(OSError):
-        write_safetensors(tmp_path / "x.safetensors", _tensors())
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_file_fsyncs_before_rename(tmp_path, monkeypatch) -> None:
-    events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(writer.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(writer.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
-    with AtomicFile(tmp_path / "f.bin") as fh:
-        fh.write(b"abc")
-        assert not (tmp_path / "f.bin").exists()  # nothing visible before the end
-    assert events[:2] == ["fsync", "replace"] and (tmp_path / "f.bin").read_bytes() == b"abc"
-
-
-def test_new_file_gets_the_usual_mode(tmp_path) -> None:
-    mask = os.umask(0o022)
-    try:
-        out = write_safetensors(tmp_path / "m.safetensors", _tensors())
-    finally:
-        os.umask(mask)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o644
-
-
-def test_refuses_existing_output_without_force(tmp_path) -> None:
-    target = tmp_path / "o.safetensors"
-    target.write_bytes(b"keep")
-    with pytest.raises(LoraToolError, match="output exists \\(use --force to overwrite\\)") as e:
-        write_safetensors(target, _tensors())
-    assert str(target) in str(e.value) and target.read_bytes() == b"keep"
-    write_safetensors(target, _tensors(), force=True)
-    assert SafetensorsFile(target).keys()
-
-
-def test_refuses_to_overwrite_an_input_by_any_spelling(tmp_path, monkeypatch) -> None:
-    src = tmp_path / "in.safetensors"
-    write_safetensors(src, _tensors())
-    before = src.read_bytes()
-    (tmp_path / "sub").mkdir()
-    os.symlink(src, tmp_path / "link.safetensors")
-    os.link(src, tmp_path / "hard.safetensors")
-    monkeypatch.chdir(tmp_path)
-    spellings = [src, "in.safetensors", "./sub/../in.safetensors", tmp_path / "link.safetensors",
-                 tmp_path / "hard.safetensors"]
-    for out in spellings:
-        with pytest.raises(LoraToolError, match="refusing to overwrite an input"):
-            write_safetensors(out, _tensors(1), force=True, inputs=[src])
-        with pytest.raises(LoraToolError, match="refusing to overwrite an input"):
-            write_safetensors(src, _tensors(1), force=True, inputs=[out])
-    assert src.read_bytes() == before
-
-
-def test_refuses_output_inside_an_input_folder_and_missing_folder(tmp_path) -> None:
-    folder = tmp_path / "peft"
-    folder.mkdir()
-    with pytest.raises(LoraToolError, match="refusing to overwrite an input"):
-        check_output(folder / "adapter_model.safetensors", inputs=[folder])
-    with pytest.raises(LoraToolError, match="folder does not exist"):
-        check_output(tmp_path / "nope" / "x.safetensors")
-    with pytest.raises(LoraToolError, match="is a folder"):
-        check_output(folder, force=True)
 
 
 def test_reserved_or_non_string_tensor_names(tmp_path) -> None:
