@@ -228,12 +228,15 @@ def clip_tokenizer_from_bpe(bpe_gz: Path, pad_token: str = "<|endoftext|>"):
 
     from transformers import CLIPTokenizer
 
+    from loratool.io.output import Outputs
+
     merges = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
     alphabet = _byte_alphabet()
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab, merge_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
-        vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-        merge_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:  # scratch files, written like every other file (io.output)
+        scratch = Outputs()
+        vocab = scratch.write_json(Path(tmp) / "vocab.json", {t: i for i, t in enumerate(tokens)})
+        merge_file = scratch.write_bytes(Path(tmp) / "merges.txt",
+                                         ("#version: 0.2\n" + "\n".join(merges) + "\n").encode("utf-8"))
         return CLIPTokenizer(str(vocab), str(merge_file), pad_token=pad_token, model_max_length=77)
