@@ -55,8 +55,8 @@ bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
 def command(ctx, files, show_modules, plot_path, check_hash, top_tags, force, as_json) -> None:
     from loratool.ops.inspect import inspect_file
 
-    outputs = Outputs(files, force=force)
-    if plot_path:
+    outputs = Outputs(files, force=force) if plot_path else None
+    if outputs is not None:
         outputs.claim(plot_path, "plot")
         rd.pyplot()  # fail early, before any work, when matplotlib is missing
     reports, failed = [], 0

@@ -5,6 +5,7 @@ as a whole."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ from loratool.formats import read_adapter, write_adapter
 from loratool.formats.special import _te_order
 from loratool.io.writer import write_safetensors
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from cli_checks import one_error  # noqa: E402  (the CLI tests' one-error-line check, shared with tests/train)
+
 REPO = Path(__file__).resolve().parents[2]
 UNET = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 TE = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
@@ -24,15 +28,6 @@ TE = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
 
 def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error(res, *fragments: str) -> str:
-    assert res.exit_code == 1, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.startswith("loratool: error:")]
-    assert len(lines) == 1, res.output
-    for frag in fragments:
-        assert frag in lines[0], lines[0]
-    return lines[0]
 
 
 def _lora(tmp_path: Path, name: str, keys=(UNET, TE), seed: int = 0) -> Path:
