@@ -106,14 +106,14 @@ def command(device: str, as_json: bool, quiet: bool, dry_run: bool, **options) -
     trainer = Trainer(cfg, dev)
     if not trainer.par.is_main:
         trainer.run()
-        trainer.par.finish()
+        trainer.close()
         return
     if quiet or as_json:
         summary = trainer.run()
     else:
         summary = _run_with_progress(trainer)
     files = write_outputs(trainer, summary, started)
-    trainer.par.finish()
+    trainer.close()
     result = {**summary, "adapter": cfg.adapter, "rank": cfg.rank, "files": files}
     if as_json:
         emit_json(result)

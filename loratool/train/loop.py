@@ -25,6 +25,7 @@ Several processes (torchrun, accelerate launch) train data parallel: loratool.tr
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -219,6 +220,12 @@ class Trainer:
         self.tokens = None if self.texts else [tokenize(tok, self.prompts, dev) for tok in base.tokenizers]
         self.time_ids = size_ids(res, 1, dev) if base.is_sdxl else None
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(dev)
+
+    def close(self) -> None:
+        """End the run's part in a process group: drop the DDP wrappers, then leave the group."""
+        self.unet_forward, self.te_forward = self.base.unet, list(self.base.text_encoders)
+        gc.collect()
+        self.par.finish()
 
     def checkpoint_meta(self) -> dict[str, str]:
         cfg = self.cfg

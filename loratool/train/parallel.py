@@ -51,8 +51,10 @@ class Parallel:
             torch.distributed.barrier()
 
     def finish(self) -> None:
-        """Leave the process group (at the end of a run)."""
+        """Leave the process group once every process got here (call after dropping the DDP wrappers:
+        one destroyed after its group can hang)."""
         if self.active and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
