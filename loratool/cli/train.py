@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -76,35 +77,79 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
               show_default=True)
 @click.option("--name", "output_name", default="lora", show_default=True, help="Output file name stem.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Encode the images (and, with the text encoders frozen, the prompts) once, then train with the "
+                   "UNet alone on the GPU.")
+@click.option("--channels-last", is_flag=True, help="Run the UNet's convolutions in channels-last (NHWC) layout.")
+@click.option("--dry-run", is_flag=True, help="Print the predicted peak GPU memory of these settings and exit "
+              "(nothing is trained; no weights or images are read).")
 @device_option
 @force_option
 @json_option
 @quiet_option
 @debug_option
-def command(device: str, force: bool, as_json: bool, quiet: bool, **options) -> None:
-    """Train a DreamBooth LoRA or TriLoRA adapter and write it for web UIs and diffusers."""
+def command(device: str, force: bool, as_json: bool, quiet: bool, dry_run: bool, **options) -> None:
+    """Train a DreamBooth LoRA or TriLoRA adapter and write it for web UIs and diffusers.
+
+    Launched by torchrun or accelerate launch, the processes train data parallel (one GPU each): every step
+    takes --batch-size examples per process, and process 0 writes the outputs."""
     from loratool.train.config import TrainConfig
     from loratool.train.export import run_outputs, write_outputs
     from loratool.train.loop import Trainer
 
     cfg = TrainConfig(**options)
     cfg.check()
-    outputs = run_outputs(cfg, force=force)  # an existing output folder is refused before anything loads
     if not debugging():
         _hush_libraries()
+    if dry_run:
+        _print_prediction(cfg, as_json)
+        return
+    # an existing output folder is refused before anything loads (other data-parallel processes only read)
+    main_process = os.environ.get("RANK", "0") == "0"
+    outputs = run_outputs(cfg, force=force or not main_process)
     dev = resolve_device(device)
     started = time.time()
     trainer = Trainer(cfg, dev, outputs)
+    if not trainer.par.is_main:
+        trainer.run()
+        trainer.close()
+        return
     if quiet or as_json:
         summary = trainer.run()
     else:
         summary = _run_with_progress(trainer)
     files = write_outputs(trainer, summary, started)
+    trainer.close()
     result = {**summary, "adapter": cfg.adapter, "rank": cfg.rank, "files": files}
     if as_json:
         emit_json(result)
     elif not quiet:
         _print_summary(result)
+
+
+def _print_prediction(cfg, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loratool.train.memory import GIB, estimate, needed_card_bytes
+
+    est = estimate(cfg)
+    need = needed_card_bytes(est.peak)
+    cards = {f"{gb} GB": need <= gb * GIB for gb in (8, 12, 16, 24, 48, 80)}
+    if as_json:
+        emit_json({**est.as_dict(), "card_bytes_needed": need, "fits": cards})
+        return
+    table = Table(title=f"predicted peak GPU memory: {cfg.adapter} rank {cfg.rank}, {cfg.resolution}px, batch "
+                        f"{cfg.batch_size}", show_header=False)
+    rows = [("frozen weights on the GPU", est.weights), ("adapter", est.adapter), ("optimizer (AdamW)", est.optimizer),
+            ("caches (latents, text)", est.caches), ("one step: activations, gradients", est.step),
+            ("training peak", est.training), ("setup peak (filling the caches)", est.setup),
+            ("peak (torch.cuda.max_memory_allocated)", est.peak),
+            ("a card needs about (+10 % allocator reserve, +0.5 GiB CUDA context)", need)]
+    for label, n in rows:
+        table.add_row(label, f"{n / GIB:.2f} GiB")
+    table.add_row("fits", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in cards.items()))
+    Console().print(table)
 
 
 def _hush_libraries() -> None:

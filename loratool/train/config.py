@@ -54,6 +54,8 @@ class TrainConfig:
     output_name: str = "lora"
     tokenizer: str | None = None  # single-file checkpoints: a CLIP tokenizer folder
     model_config: str | None = None  # single-file checkpoints: a diffusers folder of configs to use instead of ours
+    cache: bool = True  # latents (and, with the text encoders frozen, their outputs) computed once
+    channels_last: bool = False  # the UNet's convolutions in NHWC layout
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:

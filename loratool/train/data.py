@@ -89,25 +89,34 @@ def read_caption(image: Path, extension: str) -> str | None:
 
 
 def load_captioned(folder: str | Path, resolution: int, what: str, prompt: str,
-                   caption_extension: str | None) -> tuple[torch.Tensor, list[str]]:
-    """A folder's images and one prompt for each: its sidecar caption, else ``prompt``."""
+                   caption_extension: str | None, pixels: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """A folder's images and one prompt for each: its sidecar caption, else ``prompt``.
+
+    ``pixels=False`` reads no image: the tensor is an empty one of the right shape on the meta device."""
     files = image_files(folder, what)
     captions = [read_caption(p, caption_extension) if caption_extension else None for p in files]
-    return torch.stack([load_image(p, resolution) for p in files]), [c or prompt for c in captions]
+    if pixels:
+        images = torch.stack([load_image(p, resolution) for p in files])
+    else:
+        images = torch.empty(len(files), 3, resolution, resolution, device="meta")
+    return images, [c or prompt for c in captions]
 
 
-def save_image(img: torch.Tensor, path: Path) -> None:
-    """Save ``[3, H, W]`` in [0, 1] as PNG."""
+def save_image(img: torch.Tensor, path) -> None:
+    """Save ``[3, H, W]`` in [0, 1] as PNG to a path or an open binary file."""
     from PIL import Image
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
-    Image.fromarray(arr, "RGB").save(path)
+    Image.fromarray(arr, "RGB").save(path, format="PNG")
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, wanted: int, resolution: int, seed: int,
                           batch: int = 16, steps: int = 25, guidance: float = 5.0) -> int:
     """Fill ``folder`` up to ``wanted`` images of ``prompt`` made by the base pipeline; returns how many."""
+    from loratool.io.output import Outputs
+
     folder.mkdir(parents=True, exist_ok=True)
+    outputs = Outputs()  # new files beside the user's own class images: never over one of them
     have = len(image_files(folder, "class image folder", allow_empty=True))
     missing = max(0, wanted - have)
     made = 0
@@ -119,7 +128,8 @@ def generate_class_images(pipe, folder: Path, prompt: str, wanted: int, resoluti
                         guidance_scale=guidance, generator=gens, output_type="pt").images
         for img in imgs.float().cpu():
             digest = hashlib.sha1(img.numpy().tobytes()).hexdigest()[:12]
-            save_image(img, folder / f"{have + made:05d}-{digest}.png")
+            with outputs.file(folder / f"{have + made:05d}-{digest}.png") as fh:
+                save_image(img, fh)
             made += 1
     return missing
 
@@ -138,15 +148,43 @@ class Examples:
     def _prompts(prompt: str | list[str], idx: torch.Tensor) -> list[str]:
         return [prompt] * len(idx) if isinstance(prompt, str) else [prompt[i] for i in idx.tolist()]
 
+    @property
+    def n_instance(self) -> int:
+        return len(self.instance)
+
+    def draw(self, size: int, gen: torch.Generator) -> torch.Tensor:
+        """Image numbers of one batch, drawn with ``gen``: ``size`` instance images, then ``size`` class
+        images if any (numbered after the instance images, as in :meth:`prompt_table`)."""
+        idx = torch.randint(0, len(self.instance), (size,), generator=gen)
+        if self.klass is None:
+            return idx
+        return torch.cat([idx, len(self.instance) + torch.randint(0, len(self.klass), (size,), generator=gen)])
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """The pixels of image numbers (instance images first, then class images)."""
+        inst = images < len(self.instance)
+        if bool(inst.all()):
+            return self.instance[images]
+        out = torch.empty(len(images), *self.instance.shape[1:], device=self.instance.device)
+        out[inst] = self.instance[images[inst]]
+        out[~inst] = self.klass[images[~inst] - len(self.instance)]
+        return out
+
+    def prompt_table(self) -> tuple[list[str], torch.Tensor]:
+        """(the distinct prompts, in first-use order; each image's prompt number)."""
+        per_image = self._prompts(self.instance_prompt, torch.arange(len(self.instance)))
+        if self.klass is not None:
+            per_image += self._prompts(self.class_prompt, torch.arange(len(self.klass)))
+        numbers: dict[str, int] = {}
+        for p in per_image:
+            numbers.setdefault(p, len(numbers))
+        return list(numbers), torch.tensor([numbers[p] for p in per_image])
+
     def batch(self, size: int, gen: torch.Generator) -> tuple[torch.Tensor, list[str], int]:
         """``size`` instance examples (drawn with ``gen``), then ``size`` class ones if any."""
-        idx = torch.randint(0, len(self.instance), (size,), generator=gen)
-        pixels, prompts = [self.instance[idx]], self._prompts(self.instance_prompt, idx)
-        if self.klass is not None:
-            cidx = torch.randint(0, len(self.klass), (size,), generator=gen)
-            pixels.append(self.klass[cidx])
-            prompts += self._prompts(self.class_prompt, cidx)
-        return torch.cat(pixels), prompts, size
+        images = self.draw(size, gen)
+        prompts, number = self.prompt_table()
+        return self.pixels(images), [prompts[i] for i in number[images].tolist()], size
 
     def prompt_counts(self, part: str) -> dict[str, int]:
         """How many images of ``part`` ("instance" or "class") are trained with each prompt."""

@@ -38,10 +38,16 @@ class AdaptedLayer(nn.Module):
             raise ValueError("grouped convolutions cannot be adapted")
         self.base, self.kind, self.rank = base, kind, rank
         self.alpha = float(rank if alpha is None else alpha)
-        w = base.weight.detach().float().cpu().reshape(base.weight.shape[0], -1)
-        out_f, in_f = w.shape
+        out_f, in_f = base.weight.shape[0], base.weight[0].numel()
         r = min(rank, out_f, in_f)
         self.rank = r
+        if base.weight.is_meta:  # shapes only (a --dry-run trace): no values to initialise from
+            shapes = {"lora": {"down": (r, in_f), "up": (out_f, r)},
+                      "trilora": {"B": (out_f, r), "C": (r, r), "A": (r, in_f)}}[kind]
+            for name, shape in shapes.items():
+                setattr(self, name, nn.Parameter(torch.empty(shape, device="meta")))
+            return
+        w = base.weight.detach().float().cpu().reshape(out_f, in_f)
         if kind == "lora":
             down = torch.empty(r, in_f)
             bound = 1 / math.sqrt(in_f)  # kaiming-uniform(a=√5) bound, as nn.Linear's default init
@@ -82,11 +88,12 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
+        # the scale multiplies the rank-r intermediate, not the layer-sized output: one full-size pass less
         if self.kind == "lora":
-            h = self._mix(self._first(x, self.down), self.up)
+            h = self._mix(self._first(x, self.down) * self.scale, self.up)
         else:
-            h = self._mix(self._mix(self._first(x, self.A), self.C), self.B)
-        return y + self.scale * h
+            h = self._mix(self._mix(self._first(x, self.A) * self.scale, self.C), self.B)
+        return y + h
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The trained matrices (2-D), by their native names."""

@@ -3,20 +3,30 @@
 One step (epsilon or v-prediction, as the model's scheduler says):
 
 1. draw ``batch_size`` instance images (and as many class images with prior preservation);
-2. encode them with the frozen VAE, add DDPM noise at uniform timesteps (plus ``noise_offset``·N(0,1)
-   per channel), encode the prompts;
+2. take their latents (from the latent cache, or by encoding them with the frozen VAE), add DDPM noise at
+   uniform timesteps (plus ``noise_offset``·N(0,1) per channel), condition on the prompts (from the text
+   cache, or by running the text encoders);
 3. per-sample MSE of the UNet's prediction, weighted ``min(SNR, γ)/SNR`` under ``--snr-gamma``
    (``/(SNR+1)`` for v-prediction); loss = instance mean + ``prior_loss_weight`` · class mean;
 4. with ``vae`` among the targets, the decoder's LoRA learns to rebuild the instance images from
    their latents (a pixel MSE added to the loss);
-5. clip the gradient norm, AdamW step.
+5. clip the gradient norm, AdamW step (fused on CUDA).
 
-All randomness (image choice, noise, timesteps, VAE sampling) comes from one seeded generator, so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would.
+All randomness (image choice, VAE sampling, noise, timesteps) comes from one seeded CPU generator, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would, and the CPU and CUDA take the
+same steps. On CUDA a step never waits for the GPU: inputs are copied from pinned memory, the loss stays on
+the device, and :meth:`Trainer.run` reads the losses (and checks them) a few times a second.
+
+Setup order (what is on the GPU when): the base loads on the CPU; the caches are filled with the VAE (fp32)
+and the text encoders visiting the device; layers are adapted; under mixed precision the frozen weights
+are cast on the CPU; then only what the step needs moves to the device (loratool.train.cache).
+Several processes (torchrun, accelerate launch) train data parallel: loratool.train.parallel.
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -24,67 +34,133 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from loratool.errors import LoraToolError
 from loratool.io.output import Outputs
-from loratool.train import checkpoint, data
+from loratool.train import cache, checkpoint, data, parallel
 from loratool.train.config import TrainConfig
 from loratool.train.export import run_outputs
 from loratool.train.layers import adapt, target_names
-from loratool.train.model import add_tokens, encode_prompts, load_base
+from loratool.train.model import add_tokens, encode_tokens, load_base, size_ids, skeleton_base, tokenize
 
 Callback = Callable[[int, float, dict], None]
+CPU = torch.device("cpu")
+FLUSH_SECONDS = 0.5  # how often a CUDA run waits for its losses (to show and check them)
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, device: torch.device, outputs: Outputs | None = None) -> None:
+    """One training run. ``dry_run=True`` builds it on the meta device (no weights, no images read) for
+    tracing a step's memory (loratool.train.memory)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, outputs: Outputs | None = None,
+                 dry_run: bool = False) -> None:
         cfg.check()
-        self.outputs = outputs if outputs is not None else run_outputs(cfg, force=True)  # every file goes here
-        self.cfg, self.device = cfg, device
-        if cfg.mixed_precision != "no" and device.type != "cuda":
-            if cfg.mixed_precision == "fp16":
-                raise LoraToolError("--mixed-precision fp16 needs a CUDA device")
+        self.cfg, self.dry_run = cfg, dry_run
+        # every file goes through here (process 0 writes)
+        self.outputs = outputs if outputs is not None or dry_run else run_outputs(cfg, force=True)
+        if cfg.mixed_precision == "fp16" and device.type != "cuda" and not dry_run:
+            raise LoraToolError("--mixed-precision fp16 needs a CUDA device")
+        if dry_run:
+            self.par, self.device = parallel.Parallel(), torch.device("meta")
+        else:
+            self.par, self.device = parallel.from_environment(device)
+        if self.par.active and "vae" in cfg.targets:
+            raise LoraToolError("--targets vae is not supported with several processes")
+        mixed = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        # frozen weights are stored in the mixed-precision dtype on CUDA (and when predicting CUDA's memory)
+        self.frozen_dtype = mixed if (self.device.type == "cuda" or dry_run) else None
+        self.autocast = self._autocast(mixed)
         self.out = Path(cfg.output)
+        self.step_hook: Callable[[int], None] | None = None  # called after each step, without waiting
         if cfg.resolution is not None:  # bad images fail before the model loads
             self.instance, instance_prompts = self._instance_images()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.base = load_base(cfg.model, device, cfg.tokenizer, cfg.model_config)
+        if dry_run:
+            self.base = skeleton_base(cfg.model, cfg.tokenizer, cfg.model_config)
+        else:
+            self.base = load_base(cfg.model, CPU, cfg.tokenizer, cfg.model_config)
         if cfg.resolution is None:
             cfg.resolution = self.base.native_resolution
             self.instance, instance_prompts = self._instance_images()
         self.token_ids = add_tokens(self.base, list(cfg.new_tokens), cfg.init_token) if cfg.new_tokens else []
         self.klass, class_prompts = self._class_images() if cfg.class_data else (None, None)
         self.examples = data.Examples(self.instance, instance_prompts, self.klass, class_prompts)
+        self.prompts, prompt_of_image = self.examples.prompt_table()
+        self.latent_shape = cache.latent_shape(self.base, cfg.resolution)
+        self.latents, self.texts = self._caches()
         self.layers = self._adapt()
+        self.on_device = self._place()
         self.optimizer = self._optimizer()
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        self._params = self.params()
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" and not dry_run else None
         if cfg.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
-            if "text_encoder" in cfg.targets:
-                for te in self.base.text_encoders:
-                    te.gradient_checkpointing_enable()
+            self._checkpointing()
+        self._ready_step(prompt_of_image)
         self.step_no, self.losses = 0, []
         if cfg.resume:
             self._resume(Path(cfg.resume))
 
     # -- setup -------------------------------------------------------------------------------
+    def _autocast(self, dtype: torch.dtype | None):
+        if dtype is None:
+            return nullcontext()
+        if self.dry_run:
+            from loratool.train.trace import EmulatedAutocast
+
+            return EmulatedAutocast(dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _checkpointing(self) -> None:
+        """Gradient checkpointing (non-reentrant). In a dry run the recomputation during the backward pass
+        runs under the emulated autocast too, as CUDA's autocast state is restored for it."""
+        kwargs: dict = {"use_reentrant": False}
+        if self.dry_run and not isinstance(self.autocast, nullcontext):
+            dtype = self.autocast.dtype
+            kwargs["context_fn"] = lambda: (nullcontext(), type(self.autocast)(dtype))
+        self.base.unet.enable_gradient_checkpointing(
+            lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, **kwargs))
+        if "text_encoder" in self.cfg.targets:
+            for te in self.base.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def _instance_images(self) -> tuple[torch.Tensor, list[str]]:
         cfg = self.cfg
         return data.load_captioned(cfg.instance_data, cfg.resolution, "instance image folder", cfg.instance_prompt,
-                                   cfg.caption_extension)
+                                   cfg.caption_extension, pixels=not self.dry_run)
 
-    def _class_images(self) -> tuple[torch.Tensor, list[str]]:
+    def _class_images(self) -> tuple[torch.Tensor, list[str] | str]:
         cfg, folder = self.cfg, Path(self.cfg.class_data)
         if folder.exists() and not folder.is_dir():
             raise LoraToolError("class image folder is not a folder", folder)
         have = len(data.image_files(folder, "class image folder", allow_empty=True)) if folder.exists() else 0
         if have < cfg.num_class_images:
-            data.generate_class_images(self.base.pipeline(), folder, cfg.class_prompt, cfg.num_class_images,
-                                       cfg.resolution, cfg.seed, steps=cfg.sample_steps)
-        return data.load_captioned(folder, cfg.resolution, "class image folder", cfg.class_prompt, cfg.caption_extension)
+            if self.dry_run:  # they would be generated
+                res = cfg.resolution
+                return torch.empty(cfg.num_class_images, 3, res, res, device="meta"), cfg.class_prompt
+            if self.par.is_main:
+                with cache.placed(list(self.base.components.values()), self.device):
+                    data.generate_class_images(self.base.pipeline(), folder, cfg.class_prompt, cfg.num_class_images,
+                                               cfg.resolution, cfg.seed, steps=cfg.sample_steps)
+            self.par.barrier()
+        return data.load_captioned(folder, cfg.resolution, "class image folder", cfg.class_prompt,
+                                   cfg.caption_extension, pixels=not self.dry_run)
+
+    def _caches(self) -> tuple[cache.LatentCache | None, cache.TextCache | None]:
+        """Latents of every image and, with the text encoders frozen, every prompt's conditioning."""
+        if not self.cfg.cache:
+            return None, None
+        base, dev = self.base, self.device
+        pixels = self.instance if self.klass is None else torch.cat([self.instance, self.klass])
+        with cache.placed([base.vae], dev):
+            latents = cache.encode_latents(base.vae, pixels, dev)
+        texts = None
+        if "text_encoder" not in self.cfg.targets and not self.token_ids:
+            with cache.placed(base.text_encoders, dev):
+                tokens = [tokenize(tok, self.prompts, dev) for tok in base.tokenizers]
+                texts = cache.encode_texts(base, tokens, self.autocast)
+        return latents, texts
 
     def _adapt(self) -> dict:
         cfg, layers = self.cfg, {}
@@ -97,13 +173,27 @@ class Trainer:
                 raise LoraToolError(f"--targets {component}: no layers to adapt in this model", cfg.model)
             for name, layer in adapt(model, names, cfg.adapter, cfg.rank, cfg.alpha, cfg.trilora_init, self.gen).items():
                 layers[f"{component}.{name}"] = layer
-        if self.device.type == "cuda" and cfg.mixed_precision != "no":
-            dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+        if self.frozen_dtype is not None:
             for model in self.base.components.values():
                 for p in model.parameters():
                     if not p.requires_grad:
-                        p.data = p.data.to(dtype)
+                        p.data = p.data.to(self.frozen_dtype)
         return layers
+
+    def _place(self) -> list[str]:
+        """Move what each step needs to the device, the rest to the CPU; the names of those on the device."""
+        cfg = self.cfg
+        keep = ["unet"]
+        if self.latents is None or "vae" in cfg.targets:
+            keep.append("vae")
+        if self.texts is None:
+            keep += [n for n in self.base.components if n.startswith("text_encoder")]
+        if not self.dry_run:
+            for name, model in self.base.components.items():
+                model.to(self.device if name in keep else CPU)
+        if cfg.channels_last:
+            self.base.unet.to(memory_format=torch.channels_last)
+        return keep
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -121,7 +211,25 @@ class Trainer:
             keep[self.token_ids] = 1.0
             table.register_hook(lambda g: g * keep.to(g.dtype))  # only the new rows learn
             params.append({"params": [table], "lr": te_lr, "weight_decay": 0.0})
-        return torch.optim.AdamW([g for g in params if g["params"]], betas=(0.9, 0.999), eps=1e-8)
+        fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for every factor
+        return torch.optim.AdamW([g for g in params if g["params"]], betas=(0.9, 0.999), eps=1e-8, **fused)
+
+    def _ready_step(self, prompt_of_image: torch.Tensor) -> None:
+        """What every step reads from the device, put there once (and the DDP wrappers)."""
+        base, dev, res = self.base, self.device, self.cfg.resolution
+        self.unet_forward = parallel.wrap(base.unet, self.par, dev)
+        trained_te = "text_encoder" in self.cfg.targets
+        self.te_forward = [parallel.wrap(te, self.par, dev) if trained_te else te for te in base.text_encoders]
+        self.prompt_of_image = prompt_of_image.to(dev)
+        self.tokens = None if self.texts else [tokenize(tok, self.prompts, dev) for tok in base.tokenizers]
+        self.time_ids = size_ids(res, 1, dev) if base.is_sdxl else None
+        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(dev)
+
+    def close(self) -> None:
+        """End the run's part in a process group: drop the DDP wrappers, then leave the group."""
+        self.unet_forward, self.te_forward = self.base.unet, list(self.base.text_encoders)
+        gc.collect()
+        self.par.finish()
 
     def checkpoint_meta(self) -> dict[str, str]:
         cfg = self.cfg
@@ -149,71 +257,118 @@ class Trainer:
                                self.step_no, self.gen, self.losses, self.outputs)
 
     # -- training ----------------------------------------------------------------------------
+    def _draw(self) -> tuple[torch.Tensor, ...]:
+        """This step's randomness, drawn for the whole batch of every process (so that any number of
+        processes takes the same steps), then this process's rows: image numbers, the VAE's standard
+        normal sample, the noise and the timesteps (all on the CPU)."""
+        cfg, gen = self.cfg, self.gen
+        images = self.examples.draw(cfg.batch_size * self.par.world, gen)
+        shape = (len(images), *self.latent_shape)
+        eps = torch.randn(shape, generator=gen)
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(*shape[:2], 1, 1, generator=gen)
+        t = torch.randint(0, self.base.noise_scheduler.config.num_train_timesteps, (len(images),), generator=gen)
+        rows = self.par.rows(cfg.batch_size, self.klass is not None)
+        return images[rows], eps[rows], noise[rows], t[rows]
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # from pinned memory: the host does not wait for the copy
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def _conditioning(self, images: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        prompts = self.prompt_of_image[images]
+        time_ids = None if self.time_ids is None else self.time_ids.expand(len(images), -1)
+        if self.texts is not None:
+            states, pooled = self.texts.lookup(prompts)
+            return states, None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+        return encode_tokens(self.base, [table[prompts] for table in self.tokens], time_ids, self.te_forward)
+
     def loss(self) -> torch.Tensor:
-        cfg, base, dev = self.cfg, self.base, self.device
-        pixels, prompts, n_inst = self.examples.batch(cfg.batch_size, self.gen)
-        pixels = pixels.to(dev)
-        sched = base.noise_scheduler
+        cfg, base = self.cfg, self.base
+        chosen, eps, noise, t = self._draw()
+        images, eps, noise, t = (self._to_device(x) for x in (chosen, eps, noise, t))
+        sched, n_inst = base.noise_scheduler, cfg.batch_size
         with self.autocast:
-            with torch.no_grad():
-                dist = base.vae.encode(pixels.to(base.vae.dtype)).latent_dist
-                raw = dist.sample(generator=self.gen).float()
+            if self.latents is not None:
+                raw = self.latents.sample(images, eps)
+            else:
+                with torch.no_grad():
+                    pixels = self._to_device(self.examples.pixels(chosen))
+                    dist = base.vae.encode(pixels.to(base.vae.dtype)).latent_dist
+                    raw = dist.mean.float() + dist.std.float() * eps
             latents = raw * base.vae.config.scaling_factor
-            noise = torch.randn(latents.shape, generator=self.gen).to(dev)
-            if cfg.noise_offset:
-                noise = noise + cfg.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=self.gen).to(dev)
-            t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=self.gen).to(dev)
             noisy = sched.add_noise(latents, noise, t)
-            states, cond = encode_prompts(base, prompts, cfg.resolution)
-            pred = base.unet(noisy, t, states, added_cond_kwargs=cond).sample.float()
+            if cfg.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            states, cond = self._conditioning(images)
+            pred = self.unet_forward(noisy, t, states, added_cond_kwargs=cond).sample.float()
         v_pred = sched.config.prediction_type == "v_prediction"
         target = sched.get_velocity(latents, noise, t) if v_pred else noise
         per = F.mse_loss(pred[:, : target.shape[1]], target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.snr_gamma:
-            acp = sched.alphas_cumprod.to(dev)[t]
+            acp = self.alphas_cumprod[t]
             snr = acp / (1 - acp)
             per = per * snr.clamp(max=cfg.snr_gamma) / (snr + 1 if v_pred else snr)
         loss = per[:n_inst].mean()
         if n_inst < len(per):
             loss = loss + cfg.prior_loss_weight * per[n_inst:].mean()
         if "vae" in cfg.targets:
+            pixels = self._to_device(self.examples.pixels(chosen[:n_inst]))
             with self.autocast:
                 rec = base.vae.decode(raw[:n_inst].to(base.vae.dtype)).sample.float()
-            loss = loss + F.mse_loss(rec, pixels[:n_inst].float())
+            loss = loss + F.mse_loss(rec, pixels.float())
         return loss
 
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
-    def step(self) -> float:
+    def _step(self) -> torch.Tensor:
+        """One optimizer step; the loss (averaged over the processes) stays on the device."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss()
-        if not torch.isfinite(loss):
-            raise LoraToolError(f"the loss became {loss.item()} at step {self.step_no + 1} (try a lower --lr)")
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params(), self.cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self._params, self.cfg.max_grad_norm)
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # fused AdamW skips a step with inf/NaN gradients on the device
             self.scaler.update()
         else:
             self.optimizer.step()
         self.step_no += 1
-        self.losses.append(float(loss.detach()))
-        return self.losses[-1]
+        return self.par.mean(loss.detach())
+
+    def _record(self, pending: list[torch.Tensor]) -> list[float]:
+        """Wait for the device once, check the losses of the last steps and add them to the history."""
+        if not pending:
+            return []
+        values = torch.stack(pending).float().cpu().tolist()
+        first = self.step_no - len(values) + 1
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                raise LoraToolError(f"the loss became {v} at step {first + i} (try a lower --lr)")
+        self.losses += values
+        return values
+
+    def step(self) -> float:
+        """One step, its loss read back (an error if it is not finite)."""
+        return self._record([self._step()])[0]
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0) -> torch.Tensor:
         """Images ``[N, 3, res, res]`` in [0, 1] from the adapted model."""
-        pipe = self.base.pipeline()
-        gens = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
-        with self.autocast:
-            out = pipe(prompts, height=self.cfg.resolution, width=self.cfg.resolution, guidance_scale=5.0,
-                       num_inference_steps=self.cfg.sample_steps, generator=gens, output_type="pt")
+        base = self.base
+        with cache.placed([base.vae, *base.text_encoders], self.device):
+            pipe = base.pipeline()
+            gens = [torch.Generator(self.device).manual_seed(seed + i) for i in range(len(prompts))]
+            with self.autocast:
+                out = pipe(prompts, height=self.cfg.resolution, width=self.cfg.resolution, guidance_scale=5.0,
+                           num_inference_steps=self.cfg.sample_steps, generator=gens, output_type="pt")
         return out.images.float().cpu()
 
     def save_samples(self) -> Path:
@@ -226,31 +381,44 @@ class Trainer:
 
     def run(self, callback: Callback | None = None) -> dict:
         """Train to ``cfg.steps``; checkpoints and samples on schedule; returns a summary."""
-        cfg, start = self.cfg, time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
-        first = self.step_no
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        stepping = 0.0  # seconds spent in training steps (not sampling or saving)
+        cfg, start, main = self.cfg, time.time(), self.par.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        first, cuda = self.step_no, self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        stepping, pending, last_read = 0.0, [], time.time()  # stepping: seconds in steps (not sampling/saving)
         while self.step_no < cfg.steps:
             t0 = time.time()
-            loss = self.step()
+            pending.append(self._step())
+            if self.step_hook:
+                self.step_hook(self.step_no)
+            save = bool(cfg.save_every) and self.step_no % cfg.save_every == 0 and self.step_no < cfg.steps
+            show = bool(cfg.sample_prompts) and bool(cfg.sample_every) and self.step_no % cfg.sample_every == 0
+            values = []
+            if not cuda or save or show or self.step_no == cfg.steps or time.time() - last_read >= FLUSH_SECONDS:
+                values, pending, last_read = self._record(pending), [], time.time()
             stepping += time.time() - t0
             info = {"elapsed": stepping, "done": self.step_no - first}
-            if cfg.save_every and self.step_no % cfg.save_every == 0 and self.step_no < cfg.steps:
+            if save and main:
                 info["checkpoint"] = str(self.save_checkpoint(self.out / f"checkpoint-{self.step_no:06d}"))
-            if cfg.sample_prompts and cfg.sample_every and self.step_no % cfg.sample_every == 0:
+            if show and main:
                 info["samples"] = str(self.save_samples())
-            if callback:
-                callback(self.step_no, loss, info)
+            for i, value in enumerate(values if callback else []):
+                step = self.step_no - len(values) + 1 + i
+                callback(step, value, info if step == self.step_no else {"elapsed": stepping, "done": step - first})
         elapsed = time.time() - start
         summary = {"steps": self.step_no, "resumed_from": first, "seconds": round(elapsed, 2),
                    "it_per_s": round((self.step_no - first) / stepping, 3) if stepping else None,
                    "final_loss": self.losses[-1] if self.losses else None,
                    "mean_loss_last_10": sum(self.losses[-10:]) / max(1, len(self.losses[-10:])),
-                   "trainable_parameters": sum(p.numel() for p in self.params()),
-                   "adapted_layers": len(self.layers),
-                   "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-                   if self.device.type == "cuda" else None}
-        self.outputs.write_json(self.out / "losses.json", self.losses)
+                   "trainable_parameters": sum(p.numel() for p in self._params),
+                   "adapted_layers": len(self.layers), "processes": self.par.world,
+                   "examples_per_step": cfg.batch_size * self.par.world,
+                   "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+                   if cuda else None,
+                   "peak_gpu_reserved_mb": round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
+                   if cuda else None}
+        if main:
+            self.outputs.write_json(self.out / "losses.json", self.losses)
         return summary

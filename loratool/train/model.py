@@ -78,6 +78,57 @@ def load_base(path: str | Path, device: torch.device, tokenizer: str | Path | No
     return _load_folder(path, device)
 
 
+def skeleton_base(path: str | Path, tokenizer: str | Path | None = None,
+                  config: str | Path | None = None) -> BaseModel:
+    """The base model's modules on the meta device (shapes and dtypes, no weights) with its real tokenizers
+    and schedulers: what ``--dry-run`` needs to trace a training step without loading gigabytes."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from loratool.train.single_file import build_models, checkpoint_arch, load_configs, load_tokenizers
+
+    path = Path(path)
+    if not path.exists():
+        raise LoraToolError("model path does not exist", path)
+    if path.is_file():
+        arch = checkpoint_arch(path)
+        toks = load_tokenizers(arch, tokenizer, path)
+        configs = load_configs(arch, config)
+    else:
+        configs, toks = _folder_configs(path)
+        arch = "sdxl" if "text_encoder_2" in configs else (
+            "sd2" if configs["unet"].get("cross_attention_dim") == 1024 else "sd1")
+    models = build_models(arch, configs)
+    for m in models.values():
+        m.requires_grad_(False).eval()
+    tes = [models["text_encoder"]] + ([models["text_encoder_2"]] if arch == "sdxl" else [])
+    sched = configs["scheduler"]
+    return BaseModel(models["unet"], models["vae"], tes, toks, DDPMScheduler.from_config(sched),
+                     DDIMScheduler.from_config(sched), path, arch)
+
+
+def _folder_configs(path: Path) -> tuple[dict, list]:
+    """A diffusers folder's component configs and tokenizers (no weights read)."""
+    from transformers import AutoTokenizer
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise LoraToolError("not a diffusers model folder (no model_index.json)", path)
+    try:
+        entries = json.loads(index.read_text())
+        names = ["unet", "vae", "text_encoder"]
+        if "text_encoder_2" in entries and entries["text_encoder_2"][0] is not None:
+            names.append("text_encoder_2")
+        configs = {n: json.loads((path / n / "config.json").read_text()) for n in names}
+        configs["scheduler"] = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        toks = [AutoTokenizer.from_pretrained(path, subfolder="tokenizer")]
+        if "text_encoder_2" in configs:
+            toks.append(AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise LoraToolError(f"cannot read the model's configs ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                            path) from None
+    return configs, toks
+
+
 def _load_single_file(path: Path, device: torch.device, tokenizer, config) -> BaseModel:
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -129,19 +180,35 @@ def tokenize(tok, prompts: list[str], device) -> torch.Tensor:
                return_tensors="pt").input_ids.to(device)
 
 
+def size_ids(resolution: int, n: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SDXL's size conditioning ``[n, 6]``: original size, crop corner (0, 0), target size."""
+    ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype)
+    return ids.to(device).repeat(n, 1)
+
+
+def encode_tokens(base: BaseModel, tokens: list[torch.Tensor], time_ids: torch.Tensor | None = None,
+                  encoders: list | None = None) -> tuple[torch.Tensor, dict | None]:
+    """(encoder_hidden_states, added_cond_kwargs) for the UNet from each tokenizer's ids ``[n, 77]``.
+
+    ``encoders`` replaces the text encoders as callables (e.g. their DistributedDataParallel wrappers);
+    ``time_ids`` is SDXL's size conditioning (:func:`size_ids`)."""
+    encoders = encoders or base.text_encoders
+    if not base.is_sdxl:
+        return encoders[0](tokens[0])[0], None
+    states, pooled = [], None
+    for te, ids in zip(encoders, tokens, strict=True):
+        out = te(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]  # text_encoder_2's projected pooled output
+    return torch.cat(states, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
+
+
 def encode_prompts(base: BaseModel, prompts: list[str], resolution: int) -> tuple[torch.Tensor, dict | None]:
     """(encoder_hidden_states, added_cond_kwargs) for the UNet."""
     device = base.unet.device
-    if not base.is_sdxl:
-        return base.text_encoders[0](tokenize(base.tokenizers[0], prompts, device))[0], None
-    states, pooled = [], None
-    for te, tok in zip(base.text_encoders, base.tokenizers, strict=False):
-        out = te(tokenize(tok, prompts, device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-        pooled = out[0]  # text_encoder_2's projected pooled output
-    ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=states[0].dtype)
-    cond = {"text_embeds": pooled, "time_ids": ids.to(device).repeat(len(prompts), 1)}
-    return torch.cat(states, dim=-1), cond
+    tokens = [tokenize(tok, prompts, device) for tok in base.tokenizers]
+    time_ids = size_ids(resolution, len(prompts), device) if base.is_sdxl else None
+    return encode_tokens(base, tokens, time_ids)
 
 
 def add_tokens(base: BaseModel, tokens: list[str], init_token: str | None) -> list[int]:

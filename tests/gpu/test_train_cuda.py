@@ -89,3 +89,27 @@ def test_resume_on_cuda_continues_the_run(tmp_path, no_tf32):
     for key, layer in full.layers.items():
         d = layer.delta().double()
         assert float((d - resumed.layers[key].delta().double()).norm()) <= 1e-2 * float(d.norm()) + 1e-7, key
+
+
+@pytest.mark.parametrize("precision,targets,cache", [("fp16", ("unet",), True), ("bf16", ("unet", "text_encoder"), True),
+                                                     ("fp16", ("unet", "text_encoder"), False)])
+def test_a_training_step_never_makes_the_host_wait(tmp_path, precision, targets, cache):
+    """Pinned inputs, losses kept on the device, fused AdamW under the grad scaler: CUDA's sync debug mode
+    raises on anything in a step that would block the host (an .item(), a pageable copy, a synchronize)."""
+    tr = Trainer(config(tmp_path, mixed_precision=precision, targets=targets, cache=cache, snr_gamma=5.0), CUDA)
+    tr.step()  # the first step initialises lazily (cuBLAS, the grad scaler's state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [tr._step() for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_cached_and_uncached_cuda_runs_agree(tmp_path, no_tf32):
+    runs = [Trainer(config(tmp_path / str(c), cache=c, targets=("unet",)), CUDA) for c in (True, False)]
+    losses = [fixed_batch_losses(tr, 3) for tr in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4), losses
+    assert runs[0].on_device == ["unet"] and {"vae", "text_encoder"} <= set(runs[1].on_device)
+    assert next(runs[0].base.vae.parameters()).device.type == "cpu"  # offloaded after filling the cache
