@@ -1,49 +1,41 @@
-"""A strict, lazy safetensors reader.
+"""A strict safetensors reader that needs no torch for headers and no memory map for tensors.
 
-The header is parsed and validated without touching tensor data; tensors are read one at a time
-from a memory map. Every defect raises :class:`SafetensorsError` with one line that names the
-file and says what is wrong (reference/webui.md §8 lists the rules).
+The header is parsed and validated without touching tensor data and without importing torch
+(dtype names stay strings; :mod:`loratool.io.dtypes` resolves them when a tensor is built). Tensors
+are read with positional reads (``os.preadv``) into a fresh buffer or into one the caller gives
+(a pinned staging buffer on CUDA), whole or a range of rows: nothing of the file is memory-mapped
+into the process, so reading a multi-gigabyte checkpoint costs only the buffers in use. Every
+defect raises :class:`SafetensorsError` with one line that names the file and says what is wrong
+(reference/webui.md §8 lists the rules).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import SafetensorsError
+from loratool.io.dtypes import BITS, names_by_torch, torch_dtype, torch_dtypes
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_HEADER_BYTES = 100_000_000
+Rows = tuple[int, int]
 
-# safetensors dtype name -> (torch dtype or None when this torch lacks it, bits per element)
-DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8),
-    "U8": (torch.uint8, 8),
-    "I8": (torch.int8, 8),
-    "I16": (torch.int16, 16),
-    "U16": (getattr(torch, "uint16", None), 16),
-    "I32": (torch.int32, 32),
-    "U32": (getattr(torch, "uint32", None), 32),
-    "I64": (torch.int64, 64),
-    "U64": (getattr(torch, "uint64", None), 64),
-    "F16": (torch.float16, 16),
-    "BF16": (torch.bfloat16, 16),
-    "F32": (torch.float32, 32),
-    "F64": (torch.float64, 64),
-    "C64": (torch.complex64, 64),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 8),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 8),
-    "F8_E4M3FNUZ": (getattr(torch, "float8_e4m3fnuz", None), 8),
-    "F8_E5M2FNUZ": (getattr(torch, "float8_e5m2fnuz", None), 8),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
-}
 
-TORCH_TO_NAME: dict[torch.dtype, str] = {t: name for name, (t, _) in DTYPES.items() if t is not None}
+def __getattr__(name: str) -> Any:
+    """``DTYPES`` (name -> (torch dtype or None, bits)) and ``TORCH_TO_NAME``, built on first use so
+    that importing this module does not import torch."""
+    if name == "DTYPES":
+        return {n: (t, BITS[n]) for n, t in torch_dtypes().items()}
+    if name == "TORCH_TO_NAME":
+        return names_by_torch()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,17 @@ class TensorInfo:
         for s in self.shape:
             n *= s
         return n
+
+    def rows(self, rows: Rows | None) -> tuple[int, int, tuple[int, ...]]:
+        """(begin, byte count, shape) of rows ``[start, stop)`` along the first dim (all: None)."""
+        if rows is None:
+            return self.begin, self.nbytes, self.shape
+        start, stop = rows
+        count = self.shape[0] if self.shape else 0
+        if not self.shape or not 0 <= start <= stop <= count:
+            raise IndexError(f"rows {start}:{stop} of tensor {self.name!r} of shape {list(self.shape)}")
+        row_bytes = self.nbytes // count if count else 0
+        return self.begin + start * row_bytes, (stop - start) * row_bytes, (stop - start, *self.shape[1:])
 
 
 def _fail(path: str, message: str) -> SafetensorsError:
@@ -170,7 +173,7 @@ def _tensor_info(path: str, name: str, entry: object) -> TensorInfo:
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in BITS:
         raise _fail(path, f"invalid safetensors header: tensor {name!r} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(type(s) is int and 0 <= s < 2**48 for s in shape):
         raise _fail(path, f"invalid safetensors header: tensor {name!r} has an invalid shape {_short(shape)}")
@@ -184,7 +187,7 @@ def _tensor_info(path: str, name: str, entry: object) -> TensorInfo:
         raise _fail(path, f"invalid safetensors header: tensor {name!r} has data_offsets out of order "
                           f"(ends at {offsets[1]} before it begins at {offsets[0]})")
     info = TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
-    bits = DTYPES[dtype][1]
+    bits = BITS[dtype]
     if info.numel * bits != info.nbytes * 8:
         raise _fail(path, f"invalid safetensors header: tensor {name!r} of shape {list(shape)} and dtype "
                           f"{dtype} needs {info.numel * bits // 8} bytes but its offsets span {info.nbytes}")
@@ -213,14 +216,13 @@ def _sniff(first: bytes) -> str:
 class SafetensorsFile:
     """An open safetensors file. Use as a context manager or call :meth:`close`.
 
-    Tensors from :meth:`get` are views of a private (copy-on-write) memory map of the file: writing
-    to them never changes the file, and they stay valid after :meth:`close` (the map is released
-    when the last of them is gone).
+    Tensors come from positional reads into their own memory (or a buffer the caller passes), so
+    they stay valid after :meth:`close`, writing to them never changes the file, and several
+    threads may read one file at once (no shared file position).
     """
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = os.fspath(path)
-        self._mmap: mmap.mmap | None = None
         try:
             self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except FileNotFoundError:
@@ -277,6 +279,11 @@ class SafetensorsFile:
     def closed(self) -> bool:
         return self._fh.closed
 
+    def fileno(self) -> int:
+        """The open file's descriptor (for byte-range copies of untouched tensors)."""
+        self._check_open("use the file")
+        return self._fh.fileno()
+
     def info(self, key: str) -> TensorInfo:
         try:
             return self.tensors[key]
@@ -289,48 +296,81 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         """The torch dtype of a tensor (an error when this torch cannot hold it)."""
         info = self.info(key)
-        torch_dtype = DTYPES[info.dtype][0]
-        if torch_dtype is None:
+        found = torch_dtype(info.dtype)
+        if found is None:
             raise _fail(self.path, f"tensor {key!r} has dtype {info.dtype}, which this torch cannot hold")
-        return torch_dtype
+        return found
+
+    # -- positional reads -----------------------------------------------------------------
+    def nbytes(self, key: str, rows: Rows | None = None) -> int:
+        """Bytes :meth:`read` needs for ``key`` (rows ``[start, stop)`` of it, or all)."""
+        return self._rows(key, rows)[1]
+
+    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor (or rows ``[start, stop)`` of its first dim) in its stored dtype.
+
+        Read with positional reads into ``out`` (a contiguous CPU ``uint8`` tensor of at least
+        :meth:`nbytes` bytes, e.g. a pinned staging buffer; the result is a view of it) or into a new
+        buffer. Nothing is memory-mapped.
+        """
+        import torch
+
+        dtype = self.dtype(key)
+        begin, n, shape = self._rows(key, rows)
+        self._check_open(f"read tensor {key!r}")
+        if out is None:
+            out = torch.empty(n, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.device.type != "cpu" or not out.is_contiguous() or out.numel() < n:
+            raise ValueError(f"a read of {key!r} needs a contiguous CPU uint8 buffer of {n} bytes")
+        buf = out[:n]
+        if n:
+            self._pread(self.data_start + begin, memoryview(buf.numpy()).cast("B"), key)
+        return buf.view(dtype).reshape(shape)
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, backed by the private memory map (copy-on-write; the file never changes)."""
-        info = self.info(key)
-        torch_dtype = self.dtype(key)
-        if self.closed:
-            raise _fail(self.path, f"cannot read tensor {key!r}: the file was closed")
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=torch_dtype)
-        buf = self._map()
-        start = self.data_start + info.begin
-        flat = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=start)
-        return flat.view(torch_dtype).reshape(info.shape)
+        """One whole tensor in new memory (a positional read; the file never changes)."""
+        return self.read(key)
 
-    def _map(self) -> mmap.mmap:
-        if self._fh.closed:
-            raise _fail(self.path, "the file was closed")
-        try:
-            size = os.fstat(self._fh.fileno()).st_size
-        except OSError as e:
-            raise _fail(self.path, f"cannot read: {e.strerror}") from None
-        if size != self.file_size:  # changed under us: mapping it could crash on access
-            raise _fail(self.path, f"the file changed size while open ({self.file_size} -> {size} bytes)")
-        if self._mmap is None:
-            try:
-                self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as e:
-                raise _fail(self.path, f"cannot memory-map the file: {e}") from None
-        return self._mmap
+    def read_bytes(self, begin: int, length: int) -> bytes:
+        """``length`` bytes at ``begin`` of the data region (for hashing windows of a file)."""
+        self._check_open("read")
+        buf = bytearray(max(0, length))
+        self._pread(self.data_start + begin, memoryview(buf), "data")
+        return bytes(buf)
 
     def raw_data(self) -> memoryview:
-        """The data region (for hashing small files; large files: stream it, see io.hashes)."""
-        return memoryview(self._map())[self.data_start:]
+        """The whole data region (small files; large files: :meth:`read_bytes` in chunks)."""
+        return memoryview(self.read_bytes(0, self.file_size - self.data_start))
+
+    def _rows(self, key: str, rows: Rows | None) -> tuple[int, int, tuple[int, ...]]:
+        try:
+            return self.info(key).rows(rows)
+        except IndexError as e:
+            raise _fail(self.path, f"cannot read {e}") from None
+
+    def _check_open(self, what: str) -> None:
+        if self._fh.closed:
+            raise _fail(self.path, f"cannot {what}: the file was closed")
+
+    def _pread(self, offset: int, view: memoryview, what: str) -> None:
+        fd = self._fh.fileno()
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            raise _fail(self.path, f"cannot read: {e.strerror}") from None
+        if size != self.file_size:
+            raise _fail(self.path, f"the file changed size while open ({self.file_size} -> {size} bytes)")
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise _fail(self.path, f"cannot read {what}: {e.strerror}") from None
+            if got <= 0:
+                raise _fail(self.path, f"{what} is cut short: the file ended at byte {offset + done}")
+            done += got
 
     def close(self) -> None:
-        """Close the file. The map itself is never closed here: tensors handed out hold a reference
-        to it (unmapping under them would crash), so it goes when the last of them does."""
-        self._mmap = None
         self._fh.close()
 
     def __enter__(self) -> SafetensorsFile:
@@ -351,9 +391,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def load_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Every tensor of a file, copied into memory (small files and tests)."""
+    """Every tensor of a file, read into memory (small files and tests)."""
     with SafetensorsFile(path) as f:
-        return {k: f.get(k).clone() for k in f.keys()}
+        return {k: f.get(k) for k in f.keys()}
 
 
 def is_safetensors_path(path: str | os.PathLike[str]) -> bool:
