@@ -6,11 +6,13 @@ One command, one run, every number of both readers measured in it:
    (median wall time of ``--repeat`` runs, and whether torch got imported), on a real adapter and on
    a large synthetic checkpoint; ``safe_open`` with ``framework="pt"`` (what a torch caller uses)
    and ``"numpy"`` (its lightest);
-2. reads of the large checkpoint, each reader in its own process, page cache warm: every tensor
-   whole (a sparse touch of every page afterwards, so a lazily mapped tensor pays its page faults
-   too), then the first third of the rows of every ≥2-D tensor (a q/k/v slice of a fused weight) into
-   one preallocated buffer; throughput, peak RSS, and RSS after the reads with the file still open
-   (what a memory map leaves resident);
+2. reads of the large checkpoint, each way in its own process, the file read once just before (page
+   cache warm): every tensor whole
+   (a sparse touch of every page afterwards, so a lazily mapped tensor pays its page faults too) —
+   ours by positional reads into new memory (``read``), ours as a view of a private map (``get``),
+   the package's ``get_tensor`` — then the first third of the rows of every ≥2-D tensor (a q/k/v
+   slice of a fused weight) into one preallocated buffer; throughput, peak RSS, and RSS after the
+   reads with the file still open (what a memory map leaves resident);
 3. strictness: the bad files of ../shared/fixtures/real/bad and hand-made malformed headers; per
    reader, whether it refuses the file with one line, crashes (a panic or a signal), or accepts it
    (opens it and reads every tensor without a word).
@@ -41,7 +43,8 @@ SHARED = REPO.parent / "shared" / "fixtures" / "real"
 ADAPTER = SHARED / "adapters" / "flux_aitoolkit_peft_r16.safetensors"
 KEYTABLE = SHARED / "keyshapes" / "sdxl_sgm_checkpoint_full.json"
 BYTES = {"F8_E4M3": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}
-READERS = ("ours", "safetensors")
+READS = (("whole", "ours read"), ("whole", "ours get (map)"), ("whole", "safetensors"),
+         ("rows", "ours read"), ("rows", "safetensors"))
 
 
 # ------------------------------------------------------------------ the files
@@ -146,40 +149,41 @@ def _touch(t) -> None:
         flat[::4096].sum()
 
 
-def read_child(reader: str, path: str, mode: str) -> dict:
-    """Read the checkpoint one way; print throughput and memory."""
+def read_child(reader: str, mode: str, path: str) -> dict:
+    """Read the checkpoint one way; return throughput and memory."""
     import torch
 
-    if reader == "ours":
+    ours = reader.startswith("ours")
+    if ours:
         from loratool.io.safetensors import SafetensorsFile
 
         f = SafetensorsFile(path)
         keys = f.keys()
+        shape = f.shape
     else:
         from safetensors import safe_open
 
         f = safe_open(path, framework="pt")
         keys = list(f.keys())
+
+        def shape(k):
+            return tuple(f.get_slice(k).get_shape())
     before = _status("VmRSS")
-    nbytes = 0
     if mode == "rows":
-        shapes = {k: (f.info(k).shape if reader == "ours" else tuple(f.get_slice(k).get_shape())) for k in keys}
-        keys = [k for k in keys if len(shapes[k]) >= 2 and shapes[k][0] >= 3]
+        keys = [k for k in keys if len(shape(k)) >= 2 and shape(k)[0] >= 3]
         buf = torch.empty(1 << 28, dtype=torch.uint8)  # the largest third of a tensor fits easily
+    nbytes = 0
     t0 = time.perf_counter()
     for k in keys:
         if mode == "whole":
-            t = f.get(k) if reader == "ours" else f.get_tensor(k)
-            _touch(t)
+            t = f.read(k) if reader == "ours read" else f.get(k) if ours else f.get_tensor(k)
+        elif ours:
+            t = f.read(k, (0, shape(k)[0] // 3), out=buf)
         else:
-            stop = shapes[k][0] // 3
-            if reader == "ours":
-                t = f.read(k, (0, stop), out=buf)
-            else:
-                part = f.get_slice(k)[0:stop]
-                t = buf[:part.numel() * part.element_size()].view(part.dtype).reshape(part.shape)
-                t.copy_(part)
-            _touch(t)
+            part = f.get_slice(k)[0:shape(k)[0] // 3]
+            t = buf[:part.numel() * part.element_size()].view(part.dtype).reshape(part.shape)
+            t.copy_(part)
+        _touch(t)
         nbytes += t.numel() * t.element_size()
         del t
     wall = time.perf_counter() - t0
@@ -190,21 +194,21 @@ def read_child(reader: str, path: str, mode: str) -> dict:
 def reads(path: Path) -> dict[tuple[str, str], dict]:
     out = {}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for mode in ("whole", "rows"):
-        for reader in READERS:
-            cmd = [sys.executable, __file__, "--read-child", reader, mode, str(path)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise SystemExit(f"{reader} {mode} failed:\n{proc.stderr[-3000:]}")
-            out[(reader, mode)] = json.loads(lines[-1][7:])
+    for mode, reader in READS:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # the page cache warm for each
+        cmd = [sys.executable, __file__, "--read-child", reader, mode, str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"{reader} {mode} failed:\n{proc.stderr[-3000:]}")
+        out[(reader, mode)] = json.loads(lines[-1][7:])
     return out
 
 
 STRICT = {
     "ours": "import sys; from loratool.io.safetensors import SafetensorsFile\n"
             "f = SafetensorsFile(sys.argv[1])\n"
-            "for k in f.keys(): f.get(k)\n"
+            "for k in f.keys(): f.read(k)\n"
             "dict(f.metadata)",
     "safetensors": "import sys; from safetensors import safe_open\n"
                    "f = safe_open(sys.argv[1], framework='pt')\n"
@@ -224,7 +228,7 @@ def verdict(reader: str, path: Path) -> str:
                "    print('ERROR', kind, lines, first[:150])\n")
     proc = subprocess.run([sys.executable, "-c", wrapped, str(path)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
-    text = proc.stdout.strip().splitlines()
+    text = proc.stdout.strip().replace(str(path), "‹file›").splitlines()
     if proc.returncode < 0:
         return f"crashes (signal {-proc.returncode})"
     if text and text[-1] == "ACCEPTED":
@@ -235,7 +239,7 @@ def verdict(reader: str, path: Path) -> str:
             return f"crashes (Rust panic: {' '.join(msg)[:80]})"
         what = "refuses" if kind in ("SafetensorsError", "MissingTensor", "SafetensorError") else f"{kind}"
         note = "" if lines == "1" else f" ({lines} lines)"
-        return f"{what}{note}: {' '.join(msg)[:90]}"
+        return f"{what}{note}: {' '.join(msg)[:100]}"
     return f"crashes (exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1][:80] if proc.stderr else ''})"
 
 
@@ -292,7 +296,6 @@ def main() -> None:
         start_adapter = startup(ADAPTER, args.repeat)
         start_ckpt = startup(ckpt, args.repeat)
         print("start-up done", flush=True)
-        subprocess.run(["cat", str(ckpt)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
         read_results = reads(ckpt)
         print("reads done", flush=True)
         strict = strictness(Path(tmp))

@@ -236,6 +236,9 @@ class PickleSource(TensorSource):
         nbytes = t.numel() * t.element_size()
         return TensorInfo(key, name, tuple(t.shape), 0, nbytes)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._t(key).shape)
+
     def dtype(self, key: str) -> torch.dtype:
         return self._t(key).dtype
 

@@ -306,7 +306,8 @@ def test_row_ranges_into_a_callers_buffer(tmp_path) -> None:
             f.read("w", (4, 8), out=torch.zeros(80, dtype=torch.float32))
 
 
-def test_reads_never_map_the_file(tmp_path, monkeypatch) -> None:
+def test_positional_reads_never_map_the_file(tmp_path, monkeypatch) -> None:
+    """read() (what extract and merge use on big checkpoints) leaves nothing mapped in the process."""
     import mmap as mmap_mod
 
     def refuse(*a, **k):
