@@ -126,15 +126,14 @@ def run_loratool(base: Path, tuned: Path, args) -> dict:
 
 def run_floor(base: Path, tuned: Path, args) -> dict:
     """loratool's own reader and device copies (ops.extract.stream_pairs), with no math."""
-    from loratool.ops.extract import stream_pairs
-    from loratool.ops.extract_io import TensorFiles
+    from loratool.ops.extract import open_pair, stream_pairs
     from loratool.ops.extract_plan import ExtractOptions, build_plan
 
-    b, t = TensorFiles(base), TensorFiles(tuned)
-    plan = build_plan(b, t, ExtractOptions(rank=args.rank, targets=args.targets))
     nbytes = 0
-    for _, base_w, tuned_w in stream_pairs(b, t, plan.modules, torch.device(args.device)):
-        nbytes += sum(x.numel() * x.element_size() for x in (*base_w, *tuned_w))
+    with open_pair(base, tuned) as (b, t):
+        plan = build_plan(b, t, ExtractOptions(rank=args.rank, targets=args.targets))
+        for _, base_w, tuned_w in stream_pairs(b, t, plan.modules, torch.device(args.device)):
+            nbytes += sum(x.numel() * x.element_size() for x in (*base_w, *tuned_w))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"bytes": nbytes, "modules": len(plan.modules)}

@@ -75,13 +75,16 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         clamp_quantile=clamp_quantile, dtype=dtype, device=str(dev))
     if dry_run:
         return _dry_run(base, tuned, options, as_json, quiet)
-    fmt = (fmt or _default_format(base, tuned, options)).lower()
+    plan = None
+    if fmt is None:
+        fmt, plan = _default_format(base, tuned, options)
+    fmt = fmt.lower()
     output = output or default_output(tuned, rank, fmt)
     outputs = Outputs([base, tuned], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
     if report_path:
         outputs.claim(report_path, "report")
-    result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json))
+    result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json), plan=plan)
     path = _write(result, output, fmt, outputs, _parameters(options, fmt))
     full = {"output": str(path), **result.full_report()}
     if report_path:
@@ -92,15 +95,18 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         render_summary(result.summary, str(path), result.plan.arch, result.reports)
 
 
-def _default_format(base: str, tuned: str, options) -> str:
-    """kohya for a known architecture, peft for a generic pair (detected from the headers when --arch
-    is not given, so an unknown model still gets a layout that can name its modules)."""
+def _default_format(base: str, tuned: str, options):
+    """(layout, plan): kohya for a known architecture, peft for a generic pair (detected from the
+    headers when --arch is not given, so an unknown model still gets a layout that can name its
+    modules; the plan made for that is handed on to the extraction, which then does not plan again)."""
+    plan = None
     arch = options.arch
     if arch is None:
         from loratool.ops.extract import plan_extract
 
-        arch = plan_extract(base, tuned, options).arch
-    return "peft" if arch == "generic" else "kohya"
+        plan = plan_extract(base, tuned, options)
+        arch = plan.arch
+    return ("peft" if arch == "generic" else "kohya"), plan
 
 
 def _parameters(options, fmt: str) -> dict:
@@ -121,12 +127,12 @@ def _write(result, output: str, fmt: str, outputs: Outputs, params: dict):
     return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs)
 
 
-def _extract_with_progress(base: str, tuned: str, options, show: bool):
+def _extract_with_progress(base: str, tuned: str, options, show: bool, plan=None):
     from loratool.cli.render import console
     from loratool.ops.extract import extract
 
     if not show or not console(stderr=True).is_terminal:
-        return extract(base, tuned, options)
+        return extract(base, tuned, options, plan=plan)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -138,7 +144,7 @@ def _extract_with_progress(base: str, tuned: str, options, show: bool):
             speed = bar.tasks[0].speed
             bar.update(task, completed=done, total=total, rate=f"{speed:.1f} mod/s" if speed else "")
 
-        return extract(base, tuned, options, progress=update)
+        return extract(base, tuned, options, progress=update, plan=plan)
 
 
 def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None:

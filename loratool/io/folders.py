@@ -1,5 +1,5 @@
-"""Folders as tensor sources: diffusers pipelines, component folders (single or sharded weights,
-dtype variants), peft adapter folders. Used by :func:`loratool.io.sources.open_source`."""
+"""Folders as tensor sources: diffusers pipelines, component and HF model folders (single or
+sharded weights, dtype variants), peft adapter folders. Used by :func:`loratool.io.sources.open_source`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 from loratool.errors import LoraToolError
 from loratool.io.sources import COMPONENT_NAMES, WEIGHT_STEMS, MultiSource, TensorSource, open_file, read_json
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
 def _variant_of(name: str) -> str | None:
@@ -57,11 +59,15 @@ def _component_where(folder: Path, variant: str | None, prefix: str,
     return {prefix + k: (found, k) for k in src.keys()}
 
 
-def open_diffusers(folder: Path, variant: str | None = None) -> MultiSource:
-    """A diffusers pipeline folder: every component folder that holds weights."""
-    index = read_json(folder / "model_index.json", "model_index.json")
-    listed = [k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()]
-    names = listed + [n for n in COMPONENT_NAMES if n not in listed and (folder / n).is_dir()]
+def open_diffusers(folder: Path, variant: str | None = None, *, indexed: bool = True) -> MultiSource:
+    """A diffusers pipeline folder: every component folder that holds weights. ``indexed=False``:
+    a folder of component folders without ``model_index.json`` (every sub-folder is tried)."""
+    index = read_json(folder / "model_index.json", "model_index.json") if indexed else None
+    if index is not None:
+        listed = [k for k, v in index.items() if isinstance(v, list) and (folder / k).is_dir()]
+        names = listed + [n for n in COMPONENT_NAMES if n not in listed and (folder / n).is_dir()]
+    else:
+        names = sorted(d.name for d in folder.iterdir() if d.is_dir())
     where: dict[str, tuple[Path, str]] = {}
     components: dict[str, list[str]] = {}
     opened: dict[Path, TensorSource] = {}
@@ -76,12 +82,24 @@ def open_diffusers(folder: Path, variant: str | None = None) -> MultiSource:
             src.close()
         raise
     if not components:
+        if index is None:
+            raise LoraToolError("nothing loratool can read in this folder", folder)
         raise LoraToolError("a diffusers folder (model_index.json) without any component weights", folder)
     source = MultiSource(folder, "diffusers", where)
     source._open.update(opened)
     source.config = index
     source.components = components
     return source
+
+
+def has_component_folders(folder: Path) -> bool:
+    """Whether some sub-folder of ``folder`` holds a component's weights (a pipeline folder that
+    lacks its ``model_index.json``)."""
+    for sub in folder.iterdir():
+        if sub.is_dir() and any(p.name.split(".")[0] in WEIGHT_STEMS and p.name.endswith(_WEIGHT_SUFFIXES)
+                                for p in sub.iterdir() if p.is_file()):
+            return True
+    return False
 
 
 def open_component(folder: Path, variant: str | None = None) -> MultiSource | None:

@@ -76,17 +76,13 @@ def tensor_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     return {"sshs_model_hash": model_hash(tensors), "sshs_legacy_hash": legacy_hash(tensors, metadata)}
 
 
-def _data_chunks(f: SafetensorsFile, start: int = 0) -> Iterator[memoryview]:
+def _data_chunks(f: SafetensorsFile, start: int = 0) -> Iterator[bytes]:
     """The data region of an open file, from ``start``, in bounded chunks (never whole)."""
-    fh = f._fh
-    fh.seek(f.data_start + start)
-    remaining = f.file_size - f.data_start - start
-    while remaining > 0:
-        block = fh.read(min(CHUNK, remaining))
-        if not block:
-            break
-        remaining -= len(block)
-        yield memoryview(block)
+    pos, end = start, f.file_size - f.data_start
+    while pos < end:
+        block = f.read_bytes(pos, min(CHUNK, end - pos))
+        pos += len(block)
+        yield block
 
 
 def file_model_hash(path: str | os.PathLike[str]) -> str:
@@ -96,12 +92,6 @@ def file_model_hash(path: str | os.PathLike[str]) -> str:
         for chunk in _data_chunks(f):
             h.update(chunk)
         return h.hexdigest()
-
-
-def _read_range(f: SafetensorsFile, begin: int, end: int) -> bytes:
-    """Bytes [begin, end) of an open file's data region."""
-    f._fh.seek(f.data_start + begin)
-    return f._fh.read(end - begin)
 
 
 def file_legacy_hash(path: str | os.PathLike[str], *, padded: bool = True) -> str:
@@ -124,7 +114,7 @@ def file_legacy_hash(path: str | os.PathLike[str], *, padded: bool = True) -> st
             info = infos[name]
             a, b = max(lo, pos), min(hi, pos + info.nbytes)
             if a < b:
-                h.update(_read_range(f, info.begin + a - pos, info.begin + b - pos))
+                h.update(f.read_bytes(info.begin + a - pos, b - a))
             pos += info.nbytes
             if pos >= hi:
                 break

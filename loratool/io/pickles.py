@@ -24,12 +24,13 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from loratool.errors import LoraToolError, UnsupportedInput
 from loratool.io.safetensors import looks_like_safetensors
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _WHY = re.compile(r"(Unsupported global: GLOBAL [\w.<>]+|Unsupported operand \d+|Trying to [^.\n]+)")
@@ -61,6 +62,8 @@ def _torch_load(path: str) -> object:
         raise LoraToolError("not a torch file: it is empty (0 bytes)", path)
     if looks_like_safetensors(path):
         raise LoraToolError("is a safetensors file despite its name: read it as safetensors", path)
+    import torch
+
     use_mmap = zipfile.is_zipfile(path)
     try:
         with warnings.catch_warnings():
@@ -88,6 +91,8 @@ def _first_line(text: str) -> str:
 
 
 def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], ignored: list[str]) -> None:
+    import torch
+
     for k, v in obj.items():
         name = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
@@ -100,6 +105,8 @@ def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], ignored: l
 
 def read_pickle(path: str | os.PathLike[str]) -> PickleContents:
     """Read a torch pickle with the weights-only unpickler and say what shape it has."""
+    import torch
+
     p = os.fspath(path)
     obj = _torch_load(p)
     if isinstance(obj, (list, tuple)):

@@ -11,25 +11,41 @@
 * a diffusers pipeline folder (``kind="diffusers"``): ``model_index.json`` and component folders;
   keys are ``"<component>.<param>"`` (``unet.conv_in.weight``) and ``.components`` maps each
   component to its own parameter names;
-* a single component folder (``kind="component"``: ``unet/``, ``text_encoder/``, …) with its
-  weights in one file or sharded with a ``*.index.json``.
+* a folder whose weights sit at its root (``kind="component"``): a diffusers component
+  (``unet/``, ``text_encoder/``, …) or a Hugging Face model folder (``model.safetensors`` or a
+  sharded ``model.safetensors.index.json``, ``config.json`` as ``.config``); single or sharded,
+  with dtype variants (``diffusion_pytorch_model.fp16.safetensors``).
 
-Headers are read up front; tensors are read one at a time by :meth:`TensorSource.get`.
+Headers are read up front (without torch); tensors are read one at a time, whole with
+:meth:`TensorSource.get` or a range of rows into a caller's buffer with :meth:`TensorSource.read`,
+by positional reads: nothing is memory-mapped (pickles excepted, which torch loads its own way).
+Reads are thread-safe, so a prefetch thread (:mod:`loratool.io.prefetch`) can read ahead.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoraToolError
-from loratool.io.pickles import PickleContents, is_pickle_path, read_pickle
-from loratool.io.safetensors import SafetensorsFile, is_safetensors_path, looks_like_safetensors
+from loratool.io.dtypes import names_by_torch
+from loratool.io.pickles import is_pickle_path
+from loratool.io.safetensors import (
+    Rows,
+    SafetensorsFile,
+    TensorInfo,
+    is_safetensors_path,
+    looks_like_safetensors,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratool.io.pickles import PickleContents
 
 COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
                    "prior", "decoder", "image_encoder")
@@ -61,7 +77,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 class TensorSource:
-    """Common interface; subclasses fill ``_locate``/``_files``. Keys are in a stable order."""
+    """Common interface. Keys are in a stable order; header facts (:meth:`info`, :meth:`shape`)
+    need no torch; reads return tensors in their stored dtype."""
 
     kind: str = ""
 
@@ -75,19 +92,53 @@ class TensorSource:
     def keys(self) -> list[str]:
         raise NotImplementedError
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def info(self, key: str) -> TensorInfo:
+        """Header facts of one tensor: dtype name, shape, byte size (offsets: within its file)."""
         raise NotImplementedError
 
-    def dtype(self, key: str) -> torch.dtype:
+    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A tensor, or rows ``[start, stop)`` of its first dim, in its stored dtype; into ``out``
+        (a contiguous CPU uint8 buffer of at least :meth:`nbytes` bytes, e.g. pinned) when given."""
         raise NotImplementedError
 
-    def get(self, key: str) -> torch.Tensor:
+    def location(self, key: str) -> tuple[str, str]:
+        """(the file that holds ``key``, its name in that file)."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
     # shared -------------------------------------------------------------------------------
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype name (``F16``, ``BF16``, …) without importing torch."""
+        return self.info(key).dtype
+
+    def dtype(self, key: str) -> torch.dtype:
+        from loratool.io.dtypes import torch_dtype
+
+        found = torch_dtype(self.dtype_name(key))
+        if found is None:
+            raise LoraToolError(f"tensor {key!r} has dtype {self.dtype_name(key)}, which this torch cannot hold",
+                                self.location(key)[0])
+        return found
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every key's shape, from the headers."""
+        return {k: self.shape(k) for k in self.keys()}
+
+    def nbytes(self, key: str, rows: Rows | None = None) -> int:
+        try:
+            return self.info(key).rows(rows)[1]
+        except IndexError as e:
+            raise LoraToolError(f"cannot read {e}", self.location(key)[0]) from None
+
+    def get(self, key: str) -> torch.Tensor:
+        """One whole tensor."""
+        return self.read(key)
+
     def _missing(self, key: str) -> MissingKey:
         return MissingKey(f"no tensor named {key!r}", self.path)
 
@@ -116,6 +167,8 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
+    """One safetensors file (``.file`` is the open :class:`SafetensorsFile`)."""
+
     kind = "safetensors"
 
     def __init__(self, path: str | os.PathLike[str]):
@@ -126,25 +179,38 @@ class SafetensorsSource(TensorSource):
     def keys(self) -> list[str]:
         return self.file.keys()
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.file.shape(key)
+    def __contains__(self, key: object) -> bool:
+        return key in self.file
+
+    def info(self, key: str) -> TensorInfo:
+        return self.file.info(key)
 
     def dtype(self, key: str) -> torch.dtype:
         return self.file.dtype(key)
 
+    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.file.read(key, rows, out)
+
     def get(self, key: str) -> torch.Tensor:
         return self.file.get(key)
+
+    def location(self, key: str) -> tuple[str, str]:
+        self.file.info(key)
+        return self.path, key
 
     def close(self) -> None:
         self.file.close()
 
 
 class PickleSource(TensorSource):
-    """A weights-only pickle; ``layout`` is "state_dict" or "tensor_list" (cloneofsimo legacy)."""
+    """A weights-only pickle; ``layout`` is "state_dict" or "tensor_list" (cloneofsimo legacy).
+    torch loads it whole (memory-mapped for zip files): reads are copies or views of that."""
 
     kind = "pickle"
 
     def __init__(self, path: str | os.PathLike[str]):
+        from loratool.io.pickles import read_pickle
+
         super().__init__(path)
         self.contents: PickleContents = read_pickle(path)
         self.layout = self.contents.layout
@@ -159,14 +225,41 @@ class PickleSource(TensorSource):
     def keys(self) -> list[str]:
         return list(self.contents.tensors)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.contents.tensors
+
+    def info(self, key: str) -> TensorInfo:
+        t = self._t(key)
+        name = names_by_torch().get(t.dtype)
+        if name is None:
+            raise LoraToolError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot name", self.path)
+        nbytes = t.numel() * t.element_size()
+        return TensorInfo(key, name, tuple(t.shape), 0, nbytes)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._t(key).shape)
 
     def dtype(self, key: str) -> torch.dtype:
         return self._t(key).dtype
 
+    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = self._t(key)
+        if rows is not None:
+            self.nbytes(key, rows)  # checks the range
+            t = t[rows[0]:rows[1]]
+        if out is None:
+            return t
+        n = t.numel() * t.element_size()
+        view = out[:n].view(t.dtype).reshape(t.shape)
+        view.copy_(t)
+        return view
+
     def get(self, key: str) -> torch.Tensor:
         return self._t(key)
+
+    def location(self, key: str) -> tuple[str, str]:
+        self._t(key)
+        return self.path, key
 
     def as_list(self) -> list[torch.Tensor]:
         return self.contents.as_list()
@@ -187,27 +280,25 @@ def open_file(path: str | os.PathLike[str]) -> TensorSource:
     return SafetensorsSource(p)
 
 
-def _head(p: Path, n: int) -> bytes:
+def _looks_like_pickle(p: Path) -> bool:
     try:
         with open(p, "rb") as fh:
-            return fh.read(n)
+            head = fh.read(4)
     except OSError:
-        return b""
-
-
-def _looks_like_pickle(p: Path) -> bool:
-    head = _head(p, 4)
+        return False
     return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 class MultiSource(TensorSource):
-    """Several files seen as one: ``key -> (file, key in that file)``, files opened when first needed."""
+    """Several files seen as one: ``key -> (file, key in that file)``, files opened when first needed
+    (under a lock: reader threads may open them)."""
 
     def __init__(self, path: str | os.PathLike[str], kind: str, where: dict[str, tuple[Path, str]]):
         super().__init__(path)
         self.kind = kind
         self._where = where
         self._open: dict[Path, TensorSource] = {}
+        self._lock = threading.Lock()
 
     def _file(self, key: str) -> tuple[TensorSource, str]:
         try:
@@ -216,27 +307,43 @@ class MultiSource(TensorSource):
             raise self._missing(key) from None
         src = self._open.get(file)
         if src is None:
-            src = self._open[file] = open_file(file)
+            with self._lock:
+                src = self._open.get(file)
+                if src is None:
+                    src = self._open[file] = open_file(file)
+        if inner not in src:
+            raise LoraToolError(f"the shard index lists {inner!r} in {os.path.basename(src.path)}, which lacks it",
+                                self.path)
         return src, inner
 
     def keys(self) -> list[str]:
         return list(self._where)
 
-    def shape(self, key: str) -> tuple[int, ...]:
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
+    def info(self, key: str) -> TensorInfo:
         src, inner = self._file(key)
-        return src.shape(inner)
+        return src.info(inner)
 
     def dtype(self, key: str) -> torch.dtype:
         src, inner = self._file(key)
         return src.dtype(inner)
 
+    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        src, inner = self._file(key)
+        return src.read(inner, rows, out)
+
     def get(self, key: str) -> torch.Tensor:
         src, inner = self._file(key)
+        return src.get(inner)
+
+    def location(self, key: str) -> tuple[str, str]:
         try:
-            return src.get(inner)
+            file, inner = self._where[key]
         except KeyError:
-            raise LoraToolError(f"the shard index lists {inner!r} in {file_name(src)}, which lacks it",
-                                self.path) from None
+            raise self._missing(key) from None
+        return os.fspath(file), inner
 
     def component(self, name: str) -> MultiSource:
         """One component of a diffusers folder, with its own (unprefixed) keys."""
@@ -255,13 +362,15 @@ class MultiSource(TensorSource):
         self._open.clear()
 
 
-def file_name(src: TensorSource) -> str:
-    return os.path.basename(src.path)
-
-
 def open_source(path: str | os.PathLike[str], variant: str | None = None) -> TensorSource:
     """Open whatever ``path`` is (see the module docstring) for lazy reading."""
-    from loratool.io.folders import open_component, open_diffusers, open_peft, open_peft_components
+    from loratool.io.folders import (
+        has_component_folders,
+        open_component,
+        open_diffusers,
+        open_peft,
+        open_peft_components,
+    )
 
     p = Path(path)
     if not p.exists():
@@ -287,6 +396,8 @@ def open_source(path: str | os.PathLike[str], variant: str | None = None) -> Ten
     peft = open_peft_components(p)
     if peft is not None:
         return peft
+    if has_component_folders(p):  # a pipeline folder without its model_index.json
+        return open_diffusers(p, variant, indexed=False)
     raise LoraToolError("nothing loratool can read in this folder (expected adapter_config.json, "
-                        "model_index.json, pytorch_lora_weights.safetensors or a component's "
-                        "diffusion_pytorch_model / model weights)", p)
+                        "model_index.json, pytorch_lora_weights.safetensors, a component's "
+                        "diffusion_pytorch_model / model weights or an HF model.safetensors[.index.json])", p)

@@ -87,3 +87,11 @@ def _first_reaching(cumulative: torch.Tensor, target: float) -> int:
     if not bool(reached.any()):
         return cumulative.numel() + 1
     return int(torch.nonzero(reached)[0, 0]) + 1
+
+
+def numerical_rank(s: torch.Tensor, rtol: float) -> int:
+    """How many singular values (descending ``s``) exceed ``rtol·σ₁``: the rank a matrix has above
+    its rounding noise (0 for an empty or all-zero spectrum)."""
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    return int((s > rtol * s[0]).sum())

@@ -1,9 +1,11 @@
 """Extract a LoRA from a base and a fine-tuned model: ΔW = W_tuned − W_base, truncated per module.
 
-The pipeline streams: a background thread reads tensor pairs (``os.pread`` into pinned buffers on
-CUDA) batch by batch, batches hold same-shaped modules, the host→device copy of the next batch is
-issued on a side stream before the current batch is decomposed, and only the small factors come
-back. Peak memory is a few batches, not two models. Pure library code: progress goes to a callback.
+The pipeline streams: the inputs are opened as tensor sources (:mod:`loratool.io.sources`: single
+files, diffusers, component or HF model folders, sharded or not), a background thread reads tensor
+pairs batch by batch (positional reads of only the rows a module needs, into pinned staging buffers
+on CUDA), batches hold same-shaped modules, the host→device copy of the next batch is issued on a
+side stream before the current batch is decomposed, and only the small factors come back. Peak
+memory is a few batches, not two models. Pure library code: progress goes to a callback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +21,10 @@ import torch
 from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
-from loratool.linalg import clamp_factors, decompose
-from loratool.ops.extract_io import PinnedRing, TensorFiles, prefetch, read_weight, weight_nbytes
+from loratool.io.prefetch import StagingRing, prefetch
+from loratool.io.sources import TensorSource, open_source
+from loratool.io.weights import read_weight, weight_nbytes
+from loratool.linalg import clamp_factors, decompose, split_singular
 from loratool.ops.extract_plan import ExtractOptions, Plan, PlannedModule, build_plan
 from loratool.ops.extract_report import ModuleReport, compact, summarize
 
@@ -43,26 +48,45 @@ class ExtractResult:
         return {"arch": self.plan.arch, "summary": self.summary, "modules": [r.as_dict() for r in self.reports]}
 
 
-def plan_extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions) -> Plan:
-    """The plan alone (``--dry-run``): modules, shapes and ranks; no tensor is read."""
-    b, t = TensorFiles(base), TensorFiles(tuned)
+@contextmanager
+def open_pair(base: str | os.PathLike[str], tuned: str | os.PathLike[str]) -> Iterator[tuple[TensorSource, TensorSource]]:
+    """Both models opened as tensor sources (headers only), closed on exit."""
+    b = _open_model(base)
     try:
-        return build_plan(b, t, options)
+        t = _open_model(tuned)
+    except BaseException:
+        b.close()
+        raise
+    try:
+        yield b, t
     finally:
         b.close()
         t.close()
+
+
+def _open_model(path: str | os.PathLike[str]) -> TensorSource:
+    src = open_source(path)
+    if src.kind == "peft":
+        src.close()
+        raise LoraToolError("this is a LoRA adapter (peft), not a model to extract from", path)
+    return src
+
+
+def plan_extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions) -> Plan:
+    """The plan alone (``--dry-run``, or to choose an output layout): modules, shapes and ranks from
+    the headers; no tensor is read. Pass it to :func:`extract` so that planning happens once."""
+    with open_pair(base, tuned) as (b, t):
+        return build_plan(b, t, options)
 
 
 def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions,
-            progress: Progress | None = None) -> ExtractResult:
-    b, t = TensorFiles(base), TensorFiles(tuned)
-    try:
-        plan = build_plan(b, t, options)
+            progress: Progress | None = None, *, plan: Plan | None = None) -> ExtractResult:
+    """Extract a LoRA of ``tuned − base``; ``plan`` (from :func:`plan_extract` on the same inputs and
+    options) skips planning again."""
+    with open_pair(base, tuned) as (b, t):
+        plan = plan or build_plan(b, t, options)
         dtype = output_dtype(options.dtype, t, plan)
         reports, modules = _run(b, t, plan, options, dtype, progress)
-    finally:
-        b.close()
-        t.close()
     adapter = Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
     for m in modules:
         adapter.add(m)
@@ -72,7 +96,7 @@ def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options
     return ExtractResult(adapter, plan, reports, summary, dtype)
 
 
-def output_dtype(name: str | None, tuned: TensorFiles, plan: Plan) -> torch.dtype:
+def output_dtype(name: str | None, tuned: TensorSource, plan: Plan) -> torch.dtype:
     if name is not None:
         if name not in DTYPES:
             raise LoraToolError(f"--dtype {name}: use fp16, bf16 or fp32")
@@ -95,7 +119,7 @@ def batches(modules: list[PlannedModule], budget: int, nbytes=None) -> list[list
     return out
 
 
-def stream_pairs(b: TensorFiles, t: TensorFiles, modules: list[PlannedModule], device: torch.device) -> Iterator:
+def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule], device: torch.device) -> Iterator:
     """``(batch, base weights, tuned weights)`` on ``device``, batch by batch, read ahead on a thread.
 
     On CUDA the reads land in a few pinned staging buffers and the copy of the next batch runs on a
@@ -106,11 +130,11 @@ def stream_pairs(b: TensorFiles, t: TensorFiles, modules: list[PlannedModule], d
             return [read_weight(b, m.ref) for m in batch], [read_weight(t, m.ref) for m in batch]
 
         jobs = batches(modules, BATCH_BYTES["cpu"], lambda m: _pair_bytes(b, t, m))
-        for batch, (base_w, tuned_w) in prefetch(jobs, load_cpu, depth=1):
+        for batch, (base_w, tuned_w) in prefetch(jobs, load_cpu, ahead=2):
             yield batch, base_w, tuned_w
         return
     largest = max(_pair_bytes(b, t, m) for m in modules)
-    ring = PinnedRing(max(BATCH_BYTES["cuda"], largest), SLOTS)
+    ring = StagingRing(max(BATCH_BYTES["cuda"], largest), SLOTS)
     jobs = batches(modules, ring.slot_bytes, lambda m: _pair_bytes(b, t, m))
 
     def load(batch):
@@ -122,16 +146,16 @@ def stream_pairs(b: TensorFiles, t: TensorFiles, modules: list[PlannedModule], d
         return slot, out
 
     try:
-        yield from _upload_ahead(prefetch(jobs, load, depth=1), ring, device)
+        yield from _upload_ahead(prefetch(jobs, load, ahead=2), ring, device)
     finally:
-        ring.closed = True
+        ring.close()
 
 
-def _pair_bytes(b: TensorFiles, t: TensorFiles, m: PlannedModule) -> int:
+def _pair_bytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
     return weight_nbytes(b, m.ref) + weight_nbytes(t, m.ref)
 
 
-def _upload_ahead(items: Iterator, ring: PinnedRing, device: torch.device) -> Iterator:
+def _upload_ahead(items: Iterator, ring: StagingRing, device: torch.device) -> Iterator:
     stream = torch.cuda.Stream(device)
     pending = None
     for batch, (slot, (base_w, tuned_w)) in items:
@@ -147,7 +171,7 @@ def _upload_ahead(items: Iterator, ring: PinnedRing, device: torch.device) -> It
         yield _ready(pending, ring)
 
 
-def _ready(pending, ring: PinnedRing):
+def _ready(pending, ring: StagingRing):
     batch, moved, event, slot = pending
     event.synchronize()  # the copy out of the slot is done: hand it back to the reader
     ring.give(slot)
@@ -157,7 +181,7 @@ def _ready(pending, ring: PinnedRing):
     return batch, moved[0], moved[1]
 
 
-def _run(b: TensorFiles, t: TensorFiles, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
+def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
          progress: Progress | None) -> tuple[list[ModuleReport], list[LoraModule]]:
     reports: list[ModuleReport] = []
     modules: list[LoraModule] = []
@@ -206,9 +230,7 @@ def _extract_batch(batch: list[PlannedModule], base_w: list[torch.Tensor], tuned
 
 def _factors(tr, clamp_q: float | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``up = U·√S``, ``down = √S·Vh`` (the split keeps both in fp16 range), clamped if asked, cast."""
-    root = tr.s.float().clamp_min(0).sqrt()
-    up = tr.u.float() * root[None, :]
-    down = root[:, None] * tr.vh.float()
+    up, down = split_singular(tr.u, tr.s, tr.vh, dtype=torch.float32)
     if clamp_q is not None:
         up, down = clamp_factors(up, down, clamp_q)
     return up.to(dtype).contiguous(), down.to(dtype).contiguous()

@@ -16,8 +16,10 @@ import re
 from dataclasses import dataclass, field
 
 from loratool.errors import LoraToolError
+from loratool.io.dtypes import FLOAT_NAMES
+from loratool.io.sources import TensorSource
+from loratool.io.weights import Segment, WeightRef
 from loratool.linalg import RankMode, SvdPolicy
-from loratool.ops.extract_io import Segment, TensorFiles, WeightRef
 
 TEXT_PREFIX = "text_encoder"
 DEFAULT_MIN_CHANGE = 2e-3  # relative Frobenius change; a bf16 round trip alone is ~1e-3
@@ -81,14 +83,16 @@ class Plan:
         return sum(m.lora_params() * bytes_per_value + 4 for m in self.modules)
 
 
-def detect_arch(src: TensorFiles) -> str:
+def detect_arch(src: TensorSource) -> str:
+    """The family of a checkpoint from its key/shape table ("generic" when none fits)."""
     from loratool.arch import detect_arch_from_checkpoint
 
-    name = detect_arch_from_checkpoint({k: src.shape(k) for k in src.keys()})
+    name = detect_arch_from_checkpoint(src.shapes())
     return "generic" if name in (None, "unknown") else name
 
 
-def build_plan(base: TensorFiles, tuned: TensorFiles, options: ExtractOptions) -> Plan:
+def build_plan(base: TensorSource, tuned: TensorSource, options: ExtractOptions) -> Plan:
+    """The modules to extract, where each weight is in the files, and its rank; header facts only."""
     arch = options.arch or detect_arch(tuned)
     if arch == "generic":
         modules, missing = _generic_modules(base, tuned, options), []
@@ -109,7 +113,7 @@ def _rank_for(shape: tuple[int, ...], options: ExtractOptions) -> int:
     return max(1, min(cap, shape[0], math.prod(shape[1:])))
 
 
-def _generic_modules(base: TensorFiles, tuned: TensorFiles, options: ExtractOptions) -> list[PlannedModule]:
+def _generic_modules(base: TensorSource, tuned: TensorSource, options: ExtractOptions) -> list[PlannedModule]:
     only_base = sorted(set(base.keys()) - set(tuned.keys()))
     only_tuned = sorted(set(tuned.keys()) - set(base.keys()))
     if only_base or only_tuned:
@@ -121,7 +125,7 @@ def _generic_modules(base: TensorFiles, tuned: TensorFiles, options: ExtractOpti
     out = []
     for key in tuned.keys():
         shape = tuned.shape(key)
-        if len(shape) < 2 or not tuned.dtype(key).is_floating_point or 0 in shape:
+        if len(shape) < 2 or tuned.dtype_name(key) not in FLOAT_NAMES or 0 in shape:
             continue
         path = key.removesuffix(".weight")
         ref = WeightRef((Segment(key),), shape)
@@ -129,7 +133,7 @@ def _generic_modules(base: TensorFiles, tuned: TensorFiles, options: ExtractOpti
     return out
 
 
-def _arch_modules(name: str, src: TensorFiles, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:
+def _arch_modules(name: str, src: TensorSource, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:
     from loratool.arch import load_arch
 
     arch = load_arch(name)
@@ -189,9 +193,9 @@ def _filter(modules: list[PlannedModule], include: tuple[str, ...], exclude: tup
     return keep, [m.key for m in dropped]
 
 
-def _check_pair(base: TensorFiles, tuned: TensorFiles, m: PlannedModule) -> None:
+def _check_pair(base: TensorSource, tuned: TensorSource, m: PlannedModule) -> None:
     for seg in m.ref.segments:
-        if seg.key not in base.files:
+        if seg.key not in base:
             raise LoraToolError(f"tensor {seg.key} (module {m.key}) is missing from BASE", base.path)
         if base.shape(seg.key) != tuned.shape(seg.key):
             raise LoraToolError(f"tensor {seg.key} has shape {list(base.shape(seg.key))} in BASE but "

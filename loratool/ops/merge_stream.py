@@ -3,27 +3,29 @@
 Every shape and dtype of the output is known before a byte is written (a merge changes values, never
 layouts), so the header is written first and the data follows in the input's order. Runs of untouched
 tensors are copied byte for byte with ``copy_file_range`` (the kernel moves the pages; they never
-enter this process), and only a changed tensor is read — with plain reads, not a memory map, so
-the pages it touched do not stay in the process — changed in float32 and written. Peak memory is
-one layer, whatever the checkpoint's size. The output goes through ``io.output``: a single file is
+enter this process), and only a changed tensor is read — through the checkpoint's tensor source
+(:mod:`loratool.io.sources`: positional reads, no memory map, so the pages it touched do not stay
+in the process) on a read-ahead thread — changed in float32 and written. Peak memory is a few
+layers, whatever the checkpoint's size. The output goes through ``io.output``: a single file is
 written to a temporary and renamed; a diffusers folder is built beside its destination and swapped in.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loratool.errors import LoraToolError
+from loratool.io.dtypes import FLOAT_NAMES
 from loratool.io.metadata import loratool_keys
 from loratool.io.output import FolderWriter, Outputs
-from loratool.io.safetensors import DTYPES, SafetensorsFile, TensorInfo
+from loratool.io.prefetch import prefetch
+from loratool.io.safetensors import SafetensorsFile, TensorInfo
+from loratool.io.sources import SafetensorsSource, TensorSource, open_source
 from loratool.io.writer import header_bytes, tensor_bytes
 from loratool.ops.merge import Application, MergePlan, apply_to_tensor, plan_merge
 from loratool.ops.mix import MixInput
@@ -39,45 +41,22 @@ class _Run:
     end: int = 0
 
 
-def _read_tensor(fd: int, f: SafetensorsFile, info: TensorInfo) -> torch.Tensor:
-    """One tensor read with ``pread`` into its own buffer (thread-safe: no shared file position)."""
-    buf = bytearray(info.nbytes)
-    if os.preadv(fd, [buf], f.data_start + info.begin) != info.nbytes:
-        raise LoraToolError(f"tensor {info.name} is cut short", f.path)
-    dtype = DTYPES[info.dtype][0]
-    if dtype is None or not dtype.is_floating_point:
-        raise LoraToolError(f"tensor {info.name} has dtype {info.dtype}; only float weights can be merged", f.path)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(info.shape)
-
-
-def _merged(fd: int, f: SafetensorsFile, info: TensorInfo, apps: list[Application],
+def _merged(src: SafetensorsSource, info: TensorInfo, apps: list[Application],
             device: torch.device | None) -> torch.Tensor:
-    tensor = _read_tensor(fd, f, info)
+    if info.dtype not in FLOAT_NAMES:
+        raise LoraToolError(f"tensor {info.name} has dtype {info.dtype}; only float weights can be merged", src.path)
+    tensor = src.read(info.name)
     try:
         return apply_to_tensor(tensor.to(device) if device is not None else tensor, apps).cpu()
     except LoraToolError as e:
-        raise LoraToolError(f"{info.name}: {e.message}", f.path) from None
+        raise LoraToolError(f"{info.name}: {e.message}", src.path) from None
 
 
-def _merged_in_order(fd: int, f: SafetensorsFile, targets: list[TensorInfo], changes: dict[str, list[Application]],
-                     device: torch.device | None) -> Iterator[torch.Tensor]:
-    """The changed tensors in file order, computed by one worker thread a few tensors ahead, so that
-    reading and the float32 math overlap with the byte copies of the main thread."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: deque = deque()
-        todo = iter(targets)
-
-        def submit() -> None:
-            info = next(todo, None)
-            if info is not None:
-                pending.append(pool.submit(_merged, fd, f, info, changes[info.name], device))
-
-        for _ in range(_LOOKAHEAD):
-            submit()
-        while pending:
-            future = pending.popleft()
-            submit()
-            yield future.result()
+def _merged_in_order(src: SafetensorsSource, targets: list[TensorInfo], changes: dict[str, list[Application]],
+                     device: torch.device | None) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """The changed tensors in file order, read and computed by one worker thread a few tensors
+    ahead, so that reading and the float32 math overlap with the byte copies of the main thread."""
+    return prefetch(targets, lambda info: _merged(src, info, changes[info.name], device), ahead=_LOOKAHEAD)
 
 
 def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
@@ -103,13 +82,14 @@ def _copy_range(src_fd: int, dst, offset: int, length: int) -> None:
 def rewrite_file(src: Path, dst_fh, changes: dict[str, list[Application]], metadata: dict[str, str] | None,
                  device: torch.device | None = None, progress: Progress | None = None) -> int:
     """Write ``src`` to the open ``dst_fh`` with ``changes`` applied; returns the tensors changed."""
-    with SafetensorsFile(src) as f, open(src, "rb") as fh:
+    with SafetensorsSource(src) as source:
+        f = source.file
         infos = sorted(f.tensors.values(), key=lambda i: i.begin)
         meta = dict(f.metadata) if metadata is None else metadata
         dst_fh.write(header_bytes([(i.name, i.dtype, i.shape, i.nbytes) for i in infos], meta))
-        run, src_fd, changed = _Run(), fh.fileno(), 0
+        run, src_fd, changed = _Run(), f.fileno(), 0
         targets = [i for i in infos if changes.get(i.name)]
-        merged = _merged_in_order(src_fd, f, targets, changes, device)
+        merged = _merged_in_order(source, targets, changes, device)
 
         def flush() -> None:
             if run.end > run.start:
@@ -127,7 +107,7 @@ def rewrite_file(src: Path, dst_fh, changes: dict[str, list[Application]], metad
                     run.end = info.end
                     continue
                 flush()
-                dst_fh.write(tensor_bytes(next(merged)))
+                dst_fh.write(tensor_bytes(next(merged)[1]))
                 changed += 1
                 if progress:
                     progress(info.nbytes)
@@ -145,31 +125,37 @@ def _list_files(root: Path) -> list[Path]:
     return out
 
 
-def file_keys(checkpoint: Path) -> tuple[dict[str, set[str]], dict[str, tuple[int, ...]]]:
-    """Tensor names per file (``""`` for a single file) and ``{component-qualified key: shape}``."""
+def open_checkpoint(checkpoint: Path) -> TensorSource:
+    """The checkpoint as a tensor source: a single safetensors file (the only kind a merge rewrites),
+    or a diffusers folder whose safetensors files are rewritten one by one."""
     if not checkpoint.is_dir():
-        with SafetensorsFile(checkpoint) as f:
-            return {"": set(f.keys())}, {k: i.shape for k, i in f.tensors.items()}
+        return SafetensorsSource(checkpoint)
+    source = open_source(checkpoint)
+    if source.kind not in ("diffusers", "component"):
+        source.close()
+        raise LoraToolError(f"a folder holding a {source.kind} adapter, not a model to merge into", checkpoint)
+    return source
+
+
+def file_keys(source: TensorSource, root: Path) -> dict[str, set[str]]:
+    """Tensor names per safetensors file of ``source`` (``""`` for a single file, else the file's path
+    relative to the folder ``root``); weights in other containers (``.bin``) cannot be rewritten."""
+    if isinstance(source, SafetensorsSource):
+        return {"": set(source.keys())}
     keys: dict[str, set[str]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for p in _list_files(checkpoint):
-        if p.name.endswith(".safetensors"):
-            rel = p.relative_to(checkpoint).as_posix()
-            with SafetensorsFile(p) as f:
-                keys[rel] = set(f.keys())
-                comp = rel.split("/")[0]
-                shapes.update({f"{comp}.{k}": i.shape for k, i in f.tensors.items()})
+    for key in source.keys():
+        file, inner = source.location(key)
+        if file.endswith(".safetensors"):
+            keys.setdefault(Path(file).relative_to(root).as_posix(), set()).add(inner)
     if not keys:
-        raise LoraToolError("no .safetensors files in this folder (a diffusers model folder is expected)", checkpoint)
-    return keys, shapes
+        raise LoraToolError("no .safetensors files in this folder (a diffusers model folder is expected)", root)
+    return keys
 
 
-def detect_arch(checkpoint: Path, shapes: dict[str, tuple[int, ...]]) -> str:
-    try:
-        from loratool.arch import detect_arch_from_checkpoint
-    except ImportError:
-        return "unknown"
-    return detect_arch_from_checkpoint(shapes)
+def _detect_arch(source: TensorSource) -> str:
+    from loratool.arch import detect_arch_from_checkpoint
+
+    return detect_arch_from_checkpoint(source.shapes())
 
 
 def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, device, progress) -> int:
@@ -205,8 +191,9 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     and ``force``. Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
     """
     src = Path(checkpoint)
-    keys, shapes = file_keys(src)
-    arch_name = arch or detect_arch(src, shapes)
+    with open_checkpoint(src) as source:
+        keys = file_keys(source, src)
+        arch_name = arch or _detect_arch(source)
     plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir())
     report = plan.summary()
     if plan.unmatched and not allow_unmatched:

@@ -23,7 +23,17 @@ import torch
 
 from loratool.core.modules import Adapter, LoraModule, Module, NormModule, flat2d
 from loratool.errors import LoraToolError
-from loratool.linalg.factored import factored_svd, split_singular, stack_factors, tail_energy
+from loratool.linalg import (
+    factored_svd,
+    fold_core,
+    numerical_rank,
+    product_sq_norm,
+    split_coefficient,
+    split_singular,
+    stack_factors,
+    tail_energy,
+    thin_svd,
+)
 from loratool.ops.lbw import module_weights
 
 MODES = ("concat", "svd", "linear")
@@ -71,8 +81,7 @@ def lora_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     up = flat2d(m.up).float()
     if m.mid is None:
         return up, m.down.float()
-    down = torch.einsum("ijhw,jc->ichw", m.mid.float(), flat2d(m.down).float())
-    return up, down
+    return up, fold_core(m.mid.float(), flat2d(m.down).float())
 
 
 def _term(m: Module, w: float) -> _Term:
@@ -129,8 +138,8 @@ def _sum_bias(terms: list[_Term]) -> torch.Tensor | None:
 
 def _dense_factors(dense: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """LoRA factors of a dense ΔW at its numerical rank (capped by ``rank``), and the relative error."""
-    u, s, vh = torch.linalg.svd(flat2d(dense), full_matrices=False)
-    keep = int((s > s[0] * NUMERICAL_RANK_RTOL).sum()) if s.numel() and s[0] > 0 else 1
+    u, s, vh = thin_svd(flat2d(dense))
+    keep = numerical_rank(s, NUMERICAL_RANK_RTOL)
     keep = max(1, min(keep, rank or keep))
     up, down = split_singular(u[:, :keep], s[:keep], vh[:keep])
     return up, down, tail_energy(s, keep)[1]
@@ -144,9 +153,8 @@ def _concat(terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.T
             norm2 = float(t.dense.double().square().sum())
             err2, total2, method = err2 + rel**2 * norm2, total2 + norm2, "concat+svd"
         else:
-            root = abs(t.coef) ** 0.5
-            sign = -1.0 if t.coef < 0 else 1.0
-            up, down = t.up * root, flat2d(t.down) * (root * sign)
+            on_up, on_down = split_coefficient(t.coef)
+            up, down = t.up * on_up, flat2d(t.down) * on_down
         ups.append(up)
         downs.append(down)
     up2d, down2d = torch.cat(ups, 1), torch.cat(downs, 0)
@@ -163,17 +171,11 @@ def _svd(terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.Tensor, flo
         total = torch.stack(dense).sum(0)
         for up, down in lora:
             total.addmm_(up, down)
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        u, s, vh = thin_svd(total)
         method = "dense-svd"
     k = max(1, min(rank, int(s.shape[0])))
     up, down = split_singular(u[:, :k], s[:k], vh[:k])
     return up, down, tail_energy(s, k)[1], method
-
-
-def _lowrank_norm2(up: torch.Tensor, down: torch.Tensor) -> float:
-    """``‖up @ down‖_F²`` through the two Gram matrices, without forming the product."""
-    up64, down64 = up.double(), down.double()
-    return float(((up64.T @ up64) * (down64 @ down64.T)).sum())
 
 
 def _linear(key: str, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, float, str]:
@@ -182,11 +184,12 @@ def _linear(key: str, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, f
     ranks = {int(t.up.shape[1]) for t in terms}
     if len(ranks) > 1:
         raise LoraToolError(f"{key}: linear mode needs equal ranks, got {sorted(ranks)} (use concat or svd)")
-    up = sum(t.up * abs(t.coef) ** 0.5 for t in terms)
-    down = sum(flat2d(t.down) * (abs(t.coef) ** 0.5 * (-1.0 if t.coef < 0 else 1.0)) for t in terms)
+    splits = [split_coefficient(t.coef) for t in terms]
+    up = sum(t.up * a for t, (a, _) in zip(terms, splits, strict=True))
+    down = sum(flat2d(t.down) * b for t, (_, b) in zip(terms, splits, strict=True))
     exact_up, exact_down = stack_factors([(t.up * t.coef, flat2d(t.down)) for t in terms])
-    diff = _lowrank_norm2(torch.cat([up, -exact_up], 1), torch.cat([down, exact_down], 0))
-    ref = _lowrank_norm2(exact_up, exact_down)
+    diff = product_sq_norm(torch.cat([up, -exact_up], 1), torch.cat([down, exact_down], 0))
+    ref = product_sq_norm(exact_up, exact_down)
     return up, down, (max(diff, 0.0) / ref) ** 0.5 if ref > 0 else 0.0, "linear"
 
 

@@ -20,8 +20,7 @@ import torch
 
 from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, FullModule, LohaModule, LokrModule, LoraModule, NormModule, flat2d
-from loratool.linalg import RankMode, SvdPolicy, decompose, select_rank
-from loratool.linalg.factored import factored_svd
+from loratool.linalg import RankMode, SvdPolicy, decompose, factored_svd, select_rank, split_singular
 from loratool.ops.extract_report import ModuleReport
 
 
@@ -90,9 +89,8 @@ def resize_module(module, options: ResizeOptions):
         dtype = torch.float32
     total = float(s.double().square().sum()) if method == "factored" else s_all_sq
     kept = float(s[:k].double().square().sum())
-    root = s[:k].float().clamp_min(0).sqrt()
-    up = (u[:, :k].float() * root[None, :]).to(dtype).cpu()
-    down = (root[:, None] * vh[:k].float()).to(dtype).cpu()
+    up, down = split_singular(u[:, :k], s[:k], vh[:k], dtype=torch.float32)
+    up, down = up.to(dtype).cpu(), down.to(dtype).cpu()
     new = _new_module(module, shape, up, down, alpha=scale * k)
     retained = kept / total if total > 0 else 1.0
     rel_error = math.sqrt(max(0.0, total - kept) / total) if total > 0 else 0.0

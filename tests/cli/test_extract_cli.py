@@ -131,3 +131,25 @@ def test_exact_svd_dynamic_rank_and_dtype_options(generic_pair, tmp_path):
     assert {m["rank"] for m in data["modules"]} == {2} and {m["method"] for m in data["modules"]} == {"exact"}
     adapter = read_adapter(tmp_path / "e")
     assert {m.down.dtype for m in adapter.modules.values()} == {torch.bfloat16}
+
+
+def test_the_cli_plans_once(generic_pair, sd1_pair, tmp_path, monkeypatch):
+    """Choosing the output layout needs the plan; the extraction reuses it instead of planning again."""
+    import loratool.ops.extract as ops_extract
+
+    calls = []
+    real = ops_extract.build_plan
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops_extract, "build_plan", counting)
+    for pair, name in ((generic_pair, "g"), (sd1_pair, "s.safetensors")):
+        calls.clear()
+        res = run("extract", *pair, "-r", 2, "-o", tmp_path / name, "-q")
+        assert res.exit_code == 0, res.output
+        assert len(calls) == 1
+    calls.clear()
+    assert run("extract", *sd1_pair, "-r", 2, "--arch", "sd1", "-o", tmp_path / "x.safetensors", "-q").exit_code == 0
+    assert len(calls) == 1

@@ -16,8 +16,9 @@ from loratool.arch import load_arch
 from loratool.core.modules import Adapter, LokrModule, LoraModule
 from loratool.formats import decode, encode
 from loratool.formats.diffusers import encode_peft
+from loratool.linalg import product_sq_norm
+from loratool.linalg.structured import structured_factors
 from loratool.ops.convert import convert
-from loratool.ops.convert_math import _lowrank_sq_norm, structured_factors
 
 FORMATS = {"sd1": ["kohya", "diffusers", "peft"], "sdxl": ["kohya", "diffusers", "peft"],
            "flux": ["kohya", "diffusers", "peft", "aitoolkit", "bfl"]}
@@ -74,11 +75,11 @@ def _same(a: Adapter, b: Adapter, tol: float) -> None:
     pa, pb = _parts(a), _parts(b)
     assert set(pa) <= set(pb)  # every trained part comes back ...
     for key in set(pb) - set(pa):  # ... and a part a fused layout had to add is exactly zero
-        assert _lowrank_sq_norm(*pb[key]) == 0.0, key
+        assert product_sq_norm(*pb[key]) == 0.0, key
     for key, (up, down) in pa.items():
-        total = _lowrank_sq_norm(up, down)
+        total = product_sq_norm(up, down)
         u2, d2 = pb[key]
-        diff = _lowrank_sq_norm(torch.cat([up, -u2], 1), torch.cat([down, d2], 0))
+        diff = product_sq_norm(torch.cat([up, -u2], 1), torch.cat([down, d2], 0))
         assert math.sqrt(max(diff, 0.0) / total) < tol, key
 
 

@@ -14,8 +14,9 @@ import torch
 
 from loratool.formats import read_adapter, write_adapter
 from loratool.io.safetensors import SafetensorsFile
+from loratool.linalg import product_sq_norm
+from loratool.linalg.structured import structured_factors
 from loratool.ops.convert import convert
-from loratool.ops.convert_math import _lowrank_sq_norm, structured_factors
 
 pytestmark = pytest.mark.real
 
@@ -34,8 +35,8 @@ def _rel_diff(m1, m2) -> float:
         return float((got - want).norm() / want.norm().clamp_min(1e-30))
     up = torch.cat([f1[0], -f2[0]], dim=1)
     down = torch.cat([f1[1], f2[1]], dim=0)
-    total = _lowrank_sq_norm(*f1)
-    return math.sqrt(max(0.0, _lowrank_sq_norm(up, down)) / total) if total > 0 else 0.0
+    total = product_sq_norm(*f1)
+    return math.sqrt(max(0.0, product_sq_norm(up, down)) / total) if total > 0 else 0.0
 
 
 def _same_delta(a, b, tol: float) -> None:

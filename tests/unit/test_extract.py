@@ -198,3 +198,61 @@ def test_diffusers_folder_and_component_file(tmp_path, gen):
                   tmp_path / "tuned" / "unet" / "diffusion_pytorch_model.safetensors",
                   ExtractOptions(rank=2, arch="sd1"))
     assert len(res.adapter.modules) == 2
+
+
+def test_hf_model_folders_sharded_or_not_give_the_same_lora(tmp_path, gen):
+    """An HF model folder (model.safetensors, or shards with model.safetensors.index.json at its root)
+    is read like the bare file (issue 17 builds LLM extraction on this)."""
+    import json
+
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (64, 48), "model.layers.0.mlp.up_proj.weight": (96, 48),
+              "model.layers.1.mlp.down_proj.weight": (48, 96)}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    base["model.norm.weight"] = torch.ones(48)
+    deltas = {k: low_rank(s, 3, gen) for k, s in shapes.items()}
+    b, t = pair(tmp_path, base, deltas, dtype=torch.bfloat16)
+    for name, src in (("base", b), ("tuned", t)):
+        from loratool.io.safetensors import load_file
+
+        tensors = load_file(src)
+        single, sharded = tmp_path / f"{name}_hf", tmp_path / f"{name}_hf_sharded"
+        single.mkdir()
+        sharded.mkdir()
+        write_safetensors(single / "model.safetensors", tensors, {"format": "pt"})
+        keys = sorted(tensors)
+        weight_map = {}
+        for i in range(2):
+            part = f"model-{i + 1:05d}-of-00002.safetensors"
+            write_safetensors(sharded / part, {k: tensors[k] for k in keys[i::2]}, {"format": "pt"})
+            weight_map.update({k: part for k in keys[i::2]})
+        (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        for folder in (single, sharded):
+            (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    opts = ExtractOptions(rank=4, arch="generic")
+    ref = extract(b, t, opts)
+    for suffix in ("_hf", "_hf_sharded"):
+        got = extract(tmp_path / f"base{suffix}", tmp_path / f"tuned{suffix}", opts)
+        assert sorted(got.adapter.modules) == sorted(ref.adapter.modules) == [
+            "model." + k.removesuffix(".weight") for k in sorted(shapes)]
+        for key, m in ref.adapter.modules.items():
+            assert torch.equal(got.adapter.modules[key].up, m.up) and torch.equal(got.adapter.modules[key].down, m.down)
+
+
+def test_a_given_plan_is_used_and_an_adapter_is_not_a_model(tmp_path, gen, monkeypatch):
+    import json
+
+    import loratool.ops.extract as ops_extract
+
+    base = {"a.weight": torch.randn(40, 30, generator=gen)}
+    b, t = pair(tmp_path, base, {"a.weight": low_rank((40, 30), 2, gen)})
+    opts = ExtractOptions(rank=2, arch="generic", dtype="fp32")
+    plan = plan_extract(b, t, opts)
+    monkeypatch.setattr(ops_extract, "build_plan", lambda *a: pytest.fail("planned twice"))
+    res = extract(b, t, opts, plan=plan)
+    assert res.plan is plan and list(res.adapter.modules) == ["model.a"]
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text(json.dumps({"r": 2}))
+    write_safetensors(peft / "adapter_model.safetensors", {"base_model.model.a.lora_A.weight": torch.zeros(2, 30)})
+    with pytest.raises(LoraToolError, match="LoRA adapter \\(peft\\), not a model"):
+        plan_extract(peft, t, opts)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from loratool.ops.extract_io import Segment
+from loratool.io.weights import Segment
 from loratool.ops.extract_plan import ExtractOptions, build_plan
 
 
 class KeysOnly:
-    """The part of TensorFiles the planner uses."""
+    """The part of a TensorSource the planner uses."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.files = shapes
@@ -18,11 +18,20 @@ class KeysOnly:
     def keys(self):
         return list(self.files)
 
+    def __contains__(self, key):
+        return key in self.files
+
+    def shapes(self):
+        return dict(self.files)
+
     def shape(self, key):
         return self.files[key]
 
     def dtype(self, key):
         return torch.bfloat16
+
+    def dtype_name(self, key):
+        return "BF16"
 
 
 def test_flux_bare_bfl_keys_read_fused_weights_whole():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool.linalg.factored import factored_svd, split_singular, stack_factors, tail_energy
+from loratool.linalg import factored_svd, split_singular, stack_factors, tail_energy
 
 
 def _factors(out: int, rank: int, inn: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

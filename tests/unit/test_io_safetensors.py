@@ -259,3 +259,70 @@ def test_file_shrunk_while_open_is_refused_not_a_crash(tmp_path) -> None:
             fh.truncate(100)
         with pytest.raises(SafetensorsError, match="changed size"):
             f.get("w")
+
+
+# -- torch-free headers, positional reads ----------------------------------------------------------
+
+def test_header_reader_imports_without_torch(tmp_path) -> None:
+    """inspect, planning and --help read headers only: that path must not pay torch's import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = _file(tmp_path, "a.safetensors", st_save({"w": torch.zeros(2, 3, dtype=torch.float16)}, {"k": "v"}))
+    code = ("import sys\n"
+            "from loratool.io.safetensors import SafetensorsFile\n"
+            "from loratool.io.sources import open_source\n"
+            f"f = SafetensorsFile({str(p)!r})\n"
+            "assert f.keys() == ['w'] and f.info('w').dtype == 'F16' and f.shape('w') == (2, 3)\n"
+            "assert f.metadata == {'k': 'v'} and f.nbytes('w', (0, 1)) == 6\n"
+            f"s = open_source({str(p)!r})\n"
+            "assert s.shapes() == {'w': (2, 3)} and s.dtype_name('w') == 'F16'\n"
+            "print('torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "False"
+
+
+def test_row_ranges_into_a_callers_buffer(tmp_path) -> None:
+    w = torch.arange(60, dtype=torch.float32).reshape(12, 5)
+    c = torch.arange(2 * 3 * 3 * 3, dtype=torch.float16).reshape(2, 3, 3, 3)
+    p = _file(tmp_path, "a.safetensors", st_save({"w": w, "c": c}))
+    buf = torch.zeros(256, dtype=torch.uint8)
+    with SafetensorsFile(p) as f:
+        assert f.nbytes("w") == 240 and f.nbytes("w", (4, 8)) == 80
+        rows = f.read("w", (4, 8), out=buf)
+        assert torch.equal(rows, w[4:8]) and rows.data_ptr() == buf.data_ptr()  # a view of the buffer
+        assert torch.equal(f.read("w", (12, 12)), w[12:12])
+        assert torch.equal(f.read("c", (1, 2)), c[1:2])
+        assert torch.equal(f.read("w"), w)
+        for bad in ((5, 4), (0, 13), (-1, 2)):
+            with pytest.raises(SafetensorsError, match="cannot read rows"):
+                f.read("w", bad)
+        with pytest.raises(ValueError, match="uint8 buffer of 80 bytes"):
+            f.read("w", (4, 8), out=torch.zeros(79, dtype=torch.uint8))
+        with pytest.raises(ValueError):
+            f.read("w", (4, 8), out=torch.zeros(80, dtype=torch.float32))
+
+
+def test_positional_reads_never_map_the_file(tmp_path, monkeypatch) -> None:
+    """read() (what extract and merge use on big checkpoints) leaves nothing mapped in the process."""
+    import mmap as mmap_mod
+
+    def refuse(*a, **k):
+        raise AssertionError("the reader memory-mapped the file")
+
+    monkeypatch.setattr(mmap_mod, "mmap", refuse)
+    tensors = {"a": _random(torch.bfloat16, (7, 9)), "b": _random(torch.int64, (3,))}
+    p = _file(tmp_path, "a.safetensors", st_save(tensors))
+    assert {k: _bits(v) for k, v in load_file(p).items()} == {k: _bits(v) for k, v in tensors.items()}
+
+
+def test_dtype_tables_are_built_lazily_and_agree() -> None:
+    from loratool.io import dtypes
+
+    assert set(dtypes.BITS) == set(DTYPES)
+    assert all(bits == DTYPES[name][1] for name, bits in dtypes.BITS.items())
+    assert dtypes.names_by_torch()[torch.bfloat16] == "BF16" and dtypes.torch_dtype("F8_E4M3") == torch.float8_e4m3fn
+    assert dtypes.FLOAT_NAMES == {n for n, (t, _) in DTYPES.items() if t is not None and t.is_floating_point}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -293,3 +294,63 @@ def test_sources_release_their_files(tmp_path) -> None:
         del s
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+LLM = {"model.embed_tokens.weight": _t(32, 8), "model.layers.0.self_attn.q_proj.weight": _t(8, 8, seed=1),
+       "model.layers.0.mlp.up_proj.weight": _t(16, 8, seed=2), "model.norm.weight": _t(8, seed=3)}
+
+
+@pytest.mark.parametrize("shards", [0, 2])
+def test_hf_model_folder_single_or_sharded(tmp_path, shards) -> None:
+    """An HF model folder (model.safetensors or its shard index at the root, config.json beside it)."""
+    folder = tmp_path / "qwen"
+    _component(folder, LLM, name="model", config=False, shards=shards)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    (folder / "tokenizer.json").write_text("{}")
+    with open_source(folder) as s:
+        assert s.kind == "component" and s.config["model_type"] == "qwen2"
+        assert sorted(s.keys()) == sorted(LLM) and s.shapes() == {k: tuple(v.shape) for k, v in LLM.items()}
+        for k, v in LLM.items():
+            assert torch.equal(s.get(k), v)
+        file, inner = s.location("model.layers.0.mlp.up_proj.weight")
+        assert inner == "model.layers.0.mlp.up_proj.weight" and file.startswith(str(folder))
+        assert file.endswith("model.safetensors" if not shards else "-of-00002.safetensors")
+
+
+def test_pipeline_folder_without_model_index(tmp_path) -> None:
+    _component(tmp_path / "unet", UNET)
+    _component(tmp_path / "text_encoder", TE, name="model")
+    with open_source(tmp_path) as s:
+        assert s.kind == "diffusers" and s.config is None and list(s.components) == ["text_encoder", "unet"]
+        assert torch.equal(s.get("unet.conv_in.weight"), UNET["conv_in.weight"])
+
+
+def test_row_reads_and_locations_alike_for_every_source(tmp_path) -> None:
+    """read(key, rows, out) gives the same rows from a file, a folder and a pickle, into the buffer."""
+    w = _t(12, 4, seed=9)
+    write_safetensors(tmp_path / "w.safetensors", {"w": w})
+    _component(tmp_path / "unet", {"w": w})
+    torch.save({"w": w}, tmp_path / "w.pt")
+    for path in (tmp_path / "w.safetensors", tmp_path / "unet", tmp_path / "w.pt"):
+        with open_source(path) as s:
+            buf = torch.zeros(1024, dtype=torch.uint8)
+            got = s.read("w", (3, 7), out=buf)
+            assert torch.equal(got, w[3:7]) and got.data_ptr() == buf.data_ptr(), path
+            assert torch.equal(s.read("w", (0, 2)), w[:2]) and s.nbytes("w", (3, 7)) == 64
+            assert s.dtype_name("w") == "F32" and s.info("w").shape == (12, 4)
+            assert os.path.basename(s.location("w")[0]).startswith(("w.", "diffusion_pytorch_model"))
+            with pytest.raises(LoraToolError, match="rows 5:20"):
+                s.nbytes("w", (5, 20))
+            with pytest.raises(KeyError):
+                s.location("nope")
+
+
+def test_reads_from_threads_share_one_source(tmp_path) -> None:
+    """Positional reads: many threads reading one sharded folder at once get the right bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    big = {f"t{i}": _t(64, 33, seed=i) for i in range(24)}
+    _component(tmp_path / "m", big, name="model", shards=3)
+    with open_source(tmp_path / "m") as s, ThreadPoolExecutor(8) as pool:
+        got = dict(pool.map(lambda k: (k, s.get(k)), list(big) * 4))
+    assert all(torch.equal(got[k], v) for k, v in big.items())
