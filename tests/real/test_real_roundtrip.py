@@ -19,7 +19,7 @@ from loratool.ops.convert_math import _lowrank_sq_norm, structured_factors
 
 pytestmark = pytest.mark.real
 
-BACK = {"lycoris": "kohya", "kohya": "kohya", "flux-aitoolkit": "aitoolkit", "cloneofsimo": "diffusers"}
+BACK = {"lycoris": "kohya", "kohya": "kohya", "aitoolkit": "aitoolkit", "cloneofsimo": "diffusers"}
 
 
 def _files(real_dir):
