@@ -159,14 +159,18 @@ class Family:
 
     @cached_property
     def block_order(self) -> dict[str, int]:
-        """Block label -> its position in model order (table order)."""
+        """Block label -> its position in model order: the first LBW slot its modules fall in."""
+        slots = {slot: i for i, slot in enumerate(self.table.lbw.get("slots", ()))} if self.table else {}
         order: dict[str, int] = {}
         for spec in self.modules.values():
-            order.setdefault(naming.block_label(spec.component, spec.path), len(order))
+            if spec.block in slots:
+                label = naming.block_label(spec.component, spec.path)
+                order[label] = min(order.get(label, slots[spec.block]), slots[spec.block])
         return order
 
     def block_sort_key(self, label: str) -> tuple:
-        """Blocks in model order: this family's table order, then the others by name and index."""
+        """Blocks in model order (components in the family's order; LBW slot order within one), then the
+        blocks no table knows by name and index."""
         component, _, head = label.partition(":")
         name, _, index = head.partition(".")
         comps = self.components or tuple(c for c in self._components)

@@ -1,8 +1,8 @@
 """``loratool mix A[:w][:lbw=...] B[:w] ... -o OUT``: several adapters into one.
 
 Thin: parse the input specs (loratool.ops.lbw), read (loratool.formats), mix (loratool.ops.mix),
-write (loratool.formats) and render the per-module report. ``read_inputs`` and ``output_format``
-are shared with ``merge`` and ``scale``.
+write (loratool.formats, in the layout ``formats.output_layout`` picks) and render the per-module report.
+``read_inputs`` is shared with ``merge``.
 """
 
 from __future__ import annotations
@@ -42,26 +42,14 @@ def read_inputs(specs: tuple[str, ...] | list[str]) -> list:
     return out
 
 
-def output_format(requested: str | None, adapter) -> str:
-    """``--to`` when given, else the input's own layout when it can be written, else kohya."""
-    from loratool.formats import canonical_format
-
-    if requested:
-        return canonical_format(requested)
-    source = adapter.source_format
-    try:
-        return canonical_format(source) if isinstance(source, str) and source else "kohya"
-    except LoraToolError:
-        return "kohya"
-
-
 def to_option(f):
     return click.option("--to", "to", default=None, metavar="FORMAT",
                         help="Output layout: kohya (webui/comfyui/a1111/forge), diffusers, peft, aitoolkit, bfl.")(f)
 
 
 @click.command(help="Mix adapters with weights into one: exact (concat, rank Σr), optimal at a rank (svd), "
-                    f"or kohya-style factor averaging (linear). Each input is {SPEC_HELP}")
+                    f"or kohya-style factor averaging (linear). Each input is {SPEC_HELP} When the inputs come in "
+                    "different layouts, the output takes the first input's layout unless --to names one.")
 @click.argument("inputs", nargs=-1, required=True, metavar="A[:W][:lbw=…] B[:W] …")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file.")
 @click.option("--mode", type=click.Choice(["concat", "svd", "linear"]), default="concat", show_default=True,
@@ -78,7 +66,7 @@ def to_option(f):
 @debug_option
 def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, dtype: str | None, to: str | None,
             as_json: bool, quiet: bool, force: bool, device: str) -> None:
-    from loratool.formats import write_adapter
+    from loratool.formats import output_layout, write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.ops.mix import mix
 
@@ -86,7 +74,10 @@ def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, d
     dev = resolve_device(device)
     result = mix(items, mode=mode, rank=rank, dtype=DTYPES[dtype] if dtype else None,
                  device=None if dev.type == "cpu" else dev)
-    fmt = output_format(to, items[0].adapter)
+    choice = output_layout(items[0].adapter, to)  # the first input's layout unless --to says otherwise
+    fmt = choice.name
+    if choice.note and not quiet:
+        click.echo(f"loratool: note: {choice.note}", err=True)
     params = {"mode": mode, "rank": rank, "inputs": [f"{Path(i.name).name}:{i.weight:g}"
                                                      + (f":lbw={i.lbw}" if i.lbw else "") for i in items]}
     result.adapter.metadata = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from loratool.cli.mix import output_format, to_option
+from loratool.cli.mix import to_option
 from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
 
 
@@ -26,13 +26,16 @@ from loratool.cli.options import debug_option, emit_json, force_option, json_opt
 @debug_option
 def command(input_path: str, weight: float, output: str, lbw: str | None, arch: str | None, to: str | None,
             as_json: bool, quiet: bool, force: bool) -> None:
-    from loratool.formats import read_adapter, write_adapter
+    from loratool.formats import output_layout, read_adapter, write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.ops.scale import scale
 
     adapter = read_adapter(input_path)
     scaled, weights = scale(adapter, weight, lbw, arch_name=arch, path=input_path)
-    fmt = output_format(to, adapter)
+    choice = output_layout(adapter, to)  # the input's own layout unless --to says otherwise
+    fmt = choice.name
+    if choice.note and not quiet:
+        click.echo(f"loratool: note: {choice.note}", err=True)
     params = {"weight": weight, "lbw": lbw, "input": Path(input_path).name}
     path = write_adapter(scaled, output, fmt, force=force, inputs=[input_path], metadata=loratool_keys("scale", params))
     values = sorted(set(weights.values()))

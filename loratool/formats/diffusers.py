@@ -8,7 +8,7 @@ folders and ai-toolkit files.
   ``…self_attn.to_q_lora.down.weight``: attention projections only;
 * peft: ``base_model.model.<path>.lora_A.weight`` and ``adapter_config.json``, one model per folder;
   CLIP paths as the model class it is loaded into names them (``arch.naming.peft_text_encoder_path``: a
-  transformers-5 CLIPTextModel has no ``text_model.``), unlike every other layout here;
+  transformers-5 CLIPTextModel has no CLIP wrapper), unlike every other layout here;
 * aitoolkit (Flux): ``transformer.<diffusers path>`` without any alpha.
 The old diffusers spellings and aitoolkit keep no alpha: the scale is folded into the factors (√scale on
 each). DoRA is peft's ``lora_magnitude_vector`` (output axis only); a LoRA bias is ``lora_B.bias``.
@@ -78,7 +78,7 @@ def encode_peft_component(modules: list[Module], family: Family, clip_layout: st
                           ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """One peft model's tensors and config. A peft folder binds to a concrete model's module names (peft
     reports every key missing otherwise), so text-encoder keys follow ``naming.peft_text_encoder_path``
-    (``clip_layout``: auto/flat/nested); kohya and diffusers files always write ``text_model.``. The config's
+    (``clip_layout``: auto/flat/nested); kohya and diffusers files always write the wrapper. The config's
     ``base_model_name_or_path`` names the family's model (so that a reader can tell the family)."""
     out: dict[str, torch.Tensor] = {}
     loras = [_lora_only(m, "peft") for m in modules]

@@ -24,7 +24,7 @@ bfl                    ``diffusion_model.<single-file path>`` of a DiT (BFL Flux
                        with the scale folded; LyCORIS kinds with their own suffixes and alpha.
 ldm                    ``diffusion_model.<LDM/SGM path>`` of an SD UNet, ``lora_down``/``lora_up``/``alpha``
                        (ComfyUI's own naming).
-xlabs                  XLabs' Flux ``double_blocks.N.processor.qkv_lora1`` (read only).
+xlabs                  XLabs' Flux ``<block>.processor.qkv_lora1`` (read only).
 cloneofsimo            ``lora_diffusion``'s ``unet:N:up`` (read only).
 textual-inversion      token embeddings: ``emb_params`` (SD1/SD2), ``clip_l``/``clip_g`` (SDXL).
 =====================  =====================================================================================

@@ -80,3 +80,21 @@ def test_peft_folder_config_names_the_family(tmp_path):
     write_adapter(a, tmp_path / "p", "peft")
     back = read_adapter(tmp_path / "p")
     assert back.base_model == "flux" and "metadata" in back.detection.evidence
+
+
+def test_inspect_says_how_the_base_model_was_decided(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from loratool.cli.main import cli
+    from loratool.io.writer import write_safetensors
+
+    path = tmp_path / "clip.safetensors"
+    write_safetensors(path, _lora(CLIP_Q, 768, 768), {"ss_base_model_version": "flux1"})
+    result = CliRunner().invoke(cli, ["inspect", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)[0]["base_model_detection"]
+    assert found["family"] == "flux" and found["by"] == "keys+metadata" and "sd1" in found["candidates"]
+    text = CliRunner().invoke(cli, ["inspect", str(path)]).output
+    assert "base model: flux (by keys+metadata; keys fit flux, sd1, sdxl, sd3)" in text
