@@ -145,7 +145,7 @@ def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims]) -> _Fit:
         fit.level = 3
     elif names and exact + named == len(names):
         fit.level = 2
-    elif exact + named:
+    elif 2 * (exact + named) > len(names):  # names most modules: the rest are strays, kept by generic rules
         fit.level = 1
     return fit
 

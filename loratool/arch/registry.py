@@ -98,6 +98,16 @@ class Family:
             return Arch(read_json(f"tables/{self.entry['table']}.json"))
         return None
 
+    def sized(self, dims: dict[str, tuple[int, ...]]) -> Family:
+        """This family at the sizes a file's modules show (canonical key -> weight dims), for a family described
+        by rules (Wan 1.3B or 14B, SD3.5 Medium or Large); a family with an enumerated table is itself."""
+        rules = self.entry.get("rules")
+        if not rules:
+            return self
+        from loratool.arch.rules import build_table, infer_sizes
+
+        return Family(self.entry, build_table(self.name, rules, infer_sizes(rules, dims)))
+
     @cached_property
     def naming(self) -> ModuleType | None:
         name = self.entry.get("naming")
@@ -300,7 +310,7 @@ class Family:
         path = naming.underscore_to_path(name, vocabulary())
         if self.is_text_encoder(component) and component not in DENOISERS:
             return self._place(component, naming.text_encoder_path(path))
-        if self.is_generic and scope == "lora_unet":
+        if self.is_generic and scope in ("lora_unet", "lycoris"):
             component = "unet" if path.split(".", 1)[0] in generic_roots("unet") else "transformer"
         return self._denoiser_place(component, path, original_ok=True)
 

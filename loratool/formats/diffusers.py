@@ -117,7 +117,10 @@ def encode_aitoolkit(adapter: Adapter, family: Family) -> tuple[dict[str, torch.
     for module in adapter.modules.values():
         m = fold_scale(_lora_only(module, "ai-toolkit"))
         _factor_keys(f"{m.component}.{_path(family, m, 'ai-toolkit')}", m, out)
-    return out, {}
+    return out, {LAYOUT_KEY: "aitoolkit"}
+
+
+LAYOUT_KEY = "loratool.layout"  # the one layout whose keys are spelt as another's (diffusers) says so here
 
 
 def _plain_folded(module: Module, fmt: str) -> LoraModule:

@@ -23,6 +23,7 @@ from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, M
 from loratool.formats import special
 from loratool.formats.build import Group, GroupError, build_module, swap_halves
 from loratool.formats.detect import detect_keys, unknown_reason
+from loratool.formats.diffusers import LAYOUT_KEY
 from loratool.formats.fuse import split_lora
 from loratool.formats.keys import KeyRef
 from loratool.formats.peftcfg import AlphaSource, alpha_source_from_config, alpha_source_from_metadata
@@ -185,7 +186,9 @@ def _source_format(found: set[str], adapter: Adapter, fam: Family) -> str | list
 
 
 def _made_by_aitoolkit(metadata: Mapping[str, str]) -> bool:
-    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "")
+    """ai-toolkit's own files say so in ``software``; ours written in its layout in ``loratool.layout``."""
+    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "") \
+        or metadata.get(LAYOUT_KEY) == "aitoolkit"
 
 
 def _read_parts(raw: RawSource, arch: str | None) -> Adapter:
