@@ -15,6 +15,7 @@ from loratool.formats import read_adapter, write_adapter
 from loratool.formats.layouts import ALL_KINDS, find_layout
 from loratool.io.safetensors import SafetensorsFile
 from loratool.ops.convert import convert
+from loratool.ops.convert_math import _lowrank_sq_norm, structured_factors
 
 # a few modules of each family: attention (a fused one where the family has them), a conv, every text encoder,
 # the final modulation whose single-file rows are swapped
@@ -80,16 +81,23 @@ def _attention(path: str) -> bool:
         or path.endswith("to_out.0")
 
 
-def _parts(a: Adapter, fam_name: str, by_path: bool = False) -> dict[str, torch.Tensor]:
-    """ΔW per weight (fused weights cut into their parts); ``by_path``: keyed without the component (a peft
-    folder of a model no family knows does not say which component it adapted)."""
+def _parts(a: Adapter, fam_name: str, by_path: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Exact factors (up, down) of ΔW per weight, fused weights cut into their parts; ``by_path``: keyed without
+    the component (a peft folder of a model no family knows does not say which component it adapted)."""
     fused = family(fam_name).fused
     out = {}
     for key, m in (((m.path, m) for m in a.modules.values()) if by_path else a.modules.items()):
-        delta = m.delta(torch.float64)
-        for part, (r0, r1) in fused.get(key, [(key, (0, delta.shape[0]))]):
-            out[part] = delta[r0:r1]
+        up, down = structured_factors(m)
+        for part, (r0, r1) in fused.get(key, [(key, (0, up.shape[0]))]):
+            out[part] = (up[r0:r1], down)
     return out
+
+
+def _rel(want: tuple[torch.Tensor, torch.Tensor], got: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """‖ΔW' − ΔW‖/‖ΔW‖ on the factors (a Flux linear1 or T5 ΔW is never built densely)."""
+    total = _lowrank_sq_norm(*want)
+    diff = _lowrank_sq_norm(torch.cat([want[0], -got[0]], 1), torch.cat([want[1], got[1]], 0))
+    return math.sqrt(max(diff, 0.0) / total) if total > 0 else math.sqrt(max(diff, 0.0))
 
 
 def _keys(path) -> dict[str, torch.Tensor]:
@@ -117,11 +125,10 @@ def test_layout_round_trips_on_its_family(tmp_path, fam_name, layout):
     by_path = fam_name == "generic" and layout == "peft"
     want, got = _parts(source, fam_name, by_path), _parts(back, fam_name, by_path)
     assert set(got) >= set(want)
-    for key, delta in want.items():
-        scale = float(delta.norm()) or 1.0
-        assert float((got[key] - delta).norm()) <= 1e-6 * scale, key
+    for key, factors in want.items():
+        assert _rel(factors, got[key]) <= 1e-6, key
     for key in set(got) - set(want):  # a fused weight's untrained part is exactly zero
-        assert float(got[key].abs().max()) == 0.0, key
+        assert _lowrank_sq_norm(*got[key]) == 0.0, key
     second = tmp_path / ("b" if layout == "peft" else "b.safetensors")
     write_adapter(back, second, layout)
     one, two = _keys(first), _keys(second)
@@ -135,7 +142,7 @@ def test_every_writable_layout_applies_to_some_family():
     from loratool.formats.layouts import WRITABLE
 
     assert set(WRITABLE) <= applied
-    assert len(CASES) >= 35 and math.isfinite(len(CASES))
+    assert len(CASES) >= 35
 
 
 @pytest.mark.parametrize("fam_name,embeddings", [
