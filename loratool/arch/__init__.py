@@ -46,16 +46,17 @@ from loratool.arch.detect import (
     family_from_metadata,
 )
 from loratool.arch.lbw import lbw_presets, lbw_slots, lbw_weights
-from loratool.arch.registry import Family, Place, Spelling, canonical_family, families, family, family_names
+from loratool.arch.registry import Family, Place, Spelling, canonical_family, family, family_names
+from loratool.arch.registry import families as all_families  # ``loratool.arch.families`` is the subpackage
 from loratool.arch.table import Arch, ModuleSpec, ParamSpec
 from loratool.errors import LoraToolError
 
 GENERIC = "generic"
-ARCH_NAMES = tuple(f.name for f in families() if f.entry.get("table") or f.entry.get("rules"))
+ARCH_NAMES = tuple(f.name for f in all_families() if f.entry.get("table") or f.entry.get("rules"))
 
 __all__ = [
     "ARCH_NAMES", "GENERIC", "Arch", "Detection", "Family", "ModuleSpec", "ParamSpec", "Place", "Spelling",
-    "canonical_family", "detect_adapter", "detect_arch_from_checkpoint", "detect_checkpoint", "families",
+    "all_families", "canonical_family", "detect_adapter", "detect_arch_from_checkpoint", "detect_checkpoint",
     "family", "family_from_metadata", "family_names", "lbw_presets", "lbw_slots", "lbw_weights", "load_arch",
 ]
 

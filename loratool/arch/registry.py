@@ -8,7 +8,8 @@ names, and its module table: a generated table (``data/tables/<family>.json``: e
 single-file key, kohya id, LBW block, fused groups) or rules (``rules.py``: blocks x count, linear names,
 original <-> diffusers renames, fused row offsets as multiples of the hidden size). Where an original <->
 diffusers mapping is algorithmic, ``naming`` names a module of ``loratool.arch.families`` with
-``original_to_diffusers``/``diffusers_to_original`` (and, for a layout of its own, ``<layout>_to_diffusers``).
+``original_to_diffusers``/``diffusers_to_original`` (and, for a layout of its own, ``<layout>_to_diffusers``);
+where the mapping is a plain rename table, the entry's ``renames`` is that table (``renames.py``).
 
 Codecs never spell a module themselves. They split a key into a *style* (``kohya``: an underscored id;
 ``diffusers``: a dotted diffusers path; ``original``: a dotted single-file path; or a layout of one family such
@@ -24,9 +25,10 @@ import re
 from dataclasses import dataclass
 from functools import cache, cached_property
 from importlib import resources
-from types import ModuleType
+from types import SimpleNamespace
 
 from loratool.arch import naming
+from loratool.arch.renames import Renames
 from loratool.arch.table import Arch, ModuleSpec
 from loratool.errors import LoraToolError
 
@@ -109,9 +111,22 @@ class Family:
         return Family(self.entry, build_table(self.name, rules, infer_sizes(rules, dims)))
 
     @cached_property
-    def naming(self) -> ModuleType | None:
+    def naming(self) -> SimpleNamespace | None:
+        """The family's name mappings: its ``renames`` (data) and its ``naming`` module of
+        ``loratool.arch.families`` (functions), as ``original_to_diffusers``, ``diffusers_to_original``,
+        ``ORIGINAL_ROOTS``, ``SWAPPED`` and ``<layout>_to_diffusers``; None when it has neither."""
+        found: dict[str, object] = {}
+        renames = self.entry.get("renames")
+        if renames:
+            table = Renames.from_entry(renames)
+            found.update(original_to_diffusers=table.to_diffusers, diffusers_to_original=table.to_original,
+                         ORIGINAL_ROOTS=table.roots, SWAPPED=frozenset(renames.get("swapped", ())))
         name = self.entry.get("naming")
-        return importlib.import_module(f"loratool.arch.families.{name}") if name else None
+        if name:
+            module = importlib.import_module(f"loratool.arch.families.{name}")
+            found.update({k: v for k, v in vars(module).items() if not k.startswith("_")
+                          and (callable(v) or k.isupper()) and not isinstance(v, type)})
+        return SimpleNamespace(**found) if found else None
 
     @property
     def is_generic(self) -> bool:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from loratool.arch import families, family
+from loratool.arch import all_families, family
 from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule
 from loratool.formats import read_adapter, write_adapter
 from loratool.formats.layouts import ALL_KINDS, find_layout
@@ -41,7 +41,7 @@ PICKS = {
     "generic": [("transformer.blocks.0.self_attn.q", (64, 48)), ("transformer.blocks.3.ffn.2", (48, 96)),
                 ("text_encoder.text_model.encoder.layers.0.mlp.fc1", (32, 16))],
 }
-CASES = [(f.name, lay) for f in families(include_generic=True) for lay in f.layouts
+CASES = [(f.name, lay) for f in all_families(include_generic=True) for lay in f.layouts
          if find_layout(lay).writable and lay != "textual-inversion"]
 
 
@@ -138,7 +138,7 @@ def test_layout_round_trips_on_its_family(tmp_path, fam_name, layout):
 
 
 def test_every_writable_layout_applies_to_some_family():
-    applied = {lay for f in families(include_generic=True) for lay in f.layouts}
+    applied = {lay for f in all_families(include_generic=True) for lay in f.layouts}
     from loratool.formats.layouts import WRITABLE
 
     assert set(WRITABLE) <= applied

@@ -22,11 +22,16 @@ _GLOBAL_DIFFUSERS = {v: k for k, v in _GLOBAL_LDM.items()}
 ORIGINAL_ROOTS = frozenset({"input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out"})
 
 
-def _sub(table: dict[str, str], rest: str) -> str:
+def _renamed(table: dict[str, str], path: str) -> str | None:
+    """``path`` with its leading name renamed by ``table`` (None when no entry leads it)."""
     for a, b in table.items():
-        if rest == a or rest.startswith(a + "."):
-            return b + rest[len(a):]
-    return rest
+        if path == a or path.startswith(a + "."):
+            return b + path[len(a):]
+    return None
+
+
+def _sub(table: dict[str, str], rest: str) -> str:
+    return _renamed(table, rest) or rest
 
 
 def _join(a: str, b: str) -> str:
@@ -37,9 +42,9 @@ def original_to_diffusers(path: str, layers_per_block: int = 2) -> str | None:
     """An LDM/SGM UNet module path in diffusers names (None: not an LDM path)."""
     if path.split(".", 1)[0] not in ORIGINAL_ROOTS:
         return None
-    for a, b in _GLOBAL_LDM.items():
-        if path == a or path.startswith(a + "."):
-            return b + path[len(a):]
+    fixed = _renamed(_GLOBAL_LDM, path)
+    if fixed is not None:
+        return fixed
     step = layers_per_block + 1
     m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.*))?$", path)
     if m:
@@ -64,9 +69,9 @@ def original_to_diffusers(path: str, layers_per_block: int = 2) -> str | None:
 def diffusers_to_original(path: str, layers_per_block: int = 2, up_has_attn: Sequence[bool] | None = None) -> str:
     """The inverse of :func:`original_to_diffusers`. An up block's upsampler sits at sub-index 2 after an
     attention, else at 1 (``up_has_attn`` per up block; SDXL's layout, index 2, when not given)."""
-    for a, b in _GLOBAL_DIFFUSERS.items():
-        if path == a or path.startswith(a + "."):
-            return b + path[len(a):]
+    fixed = _renamed(_GLOBAL_DIFFUSERS, path)
+    if fixed is not None:
+        return fixed
     step = layers_per_block + 1
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$", path)
     if m:
