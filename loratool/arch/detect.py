@@ -128,11 +128,12 @@ def _dims_match(shape: tuple[int, ...], dims: Dims) -> bool:
     return dims is None or (int(shape[0]), math.prod(int(s) for s in shape[1:])) == tuple(dims)
 
 
-def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims]) -> _Fit:
+def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims], table_only: bool = False) -> _Fit:
     fit = _Fit(fam)
     exact = named = 0
+    resolve = fam.known_place if table_only else fam.resolve
     for (style, scope, name), d in zip(names, dims, strict=True):
-        place = fam.resolve(style, scope, name)
+        place = resolve(style, scope, name)
         fit.places.append(place)
         if place is None:
             continue
@@ -161,8 +162,11 @@ def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mappin
         fam = family(forced)
         fit = _fit(fam, names, dims)
         return Detection(fam.name, ("user",), (fam.name,), meta_family, meta_key), _fill(fit, names)
-    fits = [_fit(fam, names, dims) for fam in families()]
+    fits = [_fit(fam, names, dims, table_only=True) for fam in families()]  # the tables first: cheap, and ...
     best = max((f.level for f in fits), default=0)
+    if best < 3:  # ... when no table lists every module at its shape, the families' rules name the rest
+        fits = [_fit(fam, names, dims) for fam in families()]
+        best = max((f.level for f in fits), default=0)
     candidates = [f for f in fits if f.level == best and best > 0]
     if not candidates:
         fam = family(meta_family) if meta_family else family("generic")

@@ -23,7 +23,7 @@ def underscore_to_path(module_id: str, words: Collection[str]) -> str:
     """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in``: at each position
     the longest run of parts that is a known word stays joined."""
     parts = module_id.split("_")
-    longest = max((w.count("_") + 1 for w in words), default=1)
+    longest = _longest(words) if isinstance(words, frozenset) else max((w.count("_") + 1 for w in words), default=1)
     out: list[str] = []
     i = 0
     while i < len(parts):
@@ -37,6 +37,11 @@ def underscore_to_path(module_id: str, words: Collection[str]) -> str:
             out.append(parts[i])
             i += 1
     return ".".join(out)
+
+
+@lru_cache(maxsize=8)
+def _longest(words: frozenset[str]) -> int:
+    return max((w.count("_") + 1 for w in words), default=1)
 
 
 def path_to_underscore(path: str) -> str:

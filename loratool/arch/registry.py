@@ -23,7 +23,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache, cached_property, lru_cache
 from importlib import resources
 from types import SimpleNamespace
 
@@ -310,6 +310,22 @@ class Family:
             return None
         return self._place(self.denoiser, path)
 
+    def known_place(self, style: str, scope: str, name: str) -> Place | None:
+        """:meth:`resolve` by the table's indexes alone (None when the table does not list the module): what
+        detection tries first, since a family whose table names every module needs no rule."""
+        if style == "kohya":
+            found = self._kohya_index.get(f"{scope}_{name}")
+            return None if found is None else Place(*found[0].split(".", 1), found[1], True)
+        if style == "original":
+            key = self._original_index.get(name) if scope == self.original_scope(self.denoiser or "") else None
+            return None if key is None else Place(*key.split(".", 1), self.modules[key].row_order is not None, True)
+        if style == "diffusers" and (not scope or scope in self.components):
+            for comp in (scope,) if scope else self.components:
+                path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
+                if f"{comp}.{path}" in self.modules:
+                    return Place(comp, path)
+        return None
+
     def _place(self, component: str, path: str, swapped: bool = False) -> Place:
         key = f"{component}.{path}"
         return Place(component, path, swapped, key in self.modules)
@@ -322,7 +338,7 @@ class Family:
         component = self._scope_component(scope)
         if component is None:
             return None
-        path = naming.underscore_to_path(name, vocabulary())
+        path = underscored(name)
         if self.is_text_encoder(component) and component not in DENOISERS:
             return self._place(component, naming.text_encoder_path(path))
         if self.is_generic and scope in ("lora_unet", "lycoris"):
@@ -505,6 +521,12 @@ def vocabulary() -> frozenset[str]:
             if p.checkpoint_key:
                 words.update(w for w in p.checkpoint_key.split(".") if "_" in w)
     return frozenset(words)
+
+
+@lru_cache(maxsize=1 << 16)
+def underscored(name: str) -> str:
+    """A kohya id's name part as a dotted path (every family reads one name the same way: asked once)."""
+    return naming.underscore_to_path(name, vocabulary())
 
 
 @cache
