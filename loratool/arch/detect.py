@@ -19,13 +19,13 @@ exactly anyway, which the caller checks). Torch-free.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loratool.arch.registry import Family, Place, families, family, pattern_of
+from loratool.io.jsontext import parse_json
 
 UNKNOWN = "unknown"
 _METADATA_ORDER = ("modelspec.architecture", "base_model_name_or_path", "ss_base_model_version", "ss_v2")
@@ -79,7 +79,7 @@ def _metadata_values(metadata: Mapping[str, str], config: Mapping[str, object] |
     raw = metadata.get("lora_adapter_metadata")
     if raw:
         try:
-            data = json.loads(raw)
+            data = parse_json(raw)
         except ValueError:
             data = {}
         if isinstance(data, dict):

@@ -14,7 +14,7 @@ import click
 
 from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
 from loratool.core.dtypes import DTYPES
-from loratool.errors import LoraToolError
+from loratool.errors import LoraToolError, ModulesSkipped
 from loratool.io.output import Outputs
 from loratool.ops.convert_math import DEFAULT_ENERGY, DEFAULT_RANK_CAP
 from loratool.ops.convert_targets import FORMAT_CHOICES
@@ -51,7 +51,7 @@ def command(input_path: str, to: str, output: str | None, rank: int | None, loss
     if not dry_run:
         outputs.claim(output, "adapter", folder=canonical_format(to) == "peft")
     source = read_adapter(input_path)
-    if not source.modules:
+    if not source.modules and not source.unknown:  # broken modules: convert names them (or drops them)
         raise LoraToolError("holds no adapter modules: nothing to convert", input_path)
     token_files = {} if dry_run else embedding_paths(Path(output), sorted(source.embeddings))
     for token, path in token_files.items():
@@ -72,6 +72,8 @@ def command(input_path: str, to: str, output: str | None, rank: int | None, loss
     write_adapter(result, output, report.target, metadata=meta, outputs=outputs)
     embeddings = _write_embeddings(outputs, result.embeddings, token_files, result.base_model)
     _render(report, None, str(Path(output)), embeddings, as_json=as_json, quiet=quiet, dry_run=False)
+    if report.dropped:  # written without them, as --drop-unknown allowed: listed on stderr, exit 3
+        raise ModulesSkipped(report.dropped, "--drop-unknown")
 
 
 def _write_embeddings(outputs: Outputs, embeddings: dict, paths: dict[str, Path], base_model: str) -> dict[str, str]:
@@ -121,8 +123,9 @@ def _render(report, mapping, output, embeddings, *, as_json: bool, quiet: bool, 
         for c in report.lossy:
             console.print(f"  {c.rel_error:.3e}  r={c.rank_out:<4} {c.kind:<5} {c.key}", highlight=False)
         console.print(f"largest relative error: {report.max_rel_error:.3e}")
-    for key, why in report.dropped:
-        console.print(f"[yellow]dropped[/] {key}: {why}")
+    if dry_run:  # a real run lists them on stderr (ModulesSkipped)
+        for key, why in report.dropped:
+            console.print(f"[yellow]would drop[/] {key}: {why}")
     if mapping is not None:
         actions = {c.key: c.action for c in report.changes}
         for key, keys in mapping.items():

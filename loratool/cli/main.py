@@ -14,7 +14,16 @@ import click
 
 from loratool import __version__
 from loratool.cli.options import debugging, set_debugging
-from loratool.errors import LoraToolError
+from loratool.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_SKIPPED,
+    LoraToolError,
+    ModulesSkipped,
+    shown,
+)
+
+MAX_SKIPPED_LINES = 50  # skipped modules listed on stderr; all of them are in the output's metadata
 
 # name -> (module, one-line example shown in --help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -59,28 +68,49 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ModulesSkipped as e:
+            _report_skipped(e)
+            ctx.exit(EXIT_SKIPPED)
         except LoraToolError as e:
             if debugging(ctx):
                 raise
-            click.echo(f"loratool: error: {e.one_line()}", err=True)
-            ctx.exit(1)
+            _error_line(e.one_line())
+            ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("loratool: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except OSError as e:
             if debugging(ctx):
                 raise
-            where = f"{e.filename}: " if e.filename else ""
-            click.echo(f"loratool: error: {where}{e.strerror or e}", err=True)
-            ctx.exit(1)
+            _error_line(LoraToolError(str(e.strerror or e), e.filename).one_line())
+            ctx.exit(EXIT_ERROR)
+        except RecursionError as e:  # a structure nested too deeply for any reader: still one line
+            if debugging(ctx):
+                raise
+            _error_line(f"an input is nested too deeply to read ({e})")
+            ctx.exit(EXIT_ERROR)
         except Exception as e:  # a bug: still one line unless --debug
             if debugging(ctx):
                 raise
-            click.echo(f"loratool: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
-                       "for the traceback", err=True)
-            ctx.exit(1)
+            what = LoraToolError(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback")
+            _error_line(what.one_line())
+            ctx.exit(EXIT_ERROR)
+
+
+def _error_line(text: str) -> None:
+    click.echo(f"loratool: error: {text}", err=True)
+
+
+def _report_skipped(e: ModulesSkipped) -> None:
+    """The modules an output was written without (a flag allowed it): on stderr, one per line."""
+    click.echo(f"loratool: skipped {len(e.skipped)} module(s) as {e.flag} allowed; the output's "
+               "loratool.skipped metadata lists them:", err=True)
+    for name, why in e.skipped[:MAX_SKIPPED_LINES]:
+        click.echo(f"  skipped: {shown(name)}: {LoraToolError(why).one_line()}", err=True)
+    if len(e.skipped) > MAX_SKIPPED_LINES:
+        click.echo(f"  … and {len(e.skipped) - MAX_SKIPPED_LINES} more", err=True)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -93,11 +123,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def main() -> None:
+    from loratool.io.mapped import install_bus_guard
+
     debug = "--debug" in sys.argv[1:]
+    install_bus_guard()  # an input shrunk under a memory map: one line and exit 1, never a SIGBUS
     try:
         cli.main(prog_name="loratool", standalone_mode=True)
     except LoraToolError as e:  # raised outside a command's invoke (e.g. in a callback)
         if debug:
             raise
-        click.echo(f"loratool: error: {e.one_line()}", err=True)
-        sys.exit(1)
+        _error_line(e.one_line())
+        sys.exit(EXIT_ERROR)

@@ -17,6 +17,7 @@ from loratool.cli.options import (
     quiet_option,
     resolve_device,
 )
+from loratool.errors import ModulesSkipped
 
 
 def _total_bytes(path: Path) -> int:
@@ -66,12 +67,18 @@ def command(checkpoint: str, loras: tuple[str, ...], output: str | None, arch: s
     report["dry_run"] = dry_run
     if as_json:
         emit_json(report)
-        return
-    if quiet:
-        return
+    elif not quiet:
+        _render(report, dry_run)
+    if report["unmatched"] and not dry_run:  # written without them, as --allow-unmatched allowed: exit 3
+        raise ModulesSkipped([(n, "matches no weight of the checkpoint") for n in report["unmatched"]],
+                             "--allow-unmatched")
+
+
+def _render(report: dict, dry_run: bool) -> None:
     click.echo(f"arch {report['arch']}: {report['matched_modules']} LoRA modules matched, "
                f"{report['unmatched_modules']} unmatched, {report['tensors_changed']} checkpoint tensors to change")
-    for name in report["unmatched"][:20]:
-        click.echo(f"  unmatched: {name}")
-    if not dry_run:
+    if dry_run:
+        for name in report["unmatched"][:20]:
+            click.echo(f"  unmatched: {name}")
+    else:
         click.echo(f"wrote {report['output']}")

@@ -44,7 +44,7 @@ from loratool.io.output import Outputs
 @debug_option
 def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversample, seed, dtype, fmt, device,
             report_path, as_json, force, quiet) -> None:
-    from loratool.formats import output_layout, read_adapter
+    from loratool.formats import output_layout, read_adapter, require_complete
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.linalg import parse_rank_mode
@@ -54,6 +54,7 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
                             policy=policy_from(svd, niter, oversample, seed), dtype=dtype,
                             device=str(resolve_device(device)))
     source = read_adapter(input_path)
+    require_complete(source, input_path)
     if not source.modules:
         raise LoraToolError("holds no adapter modules: nothing to resize", input_path)
     choice = output_layout(source, fmt)  # the input's own layout unless --to says otherwise

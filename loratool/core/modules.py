@@ -105,10 +105,18 @@ class LoraModule(ModuleBase):
         self.kind = "lora"
         if self.down is None or self.up is None:
             raise ValueError("a LoRA module needs both down and up")
-        if self.up.shape[1] != self.down.shape[0] and self.mid is None:
-            raise ValueError(
-                f"{self.key}: up {tuple(self.up.shape)} and down {tuple(self.down.shape)} disagree on the rank"
-            )
+        down, up, mid = tuple(self.down.shape), tuple(self.up.shape), self.mid
+        if len(down) < 2 or len(up) < 2:
+            raise ValueError(f"{self.key}: up {up} and down {down}: each factor needs at least two dims")
+        if mid is None and up[1] != down[0]:
+            raise ValueError(f"{self.key}: up {up} and down {down} disagree on the rank")
+        if down[0] < 1:
+            raise ValueError(f"{self.key}: up {up} and down {down} have rank 0")
+        if any(s != 1 for s in up[2:]):
+            raise ValueError(f"{self.key}: up {up} with down {down}: a conv's kernel belongs in down, up is 1x1")
+        if mid is not None and (mid.dim() < 2 or tuple(mid.shape[:2]) != (up[1], down[0])
+                                or any(s != 1 for s in down[2:])):
+            raise ValueError(f"{self.key}: up {up}, mid {tuple(mid.shape)} and down {down} do not chain")
 
     @property
     def rank(self) -> int:
@@ -329,6 +337,33 @@ class NormModule(_StoredDelta, ModuleBase):
 Module = LoraModule | LohaModule | LokrModule | FullModule | NormModule
 
 
+def check_consistent(module: Module) -> None:
+    """``ValueError`` saying what is wrong when a module cannot make its ΔW: an alpha that is not a
+    finite number, rank 0, an empty weight, factors whose shapes do not chain, a bias or DoRA magnitude
+    that does not fit the weight. The ΔW is built on the meta device: shapes only, no data touched."""
+    if module.alpha is not None and not math.isfinite(module.alpha):
+        raise ValueError(f"alpha is {module.alpha}, not a finite number")
+    rank = module.rank
+    if rank is not None and rank < 1:
+        raise ValueError("rank 0 (empty factors)")
+    if any(t.numel() == 0 for t in module.tensors()):
+        raise ValueError("an empty tensor")
+    try:
+        on_meta = replace(module, **{f: getattr(module, f).to("meta") for f in _TENSOR_FIELDS
+                                     if getattr(module, f, None) is not None})
+        shape = on_meta.weight_shape
+        delta = on_meta.delta()
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"its tensors do not fit together ({' '.join(str(e).split())[:200]})") from None
+    if math.prod(delta.shape) != math.prod(shape) or min(shape, default=0) < 1:
+        raise ValueError(f"its tensors make a ΔW of shape {list(delta.shape)} for a weight of shape {list(shape)}")
+    if module.bias is not None and module.bias.numel() != shape[0]:
+        raise ValueError(f"its bias change has {module.bias.numel()} values for {shape[0]} output rows")
+
+
+_TENSOR_FIELDS = ("down", "up", "mid", "w1a", "w1b", "w2a", "w2b", "t1", "t2", "w1", "w2", "diff", "w_norm")
+
+
 @dataclass
 class Adapter:
     """A whole adapter file in canonical form.
@@ -348,6 +383,7 @@ class Adapter:
     unknown: list[str] = field(default_factory=list)
     unknown_reasons: dict[str, str] = field(default_factory=dict)  # key -> why no codec could place it
     detection: Detection | None = None  # how base_model was decided (set by the reader)
+    path: str = field(default="", compare=False)  # the file or folder it was read from ("" when built in memory)
 
     def add(self, module: Module) -> None:
         if module.key in self.modules:

@@ -23,7 +23,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "detect_keys": "detect", "decode": "read", "read_adapter": "read", "encode": "write",
+    "detect_keys": "detect", "decode": "read", "read_adapter": "read", "require_complete": "read", "encode": "write",
     "write_adapter": "write", "peft_config": "write", "canonical_format": "write", "FORMATS": "layouts",
     "fold_scale": "fuse", "fuse_lora": "fuse", "split_lora": "fuse", "output_layout": "layouts",
     "layout": "layouts", "LAYOUTS": "layouts", "OutputChoice": "layouts",

@@ -9,6 +9,8 @@ write of the same layout is bit-identical.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from loratool.core.modules import (
@@ -19,6 +21,7 @@ from loratool.core.modules import (
     LoraModule,
     Module,
     NormModule,
+    check_consistent,
 )
 from loratool.errors import LoraToolError
 
@@ -37,7 +40,13 @@ def swap_halves(t: torch.Tensor) -> torch.Tensor:
 
 
 def alpha_value(t: torch.Tensor) -> float:
-    return float(t.item())
+    """A stored alpha: one finite number (a tensor of shape [] or [1])."""
+    if t.numel() != 1:
+        raise GroupError(f"alpha of shape {list(t.shape)} holds {t.numel()} values, not one")
+    value = float(t.item())
+    if not math.isfinite(value):
+        raise GroupError(f"alpha is {value}, not a finite number")
+    return value
 
 
 def _dora(group: Group, shape: tuple[int, ...]) -> Dora | None:
@@ -123,7 +132,21 @@ def _lokr(group: Group, alpha: float | None, shape_hint: tuple[int, ...] | None)
 
 
 def build_module(component: str, path: str, group: Group, shape_hint: tuple[int, ...] | None = None) -> Module:
-    """The module these role -> tensor pairs describe (``GroupError`` when they describe none)."""
+    """The module these role -> tensor pairs describe (``GroupError`` when they describe none, or one
+    that cannot make a ΔW: :func:`loratool.core.modules.check_consistent`)."""
+    try:
+        module = _build(group, shape_hint)
+    except (RuntimeError, IndexError) as e:  # shapes that no kind's math accepts
+        raise GroupError(f"its tensors do not fit together ({' '.join(str(e).split())[:200]})") from None
+    module.component, module.path = component, path
+    try:
+        check_consistent(module)
+    except ValueError as e:
+        raise GroupError(str(e)) from None
+    return module
+
+
+def _build(group: Group, shape_hint: tuple[int, ...] | None) -> Module:
     alpha = alpha_value(group["alpha"]) if "alpha" in group else None
     roles = set(group)
     if "down" in roles or "up" in roles:
@@ -140,7 +163,6 @@ def build_module(component: str, path: str, group: Group, shape_hint: tuple[int,
         module = NormModule("", "", w_norm=group["w_norm"], bias=group.get("b_norm"))
     else:
         raise GroupError(f"only {', '.join(sorted(roles))}: no weights to apply")
-    module.component, module.path = component, path
     return module
 
 

@@ -3,14 +3,14 @@
 peft keeps alpha out of the tensors, in ``adapter_config.json`` (native folders) or in the
 ``lora_adapter_metadata`` safetensors entry (diffusers pipeline files, keys prefixed by component).
 A pattern applies to a module when ``re.match(rf"(.*\\.)?({pattern})$", module_path)`` succeeds,
-first pattern first (peft's own rule), so reading and writing agree with peft.
+first pattern first (peft's own rule), so reading and writing agree with peft — evaluated by a linear-time
+engine (:mod:`loratool.formats.peftpattern`), since the patterns come from files. Values are checked:
+ranks are positive integers, alphas finite numbers.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,17 +18,20 @@ from dataclasses import dataclass, field
 from loratool.arch import naming
 from loratool.core.modules import LoraModule, Module
 from loratool.errors import LoraToolError
+from loratool.formats.peftpattern import PatternError, compile_peft_pattern
+from loratool.io.jsontext import JsonLimit, NonFinite, parse_json
 
 METADATA_KEY = "lora_adapter_metadata"
 
 
+MAX_RANK = 1 << 20
+
+
 def pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
+    """The first pattern that applies to ``path`` (patterns were checked when the config was read)."""
     for pattern in patterns:
-        try:
-            if re.match(rf"(.*\.)?({pattern})$", path):
-                return pattern
-        except re.error:
-            continue
+        if compile_peft_pattern(pattern).matches(path):
+            return pattern
     return None
 
 
@@ -61,18 +64,46 @@ class AlphaSource:
         module.rslora = bool(cfg.use_rslora)
 
 
+def _rank(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not 1 <= value <= MAX_RANK:
+        raise ValueError(f"{what} is {value!r}, not a rank (a whole number from 1 to {MAX_RANK})")
+    return int(value)
+
+
+def _alpha(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return float(value)
+
+
+def _patterns(value: object, what: str, convert) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{what} is a {type(value).__name__}, not an object of patterns")
+    out = {}
+    for key, v in value.items():
+        try:
+            compile_peft_pattern(str(key))
+        except PatternError as e:
+            raise ValueError(f"{what} key {str(key)!r} is not a pattern loratool evaluates ({e})") from None
+        out[str(key)] = convert(v, f"{what}[{str(key)!r}]")
+    return out
+
+
 def _config(d: Mapping[str, object], where: str) -> PeftConfig:
     try:
         return PeftConfig(
             # a key left out takes LoraConfig's default (r=8, lora_alpha=8), as peft and diffusers do
-            r=int(d.get("r", 8)),  # type: ignore[arg-type]
-            lora_alpha=float(d.get("lora_alpha", 8)),  # type: ignore[arg-type]
-            rank_pattern={str(k): int(v) for k, v in dict(d.get("rank_pattern") or {}).items()},  # type: ignore[arg-type]
-            alpha_pattern={str(k): float(v) for k, v in dict(d.get("alpha_pattern") or {}).items()},  # type: ignore[arg-type]
+            r=_rank(d.get("r", 8), "r"),
+            lora_alpha=_alpha(d.get("lora_alpha", 8), "lora_alpha"),
+            rank_pattern=_patterns(d.get("rank_pattern"), "rank_pattern", _rank),
+            alpha_pattern=_patterns(d.get("alpha_pattern"), "alpha_pattern", _alpha),
             use_rslora=bool(d.get("use_rslora", False)),
         )
-    except (TypeError, ValueError) as e:
-        raise LoraToolError(f"peft config has a value of the wrong type ({e})", where) from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise LoraToolError(f"peft config: {e}", where) from None
 
 
 def alpha_source_from_config(config: Mapping[str, object], where: str) -> AlphaSource:
@@ -88,7 +119,9 @@ def alpha_source_from_metadata(metadata: Mapping[str, str], where: str) -> Alpha
     if not raw:
         return None
     try:
-        data = json.loads(raw)
+        data = parse_json(raw)
+    except (JsonLimit, NonFinite) as e:
+        raise LoraToolError(f"{METADATA_KEY} metadata holds {e}", where) from None
     except ValueError:
         raise LoraToolError(f"{METADATA_KEY} metadata is not valid JSON", where) from None
     if not isinstance(data, dict):

@@ -20,6 +20,7 @@ import torch
 
 from loratool.arch import Detection, Family, Place, detect_adapter, family
 from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, Module
+from loratool.errors import LoraToolError, examples
 from loratool.formats import special
 from loratool.formats.build import Group, GroupError, build_module, swap_halves
 from loratool.formats.detect import detect_keys, unknown_reason
@@ -36,9 +37,25 @@ def read_adapter(path: str | os.PathLike[str], arch: str | None = None) -> Adapt
     """Read any adapter file or folder that detection recognises into the canonical model
     (``arch``: the family, when the user names it; otherwise keys and metadata decide)."""
     raw = open_raw(path)
-    if raw.parts:
-        return _read_parts(raw, arch)
-    return read_raw(raw, arch=arch)
+    adapter = _read_parts(raw, arch) if raw.parts else read_raw(raw, arch=arch)
+    adapter.path = os.fspath(path)
+    return adapter
+
+
+def require_complete(adapter: Adapter, path: str | os.PathLike[str] | None = None) -> None:
+    """Refuse an adapter whose input had tensors that form no module (``Adapter.unknown``: a broken
+    module, a kind no layout reads): an op or a write would drop them without a word. One line: how many,
+    and the first two reasons, each with a tensor it concerns. (``convert --drop-unknown`` leaves them out on
+    purpose, and says so.)"""
+    if not adapter.unknown:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for key in adapter.unknown:
+        by_reason.setdefault(adapter.unknown_reasons.get(key, "no layout recognises this key"), []).append(key)
+    shown = [f"{why} ({examples(keys, 1)})" for why, keys in list(by_reason.items())[:2]]
+    more = f"; and {len(by_reason) - 2} more reasons" if len(by_reason) > 2 else ""
+    raise LoraToolError(f"{len(adapter.unknown)} tensor(s) form no module this command can handle and would "
+                        f"be lost: {'; '.join(shown)}{more}", path or adapter.path or None)
 
 
 def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,

@@ -12,7 +12,6 @@ UNet in the same order. Textual-inversion files hold ``emb_params`` (A1111 safet
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.formats.detect import CLONEOFSIMO
 from loratool.formats.source import RawSource
+from loratool.io.jsontext import parse_json
 
 
 def _unet_order(targets: list[str], context: int = 768) -> list[tuple[str, tuple[int, int]]]:
@@ -37,7 +37,7 @@ def _te_order(targets: list[str]) -> list[tuple[str, tuple[int, int]]]:
 
 def _targets(metadata: dict[str, str], component: str, default: list[str]) -> list[str]:
     try:
-        value = json.loads(metadata.get(component, ""))
+        value = parse_json(metadata.get(component, ""))
         return [str(v) for v in value] if isinstance(value, list) else default
     except ValueError:
         return default

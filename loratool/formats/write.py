@@ -141,6 +141,9 @@ def encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None = None
 def _encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None
             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``encode`` without the hashes (the writer computes them as it writes)."""
+    from loratool.formats.read import require_complete
+
+    require_complete(adapter)  # nothing of the input is dropped without a word
     layout = writable_layout(fmt)
     if not adapter.modules and not (adapter.embeddings and layout.name == "textual-inversion"):
         raise LoraToolError("the adapter has no modules to write")
@@ -183,9 +186,11 @@ def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, f
 def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata,
                 clip_layout: str = "auto", outputs: Outputs | None = None) -> Path:
     """A peft folder (one sub-folder per component when several), replacing an old one as a whole."""
+    from loratool.formats.read import require_complete
     from loratool.io.output import Outputs
 
     outputs = outputs if outputs is not None else Outputs(inputs, force=force)
+    require_complete(adapter)  # nothing of the input is dropped without a word
     if not adapter.modules:
         raise LoraToolError("the adapter has no modules to write")
     parts = diffusers_codec.encode_peft(adapter, clip_layout)

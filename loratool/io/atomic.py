@@ -14,13 +14,14 @@ Nothing here decides *whether* a path may be written: that is :class:`loratool.i
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
@@ -46,6 +47,23 @@ def _temp_prefix(name: str) -> str:
 def temp_path(target: Path) -> Path:
     """A fresh temporary beside ``target``: ``.<name>.loratool-tmp-<pid>-<random>``."""
     return target.parent / f"{_temp_prefix(target.name)}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_IN_FLIGHT: set[Path] = set()  # this process's temporaries not yet renamed or removed
+
+
+def in_flight() -> list[Path]:
+    """This process's temporaries that exist now (what a fatal signal handler removes)."""
+    return sorted(_IN_FLIGHT)
+
+
+@contextlib.contextmanager
+def _tracked(tmp: Path) -> Iterator[Path]:
+    _IN_FLIGHT.add(tmp)
+    try:
+        yield tmp
+    finally:
+        _IN_FLIGHT.discard(tmp)
 
 
 def _alive(pid: int) -> bool:
@@ -158,30 +176,36 @@ def _open_new(path: Path, shown: PathLike, mode: int = 0o600, *, exclusive: bool
     return _OutputFile(fd, shown)
 
 
+Check = Callable[[], None]  # run just before the rename: raises to keep the old output
+
+
 @contextlib.contextmanager
-def atomic_file(target: Path, shown: PathLike) -> Iterator[_OutputFile]:
-    """A temporary beside ``target``, renamed over it when the block ends without an error."""
-    tmp = temp_path(target)
-    fh = _open_new(tmp, shown)
-    committed = False
-    try:
-        with contextlib.suppress(OSError):
-            os.fchmod(fh.fileno(), _new_file_mode(target))  # created 0600: give the usual mode
-        yield fh
-        fh.commit()
+def atomic_file(target: Path, shown: PathLike, before_commit: Check | None = None) -> Iterator[_OutputFile]:
+    """A temporary beside ``target``, renamed over it when the block ends without an error (and
+    ``before_commit``, when given, does not raise)."""
+    with _tracked(temp_path(target)) as tmp:
+        fh = _open_new(tmp, shown)
+        committed = False
         try:
-            os.replace(tmp, target)
-        except OSError as e:
-            raise _write_error(e, shown) from None
-        committed = True
-        _fsync_dir(target.parent)
-    finally:
-        if not fh.closed:
-            with contextlib.suppress(OSError, LoraToolError):
-                fh.close()
-        if not committed:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.fchmod(fh.fileno(), _new_file_mode(target))  # created 0600: give the usual mode
+            yield fh
+            fh.commit()
+            if before_commit is not None:
+                before_commit()
+            try:
+                os.replace(tmp, target)
+            except OSError as e:
+                raise _write_error(e, shown) from None
+            committed = True
+            _fsync_dir(target.parent)
+        finally:
+            if not fh.closed:
+                with contextlib.suppress(OSError, LoraToolError):
+                    fh.close()
+            if not committed:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
 
 # -- writing helpers shared by a command's outputs and a folder being built ----------------------
@@ -211,8 +235,13 @@ class Writes:
         ``sshs_model_hash``/``sshs_legacy_hash``, computed while writing."""
         from loratool.io.writer import write_file
 
-        with self.file(path) as fh:
-            write_file(fh, tensors, metadata, hashes=hashes)
+        try:
+            with self.file(path) as fh:
+                write_file(fh, tensors, metadata, hashes=hashes)
+        except LoraToolError as e:
+            if e.path is None:  # a tensor or metadata value refused: say which output it was for
+                raise LoraToolError(e.message, self._final(path)) from None
+            raise
         return self._final(path)
 
     def save_figure(self, path: PathLike, figure: Any, **options: Any) -> Path:
@@ -309,16 +338,23 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _swap_in(built: Path, target: Path) -> None:
-    """Put the folder ``built`` at ``target``, replacing what is there as a whole."""
+    """Put the folder ``built`` at ``target``, replacing what is there as a whole. Another process
+    that puts its folder there first (the same output written twice at once) is replaced in turn:
+    one complete folder wins."""
     parent = target.parent
     if not os.path.lexists(target):
-        os.rename(built, target)
-    elif _exchange(built, target):  # ``built`` now holds the old folder
+        try:
+            os.rename(built, target)
+            _fsync_dir(parent)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if _exchange(built, target):  # ``built`` now holds the old folder
         _fsync_dir(parent)
         shutil.rmtree(built, ignore_errors=True)
         return
-    else:
-        old = temp_path(target)  # a temporary's name: removed later if we die before the rmtree
+    with _tracked(temp_path(target)) as old:  # a temporary's name: removed later if we die before the rmtree
         os.rename(target, old)
         try:
             os.rename(built, target)
@@ -327,27 +363,28 @@ def _swap_in(built: Path, target: Path) -> None:
             raise
         _fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
-        return
-    _fsync_dir(parent)
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path, shown: PathLike) -> Iterator[FolderWriter]:
-    """A :class:`FolderWriter` whose folder replaces ``target`` as a whole when the block ends without an error."""
-    tmp = temp_path(target)
-    try:
-        tmp.mkdir()
-    except OSError as e:
-        raise _write_error(e, shown) from None
-    done = False
-    try:
-        yield FolderWriter(target, tmp, shown)
-        _fsync_tree(tmp)
+def atomic_folder(target: Path, shown: PathLike, before_commit: Check | None = None) -> Iterator[FolderWriter]:
+    """A :class:`FolderWriter` whose folder replaces ``target`` as a whole when the block ends without
+    an error (and ``before_commit``, when given, does not raise)."""
+    with _tracked(temp_path(target)) as tmp:
         try:
-            _swap_in(tmp, target)
+            tmp.mkdir()
         except OSError as e:
             raise _write_error(e, shown) from None
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
+        done = False
+        try:
+            yield FolderWriter(target, tmp, shown)
+            _fsync_tree(tmp)
+            if before_commit is not None:
+                before_commit()
+            try:
+                _swap_in(tmp, target)
+            except OSError as e:
+                raise _write_error(e, shown) from None
+            done = True
+        finally:
+            if not done:
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -105,7 +105,7 @@ def file_legacy_hash(path: str | os.PathLike[str], *, padded: bool = True) -> st
         infos: dict[str, TensorInfo] = f.tensors
         order = reference_order((i.name, i.dtype) for i in infos.values())
         head = header_bytes([(n, infos[n].dtype, infos[n].shape, infos[n].nbytes) for n in order],
-                            ss_only(f.metadata), padded=padded)
+                            ss_only(f.metadata), padded=padded, strict=False)
         h = hashlib.sha256()
         lo, hi = LEGACY_OFFSET, LEGACY_OFFSET + LEGACY_LENGTH
         h.update(head[lo:hi])

@@ -9,13 +9,15 @@ Every defect is a :class:`SafetensorsError` of one line naming the file.
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 
 from loratool.errors import SafetensorsError
 from loratool.io.dtypes import BITS
+from loratool.io.jsontext import JsonLimit, NonFinite, parse_json
 
 MAX_HEADER_BYTES = 100_000_000
+HEADER_DEPTH = 4  # header -> entry -> shape list (a value nested deeper is wrong anyway)
 Rows = tuple[int, int]
 
 
@@ -82,15 +84,40 @@ def _decode_json(raw: bytes, path: str) -> dict:
     except UnicodeDecodeError:
         raise _fail(path, "not a safetensors file: the header is not UTF-8 text") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+        header = parse_json(text, max_depth=HEADER_DEPTH, object_pairs_hook=_no_duplicates)
     except _Duplicate as d:
         raise _fail(path, f"invalid safetensors header: the name {d.key!r} appears twice") from None
+    except JsonLimit as e:
+        raise _fail(path, f"not a safetensors file: the header is not valid JSON ({e})") from None
+    except NonFinite as e:
+        raise _fail(path, f"invalid safetensors header: it holds {e}") from None
     except (ValueError, RecursionError):
         raise _fail(path, "not a safetensors file: the header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _fail(path, f"not a safetensors file: the header is JSON but not an object "
                           f"(a {type(header).__name__})")
+    if _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(header, path)
     return header
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # an escaped UTF-16 surrogate: maybe a lone one
+
+
+def _refuse_lone_surrogates(header: dict, path: str) -> None:
+    """Names and metadata must be text (what the reference reader and every writer require): a lone
+    UTF-16 surrogate escaped in the JSON cannot be written back, nor printed."""
+    meta = header.get("__metadata__")
+    texts = [("tensor name", k) for k in header]
+    if isinstance(meta, dict):
+        texts += [("metadata key", k) for k in meta] + [(f"metadata value of {k!r}", v) for k, v in meta.items()]
+    for what, text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _fail(path, f"invalid safetensors header: the {what} {text!r} holds a lone UTF-16 "
+                                  "surrogate (not valid Unicode text)") from None
 
 
 def _parse_metadata(raw_meta: object, path: str) -> dict[str, str]:

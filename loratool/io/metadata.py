@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from loratool.errors import LoraToolError
 from loratool.io.hashes import tensor_hashes
+from loratool.io.jsontext import parse_json
 from loratool.io.writer import check_metadata
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
@@ -136,6 +138,17 @@ def loratool_keys(command: str, parameters: Mapping[str, Any] | None = None) -> 
     return {"loratool.version": __version__, "loratool.command": command, "loratool.parameters": params}
 
 
+SKIPPED_KEY = "loratool.skipped"
+
+
+def skipped_metadata(skipped: list[tuple[str, str]]) -> dict[str, str]:
+    """``loratool.skipped``: the modules an output was written without (a flag allowed it), each with why,
+    so that the file itself says it is not the whole of its input. Empty when nothing was skipped."""
+    if not skipped:
+        return {}
+    return {SKIPPED_KEY: json.dumps([{"module": k, "why": w} for k, w in skipped], ensure_ascii=False)}
+
+
 def finalize_metadata(tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None) -> dict[str, str]:
     """Metadata ready to write with ``tensors`` (exactly as they will be written, after any cast):
@@ -155,7 +168,8 @@ MAX_JSON_CHARS = 50_000_000
 def decode_json(value: str | None) -> Any:
     """A JSON-valued metadata string decoded, or None when it is absent, "None" or not valid JSON.
 
-    Only plain JSON parsing (no eval); absurdly deep or long values give None, never an exception.
+    Only plain JSON parsing (no eval); absurdly deep or long values give None, never an exception;
+    ``NaN``/``Infinity`` parse (as floats) for display, and the readers below skip them.
     """
     if value is None or len(value) > MAX_JSON_CHARS:
         return None
@@ -163,8 +177,8 @@ def decode_json(value: str | None) -> Any:
     if not text or text == "None":
         return None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
+        return parse_json(text, allow_non_finite=True)
+    except ValueError:
         return None
 
 
@@ -196,7 +210,8 @@ def tag_counts(metadata: Mapping[str, str]) -> dict[str, int]:
         if not isinstance(folder, dict):
             continue
         for tag, n in folder.items():
-            if isinstance(n, (int, float)) and not isinstance(n, bool):
+            if isinstance(n, (int, float)) and not isinstance(n, bool) \
+                    and (isinstance(n, int) or math.isfinite(n)):
                 key = str(tag).strip()
                 counts[key] = counts.get(key, 0) + int(n)
     return counts

@@ -70,20 +70,45 @@ def _samefile(a: Path, b: Path) -> bool:
         return False
 
 
+MAX_WATCHED_FILES = 10_000  # files of one input folder whose state is compared before a commit
+
+
+def _state(real: Path) -> tuple:
+    """What changes when an input is written to: (size, mtime, inode) of the file, or of every file
+    under a folder (a few at most for an adapter, dozens for a model folder)."""
+    def one(p: Path) -> tuple:
+        try:
+            st = os.stat(p)
+        except OSError:
+            return (os.fspath(p), None)
+        return (os.fspath(p), st.st_size, st.st_mtime_ns, st.st_ino)
+
+    if not real.is_dir():
+        return (one(real),)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(real):
+        dirnames.sort()
+        found.extend(one(Path(dirpath, n)) for n in sorted(filenames))
+        if len(found) > MAX_WATCHED_FILES:
+            break
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class _Input:
     given: str
     loc: Path
     real: Path
     is_dir: bool
+    state: tuple
 
     @classmethod
-    def of(cls, path: PathLike) -> _Input:
+    def of(cls, path: PathLike, watch: bool = True) -> _Input:
         try:
             loc, real = _location(path), _real(path)
         except LoraToolError:  # an input that cannot be resolved cannot be read either: its reader says so
             loc = real = Path(os.path.abspath(path))
-        return cls(os.fspath(path), loc, real, real.is_dir())
+        return cls(os.fspath(path), loc, real, real.is_dir(), _state(real) if watch else ())
 
 
 @dataclass(frozen=True)
@@ -102,9 +127,12 @@ class _Claim:
 class Outputs(Writes):
     """Every path one command invocation writes: claimed up front, then written atomically."""
 
-    def __init__(self, inputs: Iterable[PathLike | None] = (), *, force: bool = False):
+    def __init__(self, inputs: Iterable[PathLike | None] = (), *, force: bool = False, watch_inputs: bool = True):
+        """``watch_inputs``: refuse to commit an output when an input changed since now (False for a run
+        that reads its inputs into caches once and writes into its own class-image folder: train)."""
         self.force = force
-        self._inputs = [_Input.of(p) for p in inputs if p]
+        self._watch = watch_inputs
+        self._inputs = [_Input.of(p, watch_inputs) for p in inputs if p]
         self._claims: list[_Claim] = []
 
     def claim(self, path: PathLike, what: str = "output", *, folder: bool = False, in_place: bool = False) -> Path:
@@ -172,12 +200,20 @@ class Outputs(Writes):
     def file(self, path: PathLike) -> Iterator[BinaryIO]:
         """An open binary file whose bytes replace ``path`` atomically when the block ends without an error."""
         claim = self._claim_for(path, folder=False)
-        with atomic_file(claim.loc, path) as fh:
+        with atomic_file(claim.loc, path, self.check_inputs_unchanged) as fh:
             yield fh
 
     @contextlib.contextmanager
     def folder(self, path: PathLike) -> Iterator[FolderWriter]:
         """A :class:`FolderWriter` whose folder replaces ``path`` as a whole when the block ends without an error."""
         claim = self._claim_for(path, folder=True)
-        with atomic_folder(claim.loc, path) as folder:
+        with atomic_folder(claim.loc, path, self.check_inputs_unchanged) as folder:
             yield folder
+
+    def check_inputs_unchanged(self) -> None:
+        """Refuse to commit an output when an input changed since the command started (another program
+        wrote to it or cut it short while it was read): the output could mix old and new data."""
+        for src in self._inputs if self._watch else ():
+            if _state(src.real) != src.state:
+                raise LoraToolError("the input changed while it was read (another program wrote to it); "
+                                    "nothing was written: run the command again", src.given)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from loratool.errors import LoraToolError, UnsupportedInput
+from loratool.io.mapped import note_mapped
+from loratool.io.regular import require_regular
 from loratool.io.safetensors import looks_like_safetensors
 
 if TYPE_CHECKING:
@@ -54,17 +57,23 @@ def is_pickle_path(path: str | os.PathLike[str]) -> bool:
 
 def _torch_load(path: str) -> object:
     """``torch.load`` with weights_only=True (memory-mapped for zip-format files)."""
-    if not os.path.exists(path):
-        raise LoraToolError("no such file", path)
-    if os.path.isdir(path):
+    try:
+        st = require_regular(path)  # a FIFO or a device would block or never end
+    except FileNotFoundError:
+        raise LoraToolError("no such file", path) from None
+    except OSError as e:
+        raise LoraToolError(f"cannot open: {e.strerror}", path) from None
+    if stat.S_ISDIR(st.st_mode):
         raise LoraToolError("is a folder, not a torch file", path)
-    if os.path.getsize(path) == 0:
+    if st.st_size == 0:
         raise LoraToolError("not a torch file: it is empty (0 bytes)", path)
     if looks_like_safetensors(path):
         raise LoraToolError("is a safetensors file despite its name: read it as safetensors", path)
     import torch
 
     use_mmap = zipfile.is_zipfile(path)
+    if use_mmap:
+        note_mapped(path)  # its tensors are views of a map: the bus-error guard names it
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -90,15 +99,39 @@ def _first_line(text: str) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], ignored: list[str]) -> None:
+MAX_NAMES = 1_000_000  # entries a state dict may have (an SDXL checkpoint has ~2,500; LLMs ~1,000s)
+MAX_DEPTH = 32  # dictionaries nested in dictionaries (a state dict nests 1 or 2)
+
+
+@dataclass
+class _Walk:
+    path: str
+    names: int = 0
+
+
+def _flatten(obj: Mapping, prefix: str, out: dict[str, torch.Tensor], ignored: list[str], walk: _Walk,
+             inside: frozenset[int] = frozenset(), depth: int = 1) -> None:
+    """Nested dicts of tensors as dotted names, within bounds: at most :data:`MAX_NAMES` entries (a few
+    kilobytes of shared nested dicts would flatten to 2^40 names) and :data:`MAX_DEPTH` levels, and no
+    dict inside itself."""
     import torch
 
+    if depth > MAX_DEPTH:
+        raise LoraToolError(f"nests dictionaries more than {MAX_DEPTH} levels deep (at {prefix[:80]!r}): "
+                            "not a state dict", walk.path)
+    inside = inside | {id(obj)}
     for k, v in obj.items():
+        walk.names += 1
+        if walk.names > MAX_NAMES:
+            raise LoraToolError(f"holds more than {MAX_NAMES:,} entries (shared nested dictionaries?): "
+                                "not a state dict", walk.path)
         name = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
             out[name] = v
         elif isinstance(v, Mapping):
-            _flatten(v, f"{name}.", out, ignored)
+            if id(v) in inside:
+                raise LoraToolError(f"the dictionary at {name[:80]!r} contains itself: not a state dict", walk.path)
+            _flatten(v, f"{name}.", out, ignored, walk, inside, depth + 1)
         else:
             ignored.append(name)
 
@@ -126,7 +159,7 @@ def read_pickle(path: str | os.PathLike[str]) -> PickleContents:
     else:
         ignored = []
     tensors: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", tensors, ignored)
+    _flatten(obj, "", tensors, ignored, _Walk(p))
     if not tensors and obj:
         raise LoraToolError("holds no tensors", p)
     return PickleContents(p, "state_dict", tensors, wrapper, ignored)

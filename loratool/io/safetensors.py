@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loratool.errors import SafetensorsError
+from loratool.errors import LoraToolError, SafetensorsError
 from loratool.io.dtypes import BITS, names_by_torch, torch_dtype, torch_dtypes
 from loratool.io.header import MAX_HEADER_BYTES, MissingTensor, Rows, TensorInfo, parse_header, sniff
+from loratool.io.mapped import note_mapped, note_unmapped
+from loratool.io.regular import open_regular
 
 __all__ = ["MAX_HEADER_BYTES", "MissingTensor", "SafetensorsFile", "TensorInfo", "is_safetensors_path", "load_file",
            "looks_like_safetensors", "read_metadata"]
@@ -57,11 +60,13 @@ class SafetensorsFile:
         self.path = os.fspath(path)
         self._mmap: mmap.mmap | None = None
         try:
-            self._fh = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._fh = open_regular(self.path)  # never blocks on a FIFO; refuses devices and sockets
         except FileNotFoundError:
             raise SafetensorsError("no such file", self.path) from None
         except IsADirectoryError:
             raise SafetensorsError("is a folder, not a safetensors file", self.path) from None
+        except LoraToolError as e:
+            raise SafetensorsError(e.message, self.path) from None
         except OSError as e:
             raise SafetensorsError(f"cannot open: {e.strerror}", self.path) from None
         try:
@@ -72,8 +77,10 @@ class SafetensorsFile:
 
     def _read_header(self) -> None:
         try:
-            size = os.fstat(self._fh.fileno()).st_size
+            st = os.fstat(self._fh.fileno())
+            size = st.st_size
             self.file_size = size
+            self._identity = _identity(st)
             first = self._fh.read(8)
         except OSError as e:
             raise SafetensorsError(f"cannot read: {e.strerror}", self.path) from None
@@ -180,6 +187,8 @@ class SafetensorsFile:
                 self._mmap = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)
             except (OSError, ValueError) as e:
                 raise SafetensorsError(f"cannot memory-map the file: {e}", self.path) from None
+            note_mapped(self.path)
+            weakref.finalize(self._mmap, note_unmapped, self.path)
         return self._mmap
 
     def read_bytes(self, begin: int, length: int) -> bytes:
@@ -193,6 +202,7 @@ class SafetensorsFile:
             raise SafetensorsError(f"cannot read: {e.strerror}", self.path) from None
         if len(data) != length:
             raise SafetensorsError(f"the data is cut short: the file ended at byte {self.data_start + begin + len(data)}", self.path)
+        self._check_size(fd)  # changed while it was read: the bytes may be a mix of old and new
         return data
 
     def raw_data(self) -> memoryview:
@@ -210,12 +220,17 @@ class SafetensorsFile:
             raise SafetensorsError(f"cannot {what}: the file was closed", self.path)
 
     def _check_size(self, fd: int) -> None:
+        """Refuse a file that changed since it was opened: its size (the map would fault past the new
+        end) or its modification time (another program wrote into it)."""
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
         except OSError as e:
             raise SafetensorsError(f"cannot read: {e.strerror}", self.path) from None
-        if size != self.file_size:
-            raise SafetensorsError(f"the file changed size while open ({self.file_size} -> {size} bytes)", self.path)
+        if st.st_size != self.file_size:
+            raise SafetensorsError(f"the file changed size while open ({self.file_size} -> {st.st_size} bytes)",
+                                   self.path)
+        if _identity(st) != self._identity:
+            raise SafetensorsError("the file was changed by another program while it was read", self.path)
 
     def _pread(self, offset: int, view: memoryview, what: str) -> None:
         fd = self._fh.fileno()
@@ -229,6 +244,7 @@ class SafetensorsFile:
             if got <= 0:
                 raise SafetensorsError(f"{what} is cut short: the file ended at byte {offset + done}", self.path)
             done += got
+        self._check_size(fd)  # changed during the read: the bytes may be a mix of old and new
 
     def close(self) -> None:
         """Close the file. The map itself is never closed here: tensors handed out hold a reference
@@ -246,6 +262,11 @@ class SafetensorsFile:
         fh = getattr(self, "_fh", None)
         if fh is not None:
             fh.close()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written to: its size, modification time, inode and device."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -266,10 +287,10 @@ def is_safetensors_path(path: str | os.PathLike[str]) -> bool:
 def looks_like_safetensors(path: str | os.PathLike[str]) -> bool:
     """Whether a file begins like a safetensors file (a plausible header length, then ``{``)."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             head = fh.read(9)
             size = os.fstat(fh.fileno()).st_size
-    except OSError:
+    except (OSError, LoraToolError):
         return False
     if len(head) < 9:
         return False

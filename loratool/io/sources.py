@@ -24,7 +24,6 @@ Reads are thread-safe, so a prefetch thread (:mod:`loratool.io.prefetch`) can re
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -33,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoraToolError
 from loratool.io.dtypes import names_by_torch
+from loratool.io.jsontext import JsonLimit, NonFinite, parse_json
 from loratool.io.pickles import is_pickle_path
+from loratool.io.regular import open_regular, require_regular
 from loratool.io.safetensors import (
     Rows,
     SafetensorsFile,
@@ -62,13 +63,19 @@ class MissingKey(LoraToolError, KeyError):
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a small config file, or a one-line error naming it."""
+    """A JSON object from a small config file (a regular file, bounded: :mod:`loratool.io.jsontext`),
+    or a one-line error naming it."""
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
+        with open_regular(path) as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
             raise LoraToolError(f"{what} is too large to be a config file", path)
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_json(raw.decode("utf-8"))
     except OSError as e:
         raise LoraToolError(f"cannot read {what}: {e.strerror}", path) from None
+    except (JsonLimit, NonFinite) as e:
+        raise LoraToolError(f"{what} is not a config loratool can read: it is {e}"
+                            if isinstance(e, JsonLimit) else f"{what} holds {e}", path) from None
     except (ValueError, RecursionError):
         raise LoraToolError(f"{what} is not valid JSON", path) from None
     if not isinstance(data, dict):
@@ -282,9 +289,9 @@ def open_file(path: str | os.PathLike[str]) -> TensorSource:
 
 def _looks_like_pickle(p: Path) -> bool:
     try:
-        with open(p, "rb") as fh:
+        with open_regular(p) as fh:
             head = fh.read(4)
-    except OSError:
+    except (OSError, LoraToolError):
         return False
     return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
@@ -373,8 +380,12 @@ def open_source(path: str | os.PathLike[str], variant: str | None = None) -> Ten
     )
 
     p = Path(path)
-    if not p.exists():
-        raise LoraToolError("no such file or folder", p)
+    try:
+        require_regular(p)  # a FIFO or a device would block or never end
+    except FileNotFoundError:
+        raise LoraToolError("no such file or folder", p) from None
+    except OSError as e:
+        raise LoraToolError(f"cannot open: {e.strerror}", p) from None
     if not p.is_dir():
         return open_file(p)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,36 +70,103 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+FREE_TEXT_KEYS = frozenset({"modelspec.title", "modelspec.description", "modelspec.author", "modelspec.tags",
+                            "modelspec.license", "modelspec.usage_hint", "ss_output_name", "ss_training_comment",
+                            "loratool.token"})  # names and prose: "inf" there is a word, not a number
+_NON_FINITE_WORDS = frozenset({"nan", "-nan", "inf", "-inf", "+inf", "infinity", "-infinity", "+infinity"})
+
+
+def _bad_number(text: str) -> str | None:
+    """What is wrong with a metadata value that holds a number, or None: a non-finite number written
+    as one (``nan``, ``inf``, ``1e400``), or inside a JSON value (``NaN``, ``Infinity``, ``1e999``)."""
+    stripped = text.strip()
+    if stripped.lower() in _NON_FINITE_WORDS:
+        return f"a non-finite number ({stripped})"
+    if stripped[:1].isdigit() or stripped[:1] in "+-.":
+        try:
+            if not math.isfinite(float(stripped)):
+                return f"a number out of range ({stripped[:40]})"
+        except ValueError:
+            return None
+        return None
+    if stripped[:1] in "{[" and any(w in stripped for w in ("NaN", "Infinity", "e", "E")):
+        from loratool.io.jsontext import NonFinite, parse_json
+
+        try:
+            parse_json(stripped)
+        except NonFinite as e:
+            return str(e)
+        except ValueError:
+            return None
+    return None
+
+
+def _utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoraToolError(f"{what} is not valid text (it holds a lone UTF-16 surrogate)") from None
+
+
+def check_metadata(metadata: Mapping[str, str] | None, *, strict: bool = True) -> dict[str, str] | None:
     """Metadata as the file will hold it (sorted by key); every key and value must be a string.
 
     ``None`` means no ``__metadata__`` entry at all; ``{}`` an empty one (as the reference writer does).
+    ``strict`` (every write): a value that is a non-finite number, or a JSON value holding one, is
+    refused, and so is text that UTF-8 cannot encode (lone surrogates), naming the key.
     """
     if metadata is None:
         return None
     for k, v in metadata.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise LoraToolError(f"metadata {k!r} must map a string to a string, not {type(v).__name__}")
+        if strict:
+            _utf8(k, f"the metadata key {k!r}")
+            _utf8(v, f"the metadata value of {k!r}")
+            bad = None if k in FREE_TEXT_KEYS else _bad_number(v)
+            if bad:
+                raise LoraToolError(f"the metadata value of {k!r} is {bad}: refusing to write it")
     return dict(sorted(metadata.items()))
 
 
+FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded temporary memory)
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse a floating-point tensor holding NaN or ±inf, naming it (every tensor the tool writes)."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.layout != torch.strided \
+            or t.device.type == "meta":
+        return  # nothing to check (or tensor_bytes refuses it)
+    flat = t.detach().reshape(-1)
+    widen = t.element_size() == 1  # fp8: isfinite has no kernel for it everywhere
+    for lo in range(0, flat.numel(), FINITE_CHUNK):
+        part = flat[lo:lo + FINITE_CHUNK]
+        if not bool(torch.isfinite(part.float() if widen else part).all()):
+            bad = "NaN" if bool(torch.isnan(part.float() if widen else part).any()) else "infinite values"
+            raise LoraToolError(f"tensor {name!r} holds {bad}: refusing to write a non-finite result")
+
+
 def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
-                 metadata: Mapping[str, str] | None, *, padded: bool = True) -> bytes:
+                 metadata: Mapping[str, str] | None, *, padded: bool = True, strict: bool = True) -> bytes:
     """The 8-byte length plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``
     entries given in data order. ``padded=False`` gives the unpadded header of older writers
-    (safetensors before 0.3), only for recomputing hashes that were taken with them."""
+    (safetensors before 0.3), only for recomputing hashes that were taken with them; ``strict=False``
+    (the same) skips the checks every write gets (:func:`check_metadata`, names that are text)."""
     header: dict[str, object] = {}
-    meta = check_metadata(metadata)
+    meta = check_metadata(metadata, strict=strict)
     if meta is not None:
         header["__metadata__"] = meta
     offset = 0
     for name, dtype, shape, n in entries:
+        if strict:
+            _utf8(name, f"the tensor name {name!r}")
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     if padded:
         raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
+
 
 
 def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
@@ -148,6 +216,7 @@ def write_file(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapp
     head, names = build_header(tensors, metadata)
     fh.write(head)
     for name in names:
+        check_finite(name, tensors[name])
         fh.write(tensor_bytes(tensors[name]))
 
 
@@ -162,6 +231,7 @@ def _hash_slot(head: bytes) -> int:
 
 def _chunks(tensors: Mapping[str, torch.Tensor], names: list[str]):
     for name in names:
+        check_finite(name, tensors[name])
         data = tensor_bytes(tensors[name])
         for lo in range(0, len(data), HASH_CHUNK):
             yield data[lo:lo + HASH_CHUNK]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from loratool.linalg.orient import as_batch, finish
+from loratool.linalg.orient import as_batch, finish, require_finite
 from loratool.linalg.rank import numerical_rank
 
 GRAM_RELATIVE_FLOOR = 1e-6
@@ -42,11 +42,13 @@ def exact_svd(a: torch.Tensor, rank: int | None = None) -> tuple[torch.Tensor, t
     return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
 
-def top_singular(matrix: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_singular(matrix: torch.Tensor, cap: int, name: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The leading (at most ``cap``, at least one) singular triplets of a matrix in float64, from the
     eigenvectors of the smaller Gram matrix; singular values below ``1e-12·σ₁`` are dropped (they
     carry no energy worth a rank). The kept ones are as accurate as the Gram route allows: the
-    caller measures the error of what it keeps anyway."""
+    caller measures the error of what it keeps anyway. ``name``: the module, for errors."""
+    require_finite(name, matrix)
     x = matrix.to(torch.float64)
     wide = x.shape[0] <= x.shape[1]
     tall = x.T if wide else x
@@ -56,8 +58,10 @@ def top_singular(matrix: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Te
     return (vh.T, s, u.T) if wide else (u, s, vh)
 
 
-def thin_svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every singular triplet of ``a`` (reduced ``U``, ``S`` descending, ``Vh``), in ``a``'s dtype."""
+def thin_svd(a: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every singular triplet of ``a`` (reduced ``U``, ``S`` descending, ``Vh``), in ``a``'s dtype
+    (``name``: the module, for the error when ``a`` is not finite)."""
+    require_finite(name, a)
     return torch.linalg.svd(a, full_matrices=False)
 
 

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from loratool.linalg.orient import require_finite
+
 
 def factored_svd(
     up2d: torch.Tensor,
@@ -27,6 +29,7 @@ def factored_svd(
     *,
     dtype: torch.dtype = torch.float32,
     rank: int | None = None,
+    name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of ``up2d @ down2d`` without forming the product.
 
@@ -34,7 +37,8 @@ def factored_svd(
     (descending, non-negative) and ``Vh [k, in]`` with ``k = min(out, in, R)`` — or ``rank``
     when given and smaller — such that ``U @ diag(S) @ Vh`` equals the product (truncated to the
     best rank-``k`` approximation when ``rank`` cuts it). Computed in ``dtype`` (float32 by
-    default, float64 for a reference) on the factors' device.
+    default, float64 for a reference) on the factors' device. ``name`` (the module) is what a
+    one-line error names when a factor holds NaN or ±inf.
     """
     if up2d.dim() != 2 or down2d.dim() != 2:
         raise ValueError(f"factored_svd needs 2-D factors, got {tuple(up2d.shape)} and {tuple(down2d.shape)}")
@@ -42,6 +46,7 @@ def factored_svd(
         raise ValueError(f"inner sizes disagree: up {tuple(up2d.shape)} @ down {tuple(down2d.shape)}")
     up = up2d.to(dtype)
     down = down2d.to(dtype)
+    require_finite(name, up, down)  # also catches a cast to ``dtype`` that overflowed
     q_up, r_up = torch.linalg.qr(up, mode="reduced")  # [out, p], [p, R]
     q_down, r_down = torch.linalg.qr(down.T, mode="reduced")  # [in, q], [q, R]
     core = r_up @ r_down.T  # [p, q]

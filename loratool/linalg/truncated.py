@@ -8,12 +8,14 @@ energy ``Σ_{i≤k} σ_i² / ‖A‖_F²`` measured against the true Frobenius n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from loratool.linalg.exact import exact_svd
+from loratool.linalg.orient import require_finite
 from loratool.linalg.randomized import randomized_svd, sketch_width
 from loratool.linalg.rank import RankMode, select_rank
 
@@ -70,6 +72,10 @@ def decompose(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | 
     batch = a.unsqueeze(0) if a.dim() == 2 else a
     m, n = batch.shape[-2:]
     cap = max(1, min(int(cap), m, n))
+    totals_sq = torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float64).square().cpu().tolist()
+    for i, total in enumerate(totals_sq):  # NaN or ±inf anywhere makes the norm so: no pass of its own
+        if not math.isfinite(total):
+            require_finite(names[i] if i < len(names) else None, batch[i])
     exact = policy.uses_exact(cap, m, n)
     if exact:
         u, s, vh = exact_svd(batch, cap)
@@ -78,7 +84,6 @@ def decompose(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | 
                                   oversample=policy.oversample)
         if not bool(torch.isfinite(s).all()):
             u, s, vh, exact = *exact_svd(batch, cap), True
-    totals_sq = torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float64).square().cpu().tolist()
     totals_sum = _nuclear_norms(batch) if mode.needs_full_spectrum else [None] * len(totals_sq)
     out = []
     for i in range(batch.shape[0]):

@@ -136,7 +136,8 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
                             f"(it takes {', '.join(fam.layouts)})")
     opts = ConvertOptions(rank, lossy, energy, rank_cap, drop_unknown, dtype)
     report = ConvertReport(adapter.source_format or "unknown", spec.name)
-    problems: list[tuple[str, str]] = [(k, "no format recognises this key") for k in adapter.unknown]
+    problems: list[tuple[str, str]] = [(k, adapter.unknown_reasons.get(k, "no format recognises this key"))
+                                       for k in adapter.unknown]
     result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
                      embeddings=dict(adapter.embeddings), detection=adapter.detection)
     report.embeddings = sorted(adapter.embeddings)

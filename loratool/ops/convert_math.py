@@ -94,13 +94,13 @@ def lower_to_lora(module: Module, rank: int | None = None, *, energy: float = DE
     limit = max(1, rank if rank is not None else cap)
     if factors is not None:
         up0, down0 = factors
-        u, s, vh = factored_svd(up0, down0, dtype=torch.float64)
+        u, s, vh = factored_svd(up0, down0, dtype=torch.float64, name=module.key)
         keep = max(1, min(numerical_rank(s, NEGLIGIBLE), limit))
         u, s, vh = u[:, :keep], s[:keep], vh[:keep]
         total_sq = product_sq_norm(up0, down0)
     else:
         matrix = flat2d(module.delta(torch.float64))
-        u, s, vh = top_singular(matrix, limit)
+        u, s, vh = top_singular(matrix, limit, module.key)
         total_sq = float(matrix.square().sum())
     if rank is None:
         k = select_rank(s, RankMode("fro", energy), cap, total_sq=total_sq)

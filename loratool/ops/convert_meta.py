@@ -21,7 +21,8 @@ from typing import Any
 from loratool.core.modules import Adapter
 from loratool.formats.kohya import network_module
 from loratool.formats.write import modelspec_metadata, network_metadata
-from loratool.io.metadata import BASE_MODELS, loratool_keys
+from loratool.io.jsontext import parse_json
+from loratool.io.metadata import BASE_MODELS, loratool_keys, skipped_metadata
 from loratool.ops.convert import ConvertReport
 from loratool.ops.convert_targets import resolve_target
 
@@ -72,6 +73,7 @@ def target_metadata(source: Mapping[str, str], result: Adapter, report: ConvertR
     name = title or source.get("modelspec.title") or source.get("ss_output_name") or "converted"
     meta.update(modelspec_metadata(base, name, source.get("modelspec.date"), v_prediction=v_pred))
     meta.update(loratool_keys("convert", parameters))
+    meta.update(skipped_metadata(report.dropped))  # the file says it is not the whole of its input
     meta["loratool.convert"] = json.dumps(conversion_summary(report), sort_keys=True)
     return meta
 
@@ -81,7 +83,7 @@ def _network_args(source: Mapping[str, str]) -> str | None:
     other text kept as it is, None when absent."""
     raw = source.get("ss_network_args")
     if _is_json_object(raw):
-        return json.dumps({str(k): str(v) for k, v in json.loads(raw).items()})  # type: ignore[arg-type]
+        return json.dumps({str(k): str(v) for k, v in parse_json(raw).items()})  # type: ignore[arg-type]
     return raw
 
 
@@ -89,6 +91,6 @@ def _is_json_object(text: str | None) -> bool:
     if not text:
         return False
     try:
-        return isinstance(json.loads(text), dict)
+        return isinstance(parse_json(text), dict)
     except ValueError:
         return False

@@ -187,7 +187,7 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     modules: list[LoraModule] = []
     done = 0
     for batch, base_w, tuned_w in stream_pairs(b, t, plan.modules, torch.device(options.device)):
-        r, mods = _extract_batch(batch, base_w, tuned_w, options, dtype)
+        r, mods = _extract_batch(batch, base_w, tuned_w, options, dtype, (b.path, t.path))
         reports += r
         modules += mods
         done += len(batch)
@@ -196,14 +196,28 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     return reports, modules
 
 
+def _require_finite(batch: list[PlannedModule], base_w: list[torch.Tensor], tuned_w: list[torch.Tensor],
+                    paths: tuple[str, str]) -> None:
+    """Refuse a weight holding NaN or ±inf, naming the tensor and the file (its ΔW would have no SVD)."""
+    for mod, pair in zip(batch, zip(base_w, tuned_w, strict=True), strict=True):
+        for w, path, side in zip(pair, paths, ("BASE", "TUNED"), strict=True):
+            if not bool(torch.isfinite(w if w.element_size() > 1 else w.float()).all()):
+                names = ", ".join(seg.key for seg in mod.ref.segments)
+                raise LoraToolError(f"tensor {names} (module {mod.key}) holds NaN or infinite values in {side}: "
+                                    "there is no low-rank difference to extract", path)
+
+
 def _extract_batch(batch: list[PlannedModule], base_w: list[torch.Tensor], tuned_w: list[torch.Tensor],
-                   options: ExtractOptions, dtype: torch.dtype) -> tuple[list[ModuleReport], list[LoraModule]]:
+                   options: ExtractOptions, dtype: torch.dtype, paths: tuple[str, str] = ("BASE", "TUNED"),
+                   ) -> tuple[list[ModuleReport], list[LoraModule]]:
     m, n = batch[0].matrix_shape
     base = torch.stack([x.reshape(m, n) for x in base_w]).float()
     delta = torch.stack([x.reshape(m, n) for x in tuned_w]).float() - base
     d2 = delta.norm(dim=(1, 2)).double().square().cpu().tolist()
     b2 = base.norm(dim=(1, 2)).double().square().cpu().tolist()
     del base
+    if not all(map(math.isfinite, d2 + b2)):  # NaN/inf makes a norm so: find the tensor only then
+        _require_finite(batch, base_w, tuned_w, paths)
     reports, keep = [], []
     for i, mod in enumerate(batch):
         change = math.sqrt(d2[i] / b2[i]) if b2[i] > 0 else (math.inf if d2[i] > 0 else 0.0)

@@ -125,6 +125,9 @@ def _generic_modules(base: TensorSource, tuned: TensorSource, options: ExtractOp
     out = []
     for key in tuned.keys():
         shape = tuned.shape(key)
+        if base.shape(key) != shape:  # checked before any is skipped: a 2-D weight stored 1-D is not "1-D"
+            raise LoraToolError(f"tensor {key} has shape {list(base.shape(key))} in BASE but {list(shape)} "
+                                "in TUNED", tuned.path)
         if len(shape) < 2 or tuned.dtype_name(key) not in FLOAT_NAMES or 0 in shape:
             continue
         path = key.removesuffix(".weight")

@@ -21,12 +21,13 @@ def parse_inputs(texts: Iterable[str]) -> list[InputSpec]:
 def read_inputs(specs: Iterable[str | InputSpec]) -> list[MixInput]:
     """A ``MixInput`` per spec (text or parsed), its file read in any layout; a file without adapter
     modules is refused."""
-    from loratool.formats import read_adapter
+    from loratool.formats import read_adapter, require_complete
 
     out = []
     for item in specs:
         spec = parse_input_spec(item) if isinstance(item, str) else item
         adapter = read_adapter(spec.path)
+        require_complete(adapter, spec.path)
         if not adapter.modules:
             raise LoraToolError("holds no adapter modules", spec.path)
         out.append(MixInput(adapter, spec.weight, spec.lbw, name=spec.path))

@@ -8,6 +8,7 @@ and ``lbw_weights(arch_name, spec)``); this module only combines the two.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ def module_weights(adapter: Adapter, weight: float, lbw: str | None = None, *,
             out.weights[key] = weight
             continue
         value = _block_value(table, block)
+        if not math.isfinite(value) or not math.isfinite(weight * value):
+            raise LoraToolError(f"block weights {lbw!r}: module {key} (block {block}) would get the weight "
+                                f"{weight:g} × {value:g}, not a finite number", path)
         out.blocks[block] = value
         out.weights[key] = weight * value
     return out

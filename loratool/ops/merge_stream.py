@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from loratool.errors import LoraToolError
+from loratool.errors import LoraToolError, examples
 from loratool.io.dtypes import FLOAT_NAMES
-from loratool.io.metadata import loratool_keys
+from loratool.io.metadata import loratool_keys, skipped_metadata
 from loratool.io.output import FolderWriter, Outputs
 from loratool.io.prefetch import prefetch
 from loratool.io.safetensors import SafetensorsFile, TensorInfo
@@ -158,7 +158,8 @@ def _detect_arch(source: TensorSource) -> str:
     return detect_arch_from_checkpoint(source.shapes())
 
 
-def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, device, progress) -> int:
+def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, device, progress,
+                  extra: dict[str, str]) -> int:
     """Every file of the folder ``src`` into ``out``: the changed ones rewritten, the rest copied."""
     changed = 0
     for p in _list_files(src):
@@ -166,17 +167,33 @@ def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, d
         changes = plan.files.get(rel)
         if changes:
             with out.file(rel) as fh:
-                changed += rewrite_file(p, fh, changes, _with_keys(p, params), device, progress)
+                changed += rewrite_file(p, fh, changes, _with_keys(p, params, extra), device, progress)
         else:
             out.copy(p, rel)
     return changed
 
 
-def _with_keys(path: Path, params: dict) -> dict[str, str]:
+def _with_keys(path: Path, params: dict, extra: dict[str, str]) -> dict[str, str]:
     with SafetensorsFile(path) as f:
         meta = dict(f.metadata)
     meta.update(loratool_keys("merge", params))
+    meta.update(extra)
     return meta
+
+
+def _check_matches(plan: MergePlan, arch_name: str, allow_unmatched: bool, src: Path) -> None:
+    """Refuse a merge that would change nothing, or skip modules without ``--allow-unmatched``: in one
+    short line (counts and two module names)."""
+    what = f"{arch_name} checkpoint" if arch_name not in ("unknown", "generic") else "checkpoint"
+    hint = "" if arch_name not in ("unknown", "generic") else " (architecture not recognised: --arch sets it)"
+    names = [entry.rsplit(": ", 1)[-1] for entry in plan.unmatched]
+    total = len(plan.matched) + len(plan.unmatched)
+    if not plan.matched:
+        raise LoraToolError(f"none of the {total} LoRA module(s) matches a weight of this {what}{hint} (e.g. "
+                            f"{examples(names)}): nothing to merge; is the LoRA for another model?", src)
+    if plan.unmatched and not allow_unmatched:
+        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {what} weight{hint} ({len(plan.unmatched)} "
+                            f"of {total}, e.g. {examples(names)}); --allow-unmatched merges the rest", src)
 
 
 def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
@@ -196,16 +213,13 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
         arch_name = arch or _detect_arch(source)
     plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir())
     report = plan.summary()
-    if plan.unmatched and not allow_unmatched:
-        shown = ", ".join(plan.unmatched[:8]) + (f" and {len(plan.unmatched) - 8} more" if len(plan.unmatched) > 8 else "")
-        what = f"{arch_name} checkpoint weight" if arch_name not in ("unknown", "generic") else \
-            "weight of this checkpoint (architecture not recognised: --arch sets it)"
-        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {what}: {shown} "
-                            "(--allow-unmatched skips them)", src)
+    _check_matches(plan, arch_name, allow_unmatched, src)
+    skipped = [(entry, "matches no weight of the checkpoint") for entry in plan.unmatched]
     if dry_run or output is None:
         return report
     params = {"checkpoint": src.name, "arch": arch_name,
               "inputs": [f"{i.name}:{i.weight:g}" + (f":lbw={i.lbw}" if i.lbw else "") for i in inputs]}
+    extra = skipped_metadata(skipped)
     out = Path(output)
     if outputs is None:
         outputs = Outputs([src, *(i.name for i in inputs if i.name)], force=force)
@@ -217,11 +231,11 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     try:
         if src.is_dir():
             with outputs.folder(out) as folder:
-                report["tensors_written"] = _write_folder(src, folder, plan, params, device, progress)
+                report["tensors_written"] = _write_folder(src, folder, plan, params, device, progress, extra)
         else:
             with outputs.file(out) as fh:
                 report["tensors_written"] = rewrite_file(src, fh, plan.files.get("", {}),
-                                                         _with_keys(src, params), device, progress)
+                                                         _with_keys(src, params, extra), device, progress)
     finally:
         torch.set_num_threads(threads)
     report["output"] = str(out)

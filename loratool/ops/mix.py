@@ -136,20 +136,20 @@ def _sum_bias(terms: list[_Term]) -> torch.Tensor | None:
     return torch.stack(biases).sum(0) if biases else None
 
 
-def _dense_factors(dense: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _dense_factors(dense: torch.Tensor, rank: int | None, key: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """LoRA factors of a dense ΔW at its numerical rank (capped by ``rank``), and the relative error."""
-    u, s, vh = thin_svd(flat2d(dense))
+    u, s, vh = thin_svd(flat2d(dense), key)
     keep = numerical_rank(s, NUMERICAL_RANK_RTOL)
     keep = max(1, min(keep, rank or keep))
     up, down = split_singular(u[:, :keep], s[:keep], vh[:keep])
     return up, down, tail_energy(s, keep)[1]
 
 
-def _concat(terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+def _concat(key: str, terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     ups, downs, err2, total2, method = [], [], 0.0, 0.0, "concat"
     for t in terms:
         if t.dense is not None:
-            up, down, rel = _dense_factors(t.dense, rank)
+            up, down, rel = _dense_factors(t.dense, rank, key)
             norm2 = float(t.dense.double().square().sum())
             err2, total2, method = err2 + rel**2 * norm2, total2 + norm2, "concat+svd"
         else:
@@ -161,17 +161,17 @@ def _concat(terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.T
     return up2d, down2d, (err2 / total2) ** 0.5 if total2 > 0 else 0.0, method
 
 
-def _svd(terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.Tensor, float, str]:
+def _svd(key: str, terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     lora = [(t.up * t.coef, flat2d(t.down)) for t in terms if t.dense is None]
     dense = [flat2d(t.dense) for t in terms if t.dense is not None]
     if not dense:
-        u, s, vh = factored_svd(*stack_factors(lora))
+        u, s, vh = factored_svd(*stack_factors(lora), name=key)
         method = "svd"
     else:
         total = torch.stack(dense).sum(0)
         for up, down in lora:
             total.addmm_(up, down)
-        u, s, vh = thin_svd(total)
+        u, s, vh = thin_svd(total, key)
         method = "dense-svd"
     k = max(1, min(rank, int(s.shape[0])))
     up, down = split_singular(u[:, :k], s[:k], vh[:k])
@@ -245,9 +245,9 @@ def mix(inputs: list[MixInput], mode: str = "concat", rank: int | None = None, *
 
 def _combine(key: str, terms: list[_Term], mode: str, rank: int | None):
     if mode == "concat":
-        return _concat(terms, rank)
+        return _concat(key, terms, rank)
     if mode == "svd":
-        return _svd(terms, rank or 1)
+        return _svd(key, terms, rank or 1)
     return _linear(key, terms)
 
 

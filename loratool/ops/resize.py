@@ -20,6 +20,7 @@ import torch
 
 from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, FullModule, LohaModule, LokrModule, LoraModule, NormModule, flat2d
+from loratool.formats.read import require_complete
 from loratool.linalg import RankMode, SvdPolicy, decompose, factored_svd, select_rank, split_singular
 from loratool.ops.extract_report import ModuleReport
 
@@ -43,6 +44,7 @@ class ResizeResult:
 
 def resize(adapter: Adapter, options: ResizeOptions) -> ResizeResult:
     """A new adapter with every module truncated to its rank; the input is not modified."""
+    require_complete(adapter)
     out = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model,
                   source_format=adapter.source_format, embeddings=dict(adapter.embeddings),
                   unknown=list(adapter.unknown))
@@ -69,7 +71,7 @@ def resize_module(module, options: ResizeOptions):
     cap = rank_cap(shape, options)
     if isinstance(module, LoraModule) and module.mid is None:
         up2d, down2d = flat2d(module.up).to(dev), flat2d(module.down).to(dev)
-        u, s, vh = factored_svd(up2d, down2d)
+        u, s, vh = factored_svd(up2d, down2d, name=module.key)
         scale = module.scale
         k = select_rank(s, options.rank_mode, cap)
         method = "factored"

@@ -9,6 +9,7 @@ linear in ΔW and the web UIs disagree on what a multiplier means for them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -23,6 +24,7 @@ from loratool.core.modules import (
     NormModule,
 )
 from loratool.errors import LoraToolError
+from loratool.formats.read import require_complete
 from loratool.ops.lbw import module_weights
 
 
@@ -72,9 +74,21 @@ def scale(adapter: Adapter, weight: float, lbw: str | None = None, *, arch_name:
     """
     if weight != weight or weight in (float("inf"), float("-inf")):
         raise LoraToolError(f"scale {weight} is not a finite number", path)
+    require_complete(adapter, path)
     weights = module_weights(adapter, weight, lbw, arch_name=arch_name, path=path).weights
     out = replace(adapter, modules={}, metadata=dict(adapter.metadata), unknown=list(adapter.unknown),
                   embeddings=dict(adapter.embeddings))
     for key, m in adapter.modules.items():
-        out.modules[key] = scale_module(m, weights[key])
+        out.modules[key] = _finite(scale_module(m, weights[key]), weights[key], path)
     return out, weights
+
+
+def _finite(m: Module, w: float, path: str | None) -> Module:
+    """``m`` when its scaled alpha and tensors are finite numbers; else an error naming it."""
+    if m.alpha is not None and not math.isfinite(m.alpha):
+        raise LoraToolError(f"{m.key}: scaling by {w:g} makes alpha {m.alpha}, not a finite number", path)
+    for t in m.tensors():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LoraToolError(f"{m.key}: scaling by {w:g} leaves {t.dtype} values that are not finite "
+                                "(out of range, or NaN in the input)", path)
+    return m

@@ -120,7 +120,8 @@ def output_paths(cfg: TrainConfig) -> dict[str, tuple[Path, bool]]:
 
 def run_outputs(cfg: TrainConfig, *, force: bool) -> Outputs:
     """The run's outputs: its folder claimed as a run folder, the files at fixed names claimed in it."""
-    outputs = Outputs(train_inputs(cfg), force=force)
+    # a run reads its inputs once into caches, and writes generated class images into its class folder
+    outputs = Outputs(train_inputs(cfg), force=force, watch_inputs=False)
     outputs.claim(cfg.output, "output folder", folder=True, in_place=True)
     for what, (path, folder) in output_paths(cfg).items():
         outputs.claim(path, what, folder=folder)

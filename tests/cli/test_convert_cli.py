@@ -93,9 +93,13 @@ def test_drop_unknown_lists_what_was_dropped(tmp_path):
     write_adapter(_adapter(lokr=True), src, "kohya")
     out = tmp_path / "o.safetensors"
     result = run(src, "--to", "diffusers", "-o", out, "--drop-unknown", "--json")
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert [d["key"] for d in data["dropped"]] == ["unet.down_blocks.0.attentions.0.proj_in"]
     assert len(read_adapter(out).modules) == 3
+    # issue 14: written without a module, so the exit code, stderr and the file itself say so
+    assert result.exit_code == 3 and "skipped: unet.down_blocks.0.attentions.0.proj_in" in result.stderr
+    skipped = json.loads(read_adapter(out).metadata["loratool.skipped"])
+    assert [s["module"] for s in skipped] == ["unet.down_blocks.0.attentions.0.proj_in"]
 
 
 def test_existing_output_and_input_protected(kohya_file, tmp_path):

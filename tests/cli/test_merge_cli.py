@@ -80,6 +80,10 @@ def test_dry_run_unmatched_and_override(files, tmp_path: Path) -> None:
     res = run("merge", ckpt, lora2, "--dry-run", "--allow-unmatched")
     assert res.exit_code == 0 and "3 LoRA modules matched, 1 unmatched" in res.output and not out.exists()
     res = run("merge", ckpt, f"{lora2}:-1", "--allow-unmatched", "-o", out, "-q")
-    assert res.exit_code == 0 and res.output == "" and out.exists()
+    # issue 14: written without a module, so exit 3, the module on stderr and in the file's metadata
+    assert res.exit_code == 3 and res.stdout == "" and out.exists()
+    assert f"skipped: {lora2}: {EXTRA}" in res.stderr
+    with SafetensorsFile(out) as f:
+        assert EXTRA in f.metadata["loratool.skipped"]
     res = run("merge", ckpt, lora, "--arch", "sdxl", "-o", tmp_path / "x.safetensors")
     assert res.exit_code == 1 and "for sd1" in res.output
