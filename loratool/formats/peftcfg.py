@@ -121,7 +121,7 @@ def alpha_source_from_metadata(metadata: Mapping[str, str], where: str) -> Alpha
     try:
         data = parse_json(raw)
     except (JsonLimit, NonFinite) as e:
-        raise LoraToolError(f"{METADATA_KEY} metadata holds {e}", where) from None
+        raise LoraToolError(f"{METADATA_KEY} metadata cannot be used: {e}", where) from None
     except ValueError:
         raise LoraToolError(f"{METADATA_KEY} metadata is not valid JSON", where) from None
     if not isinstance(data, dict):

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from loratool.errors import LoraToolError
+from loratool.io.regular import require_regular
 
 if TYPE_CHECKING:
     import torch
@@ -126,6 +127,8 @@ def _new_file_mode(path: Path) -> int:
 
 
 def _write_error(e: OSError, path: PathLike) -> LoraToolError:
+    if e.errno == errno.EFAULT:  # the bytes to write were a view of an input that shrank under us
+        return LoraToolError("cannot write: the data came from an input that was cut short while it was read", path)
     return LoraToolError(f"cannot write: {e.strerror or e}", path)
 
 
@@ -287,7 +290,9 @@ class FolderWriter(Writes):
                     fh.close()
 
     def copy(self, source: PathLike, name: PathLike) -> Path:
-        """A byte copy of ``source`` (the kernel's copy where it can), synced."""
+        """A byte copy of ``source`` (the kernel's copy where it can), synced; only a regular file is copied
+        (a FIFO would block, a device never end)."""
+        require_regular(source)
         tmp = self._building(name)
         try:
             shutil.copyfile(source, tmp)

@@ -90,7 +90,7 @@ def _decode_json(raw: bytes, path: str) -> dict:
     except JsonLimit as e:
         raise _fail(path, f"not a safetensors file: the header is not valid JSON ({e})") from None
     except NonFinite as e:
-        raise _fail(path, f"invalid safetensors header: it holds {e}") from None
+        raise _fail(path, f"invalid safetensors header: {e}") from None
     except (ValueError, RecursionError):
         raise _fail(path, "not a safetensors file: the header is not valid JSON") from None
     if not isinstance(header, dict):

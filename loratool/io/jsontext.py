@@ -26,13 +26,13 @@ class NonFinite(ValueError):
 
 
 def _constant(token: str) -> float:
-    raise NonFinite(f"a non-finite number ({token})")
+    raise NonFinite(f"it holds a non-finite number ({token})")
 
 
 def _finite_float(token: str) -> float:
     value = float(token)
     if not math.isfinite(value):
-        raise NonFinite(f"a number out of range ({token[:40]})")
+        raise NonFinite(f"it holds a number out of range ({token[:40]})")
     return value
 
 
@@ -42,12 +42,12 @@ def parse_json(text: str | bytes, *, max_depth: int = MAX_DEPTH, allow_non_finit
     :class:`NonFinite` for a non-finite number (unless ``allow_non_finite``: then they parse as floats,
     for display), ``ValueError`` for text that is not JSON."""
     if len(text) > MAX_CHARS:
-        raise JsonLimit(f"longer than {MAX_CHARS:,} characters")
+        raise JsonLimit(f"it is longer than {MAX_CHARS:,} characters")
     hooks: dict[str, Any] = {} if allow_non_finite else {"parse_constant": _constant, "parse_float": _finite_float}
     try:
         data = json.loads(text, object_pairs_hook=object_pairs_hook, **hooks)
     except RecursionError:
-        raise JsonLimit(f"nested more than {max_depth} levels deep") from None
+        raise JsonLimit(f"it is nested more than {max_depth} levels deep") from None
     check_depth(data, max_depth)
     return data
 
@@ -64,5 +64,5 @@ def check_depth(data: Any, max_depth: int = MAX_DEPTH) -> None:
         else:
             continue
         if depth > max_depth:
-            raise JsonLimit(f"nested more than {max_depth} levels deep")
+            raise JsonLimit(f"it is nested more than {max_depth} levels deep")
         stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))

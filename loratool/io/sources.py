@@ -74,8 +74,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except OSError as e:
         raise LoraToolError(f"cannot read {what}: {e.strerror}", path) from None
     except (JsonLimit, NonFinite) as e:
-        raise LoraToolError(f"{what} is not a config loratool can read: it is {e}"
-                            if isinstance(e, JsonLimit) else f"{what} holds {e}", path) from None
+        raise LoraToolError(f"{what} cannot be used: {e}", path) from None
     except (ValueError, RecursionError):
         raise LoraToolError(f"{what} is not valid JSON", path) from None
     if not isinstance(data, dict):

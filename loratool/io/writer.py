@@ -81,11 +81,11 @@ def _bad_number(text: str) -> str | None:
     as one (``nan``, ``inf``, ``1e400``), or inside a JSON value (``NaN``, ``Infinity``, ``1e999``)."""
     stripped = text.strip()
     if stripped.lower() in _NON_FINITE_WORDS:
-        return f"a non-finite number ({stripped})"
+        return f"it is a non-finite number ({stripped})"
     if stripped[:1].isdigit() or stripped[:1] in "+-.":
         try:
             if not math.isfinite(float(stripped)):
-                return f"a number out of range ({stripped[:40]})"
+                return f"it is a number out of range ({stripped[:40]})"
         except ValueError:
             return None
         return None
@@ -125,7 +125,7 @@ def check_metadata(metadata: Mapping[str, str] | None, *, strict: bool = True) -
             _utf8(v, f"the metadata value of {k!r}")
             bad = None if k in FREE_TEXT_KEYS else _bad_number(v)
             if bad:
-                raise LoraToolError(f"the metadata value of {k!r} is {bad}: refusing to write it")
+                raise LoraToolError(f"the metadata value of {k!r} cannot be written: {bad}")
     return dict(sorted(metadata.items()))
 
 
