@@ -4,7 +4,12 @@ its ``config.json`` alone (no model class is built):
 * which weight is the input embedding (``[vocab, dim]``: peft adapts it with its own embedding
   layout, not ``lora_A``/``lora_B``), and which is the output head;
 * whether the two are tied (``tie_word_embeddings``): then the head *is* the embedding, a change to
-  one is a change to both, and only the embedding is extracted;
+  one is a change to both, and only the embedding is extracted. peft merges its embedding LoRA into
+  the shared weight once, so ``merge_and_unload`` gives base + ΔW exactly; unmerged, peft applies it
+  to the lookup only and the head keeps the old weight. peft has no layout that is right both ways
+  for a low-rank tied embedding (``ensure_weight_tying`` adds the same LoRA to the head, which the
+  merge then applies twice; ``modules_to_save`` stores the whole embedding twice), so the
+  merge-correct one is written;
 * what peft's ``adapter_config.json`` should say so that ``AutoPeftModelFor…`` can load the adapter:
   ``task_type`` from the model class (``…ForCausalLM`` → ``CAUSAL_LM``) and ``base_model_name_or_path``.
 """
@@ -36,12 +41,16 @@ def embedding_path(paths: list[str]) -> str | None:
     return next((p for p in paths if is_embedding(p)), None)
 
 
+def is_tied(config: Mapping[str, Any] | None) -> bool:
+    """Whether an HF config ties the output head to the input embedding (transformers' default for a
+    config without the key is to tie; no config: not an HF model folder, nothing to say)."""
+    return config is not None and bool(config.get("tie_word_embeddings", True))
+
+
 def tied_head(paths: list[str], config: Mapping[str, Any] | None) -> str | None:
     """The output head's module path when the config ties it to the input embedding (and the file
     stores it anyway), else None. transformers' default for a config without the key is to tie."""
-    if config is None or not config.get("tie_word_embeddings", True):
-        return None
-    if embedding_path(paths) is None:
+    if not is_tied(config) or embedding_path(paths) is None:
         return None
     return next((p for p in paths if p in HEAD_NAMES), None)
 
@@ -56,17 +65,12 @@ def task_type(config: Mapping[str, Any] | None) -> str | None:
 
 
 def peft_fields(base: str | os.PathLike[str], config: Mapping[str, Any] | None, *, task: str | None = None,
-                name: str | None = None, tied: bool = False) -> dict[str, object]:
+                name: str | None = None) -> dict[str, object]:
     """``adapter_config.json`` fields for an adapter of the model in folder ``base``: the task type
-    (given, else from the config), the base model (given, else the config's ``_name_or_path`` when it
-    names a hub model, else ``base``'s absolute path, which ``from_pretrained`` loads as well), and
-    ``ensure_weight_tying`` when the embedding is adapted and tied to the head (so that peft gives
-    the head the same adapter instead of leaving it on the old weight until a merge)."""
+    (given, else from the config) and the base model (given, else the config's ``_name_or_path`` when
+    it names a hub model, else ``base``'s absolute path, which ``from_pretrained`` loads as well)."""
     hub = (config or {}).get("_name_or_path")
     if not name:
         name = hub if isinstance(hub, str) and hub and not os.path.isabs(hub) and not os.path.exists(hub) \
             else os.path.abspath(os.fspath(base))
-    out: dict[str, object] = {"task_type": task or task_type(config), "base_model_name_or_path": name}
-    if tied:
-        out["ensure_weight_tying"] = True
-    return out
+    return {"task_type": task or task_type(config), "base_model_name_or_path": name}

@@ -146,7 +146,7 @@ def build_plan(base: TensorSource, tuned: TensorSource, options: ExtractOptions)
     tied: dict[str, str] = {}
     if arch == "generic":
         modules, missing = _generic_modules(base, tuned, options), []
-        modules, tied = _untie(modules, getattr(tuned, "config", None))
+        modules, tied = _untie(modules, _model_config(tuned))
     else:
         modules, missing = _arch_modules(arch, tuned, options)
     keep, excluded = _filter(modules, options.include, options.exclude)
@@ -155,8 +155,7 @@ def build_plan(base: TensorSource, tuned: TensorSource, options: ExtractOptions)
     if not keep:
         raise LoraToolError(f"nothing to extract: no {options.targets} module of {arch} was found in the inputs "
                             "or every one was excluded", tuned.path)
-    config = getattr(tuned, "config", None)
-    return Plan(arch, keep, excluded, missing, tied, config if isinstance(config, dict) else None)
+    return Plan(arch, keep, excluded, missing, tied, _model_config(tuned))
 
 
 def _rank_for(shape: tuple[int, ...], options: ExtractOptions) -> int:
@@ -184,6 +183,12 @@ def _generic_modules(base: TensorSource, tuned: TensorSource, options: ExtractOp
         out.append(PlannedModule(GENERIC, path, shape, ref, _rank_for(shape, options),
                                  embedding=len(shape) == 2 and is_embedding(path)))
     return out
+
+
+def _model_config(src: TensorSource) -> dict | None:
+    """An HF model folder's config.json (not a pipeline's model_index.json)."""
+    config = getattr(src, "config", None)
+    return config if getattr(src, "kind", "") == "component" and isinstance(config, dict) else None
 
 
 def _untie(modules: list[PlannedModule], config) -> tuple[list[PlannedModule], dict[str, str]]:
