@@ -12,6 +12,8 @@ its own process on the same files (page cache warm for all: the files were just 
 * kohya    — sd-scripts' extract_lora_from_models algorithm (reference/kohya.md §2.2: fp32 ΔW, full
              torch.linalg.svd, all of S in up, 0.99 quantile clamp) on every --stride-th module, its
              time scaled to all modules plus the floor's read time (an estimate: it says so); SD only;
+* lycoris  — LyCORIS' extractor (PyPI lycoris-lora, lycoris.utils.extract_diff, its own venv) on the same
+             subset, estimated the same way; SD only, when the venv exists;
 * mergekit — `mergekit-extract-lora` (PyPI mergekit 0.1.5) from its own venv (bench/peers/setup.sh),
              whole command; LLM layouts only, when the venv exists.
 
@@ -181,6 +183,29 @@ def run_mergekit(base: Path, tuned: Path, args) -> dict:
     return {"wall_s": wall, "rss_gib": rss, "modules": None}
 
 
+def run_lycoris(base: Path, tuned: Path, args) -> dict:
+    """LyCORIS' extract_diff (its own venv) on every --stride-th target; its time scaled like kohya's."""
+    from loratool.ops.extract_plan import build_plan, open_pair
+
+    with open_pair(base, tuned) as (b, t):
+        plan = build_plan(b, t, _options(args))
+    subset = plan.modules[::args.stride]
+    spec = [{"name": m.key, "shape": list(m.shape), "segments": [[s.key, s.start, s.stop] for s in m.ref.segments]}
+            for m in subset if not m.ref.transpose]
+    listing = Path(args.workdir) / "lycoris_modules.json"
+    listing.write_text(json.dumps(spec))
+    cmd = [str(Path(args.peer_venv) / "bin" / "python"), str(REPO / "bench" / "peers" / "lycoris_extract.py"),
+           "--base", str(base), "--tuned", str(tuned), "--modules", str(listing), "--rank", str(args.rank),
+           "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"lycoris failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    r = json.loads(lines[-1][7:])
+    return {"modules": len(plan.modules), "measured": len(spec), "svd_s": r["seconds"] * len(plan.modules) / len(spec),
+            "estimate": True, "err_opt": r["err_opt"]}
+
+
 def errors(base: Path, tuned: Path, args, adapters: dict[str, Path]) -> dict[str, list[float]]:
     """err/opt per adapter on every --stride-th planned module (ΔW and optimum from the exact spectrum)."""
     from loratool.formats import read_adapter
@@ -209,22 +234,23 @@ def errors(base: Path, tuned: Path, args, adapters: dict[str, Path]) -> dict[str
 def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     floor = results.get("floor", {}).get("wall_s")
+    for est in ("kohya", "lycoris"):  # the estimates: their SVDs scaled to all modules, plus reading (the floor)
+        if est in results:
+            results[est]["wall_s"] = results[est]["svd_s"] + (floor or 0.0)
     kohya = results.get("kohya")
-    if kohya:  # the estimate: its SVDs scaled to all modules, plus reading both models (the floor)
-        kohya["wall_s"] = kohya["svd_s"] + (floor or 0.0)
     layers = f" ({args.layers} decoder layers)" if args.layers else ""
     lines = [f"extract {args.layout}{layers} rank {args.rank} --targets {args.targets} on {dev}; torch {torch.__version__}; "
              f"pair {size / 2**30:.2f} GiB (written in {gen_s:.0f} s); load average {os.getloadavg()[0]:.1f}", "",
              "| method | modules | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
              "| err/opt worst |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("loratool", "command", "floor", "kohya", "mergekit"):
+    for name in ("loratool", "command", "floor", "kohya", "lycoris", "mergekit"):
         r = results.get(name)
         if r is None:
             continue
-        e = errs.get(name) or errs.get("loratool" if name == "command" else "", [])
+        e = errs.get(name) or r.get("err_opt") or errs.get("loratool" if name == "command" else "", [])
         mean, worst = (sum(e) / len(e), max(e)) if e else (float("nan"), float("nan"))
         speed = f"{kohya['wall_s'] / r['wall_s']:.1f}" if kohya else "—"
-        label = f"{name} (est., {r['measured']} of {r['modules']} modules measured)" if name == "kohya" else name
+        label = f"{name} (est., {r['measured']} of {r['modules']} modules measured)" if r.get("estimate") else name
         lines.append(f"| {label} | {r.get('modules') or '—'} | {r['wall_s']:.2f} | "
                      f"{r['wall_s'] / floor if floor else float('nan'):.2f} | {speed} | {r.get('rss_gib', 0):.2f} | "
                      f"{r.get('gpu_gib', 0):.2f} | {mean:.4f} | {worst:.4f} |")
@@ -255,8 +281,10 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         return one(args)
-    methods = [m for m in args.methods.split(",") if not (m == "kohya" and is_llm(args.layout))
-               and not (m == "mergekit" and not (is_llm(args.layout) and Path(args.peer_venv).exists()))]
+    peers = Path(args.peer_venv).exists()
+    methods = [m for m in args.methods.split(",") if not (m in ("kohya", "lycoris") and is_llm(args.layout))
+               and not (m == "mergekit" and not (is_llm(args.layout) and peers))
+               and not (m == "lycoris" and not peers)]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         args.workdir = tmp
         t0 = time.perf_counter()
@@ -265,9 +293,9 @@ def main() -> None:
         print(f"pair written in {gen_s:.0f} s", flush=True)
         results = {}
         for m in methods:
-            runner = {"command": run_command, "mergekit": run_mergekit}.get(m)
+            runner = {"command": run_command, "mergekit": run_mergekit, "lycoris": run_lycoris}.get(m)
             results[m] = runner(base, tuned, args) if runner else child(m, base, tuned, args)
-            print(f"{m}: {results[m].get('wall_s', results[m].get('svd_s', 0)):.2f} s", flush=True)
+            print(f"{m}: {json.dumps({k: v for k, v in results[m].items() if k != 'err_opt'})}", flush=True)
         adapters = {"loratool": _out(args, "loratool_out"), "mergekit": Path(tmp) / "mergekit_out"}
         errs = errors(base, tuned, args, adapters) if args.stride > 0 else {}
         text = table(results, errs, args, gen_s, nbytes(base) + nbytes(tuned))

@@ -14,7 +14,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
 python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" | tee -a $OUT/gpu.txt
-timeout $(( $(left) < 170 ? $(left) : 170 )) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee $OUT/gpu_tests.log
+timeout $(( $(left) < 120 ? $(left) : 120 )) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee $OUT/gpu_tests.log
 work=/root/extract-bench; mkdir -p $work
 run() {  # layout rank targets stride min_seconds_left
   if (( $(left) < $5 )); then echo "skipped $1: $(left) s left" | tee -a $OUT/skipped.txt; return; fi
@@ -23,9 +23,9 @@ run() {  # layout rank targets stride min_seconds_left
     2>&1 | tail -30 | tee $OUT/$1.log
   rm -rf $work/*
 }
-run sdxl 64 attn+conv 8 60
-run llama3-8b 32 attn 16 90
-run flux 32 attn 8 120
-run sd3 32 attn 8 80
+run sdxl 64 attn+conv 8 50
+run llama3-8b 32 attn 16 80
+run flux 32 attn 8 100
+run sd3 32 attn 8 70
 df -h /root | tail -1
 echo "total $(( $(date +%s) - start )) s"

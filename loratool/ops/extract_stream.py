@@ -247,9 +247,10 @@ class Uploader:
         """A free slot: one whose copy has finished, else wait for the oldest copy in flight."""
         while True:
             with self._lock:
-                for x in [x for x in self._in_flight if x[0].query()]:
-                    self._in_flight.remove(x)
-                    self.ring.give(x[1])
+                done = [x for x in self._in_flight if x[0].query()]
+                self._in_flight = [x for x in self._in_flight if not any(x is d for d in done)]
+                for _, slot in done:
+                    self.ring.give(slot)
                 oldest = self._in_flight[0][0] if self._in_flight else None
             slot = self.ring.try_take()
             if slot is not None:
