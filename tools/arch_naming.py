@@ -1,7 +1,8 @@
 """Single-file <-> diffusers naming rules, one function per family (used by gen_arch_tables.py).
 
 Each function takes a diffusers parameter name and returns (checkpoint name without prefix, rows, op), with
-rows and op as gen_arch_tables.py describes. The rules were written from the published layouts (LDM/SGM
+rows and op as gen_arch_tables.py describes. The UNet block numbering is the runtime's own rule
+(loratool/arch/families/ldm_unet.py), so that the tables and the fallback for untabled UNets cannot differ. The rules were written from the published layouts (LDM/SGM
 UNet and VAE, OpenCLIP, BFL Flux, SAI MMDiT); tests/unit/test_arch_diffusers_crosscheck.py compares the
 resulting tables with diffusers' own single-file converters.
 """
@@ -10,41 +11,17 @@ from __future__ import annotations
 
 import re
 
-_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+from loratool.arch.families.ldm_unet import diffusers_to_original
 
 
 def unet_ldm(name: str, up_has_attn: list[bool]) -> str:
-    """diffusers UNet2DConditionModel parameter name -> LDM/SGM name (without model.diffusion_model.)."""
-    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-    mod, _, leaf = name.rpartition(".")
-    if mod in fixed:
-        return f"{fixed[mod]}.{leaf}"
-
-    def resnet(rest: str) -> str:
-        sub, _, tail = rest.partition(".")
-        return f"{_RESNET_LDM[sub]}.{tail}"
-
-    if m := re.match(r"down_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", name):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        n = 3 * i + j + 1
-        return f"input_blocks.{n}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{n}.1.{rest}"
-    if m := re.match(r"down_blocks\.(\d)\.downsamplers\.0\.conv\.(.+)", name):
-        return f"input_blocks.{3 * (int(m[1]) + 1)}.0.op.{m[2]}"
-    if m := re.match(r"mid_block\.resnets\.(\d)\.(.+)", name):
-        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.+)", name):
-        return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d)\.(resnets|attentions)\.(\d)\.(.+)", name):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        n = 3 * i + j
-        return f"output_blocks.{n}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d)\.upsamplers\.0\.conv\.(.+)", name):
-        i = int(m[1])
-        return f"output_blocks.{3 * i + 2}.{2 if up_has_attn[i] else 1}.conv.{m[2]}"
-    raise KeyError(name)
+    """diffusers UNet2DConditionModel parameter name -> LDM/SGM name (without model.diffusion_model.): the
+    runtime rule (loratool.arch.families.ldm_unet) on the module path, the parameter's leaf kept."""
+    module, _, leaf = name.rpartition(".")
+    original = diffusers_to_original(module, up_has_attn=up_has_attn)
+    if original == module:
+        raise KeyError(name)
+    return f"{original}.{leaf}"
 
 
 def vae_ldm(name: str) -> tuple[str, str | None]:

@@ -1,4 +1,4 @@
-"""Write the architecture tables in loratool/arch/data/*.json.
+"""Write the architecture tables in loratool/arch/data/tables/*.json (the module tables of the family entries).
 
 Run:  python tools/gen_arch_tables.py [sd1 sd2 sdxl flux sd3]
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from arch_naming import flux_bfl, openclip, sd3_mmdit, unet_ldm, vae_ldm
 
-OUT = Path(__file__).resolve().parents[1] / "loratool" / "arch" / "data"
+OUT = Path(__file__).resolve().parents[1] / "loratool" / "arch" / "data" / "tables"
 
 
 # ----------------------------------------------------------------------------------------------- models

@@ -1,51 +1,261 @@
-"""Which architecture a single-file checkpoint or a diffusers folder belongs to, from keys and shapes."""
+"""Which family a file belongs to: one detection, for adapters and for checkpoints, keys and metadata weighed.
+
+Adapters (:func:`detect_adapter`): every family tries to name every module of the file (``Family.resolve``)
+and to match its weight shape with its table. A family that names every module with the table's shapes fits
+exactly; one that names them all but some at other widths (a small model built in the same block structure)
+fits by name; one that names some, partly. The families at the best level are the candidates. One candidate:
+the keys decide. Several (a LoRA of CLIP-L alone fits SD1, SDXL, Flux and SD3 alike): the file's metadata
+picks among them; without metadata the first in priority order is taken and the candidates are reported. No
+candidate: the metadata names the family when it can. Keys that decide overrule metadata (ai-toolkit writes
+``ss_base_model_version: sd_1.5`` into Flux files).
+
+Metadata read (each entry lists the prefixes that name it): ``modelspec.architecture``, a peft or diffusers
+``base_model_name_or_path``, kohya's ``ss_base_model_version``, ``ss_v2``.
+
+Checkpoints (:func:`detect_checkpoint`): staged key evidence (single-file or diffusers names and widths), the
+first stage that matches decides; the metadata is recorded, not used (a checkpoint's tensors must fit the table
+exactly anyway, which the caller checks). Torch-free.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from loratool.arch.registry import Family, Place, families, family, pattern_of
+
+UNKNOWN = "unknown"
+_METADATA_ORDER = ("modelspec.architecture", "base_model_name_or_path", "ss_base_model_version", "ss_v2")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """What a file's family was decided from: ``evidence`` is ``("keys",)``, ``("metadata",)``,
+    ``("keys", "metadata")`` (the keys left candidates, the metadata chose) or ``()`` (unknown)."""
+
+    family: str
+    evidence: tuple[str, ...] = ()
+    candidates: tuple[str, ...] = ()  # families the keys could not tell apart (several only when ambiguous)
+    metadata_family: str | None = None  # what the metadata says, when it names a family
+    metadata_key: str | None = None
+
+    @property
+    def by(self) -> str:
+        return "+".join(self.evidence) if self.evidence else "nothing"
+
+    @property
+    def ambiguous(self) -> bool:
+        return len(self.candidates) > 1
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "by": self.by, "candidates": list(self.candidates),
+                "metadata_family": self.metadata_family, "metadata_key": self.metadata_key}
+
+    def describe(self) -> str:
+        """One line: ``flux (keys+metadata: modelspec.architecture; keys fit sd1, sdxl, flux, sd3)``."""
+        parts = [self.by + (f": {self.metadata_key}" if "metadata" in self.evidence and self.metadata_key else "")]
+        if self.ambiguous:
+            parts.append(f"keys fit {', '.join(self.candidates)}")
+        if self.metadata_family and self.metadata_family != self.family and "keys" in self.evidence:
+            parts.append(f"{self.metadata_key} says {self.metadata_family}")
+        return f"{self.family} ({'; '.join(parts)})"
+
+
+# ---------------------------------------------------------------------- metadata
+
+def _matches(value: str, prefixes: Sequence[str]) -> bool:
+    parts = value.strip().lower().split("/")
+    return any(part.startswith(p) for part in parts for p in prefixes)
+
+
+def _metadata_values(metadata: Mapping[str, str], config: Mapping[str, object] | None) -> dict[str, str]:
+    """The metadata values detection reads, ``base_model_name_or_path`` gathered from a peft config or a
+    diffusers ``lora_adapter_metadata`` entry."""
+    out = {k: str(metadata[k]) for k in _METADATA_ORDER if metadata.get(k)}
+    found = [config.get("base_model_name_or_path")] if config else []
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = {}
+        if isinstance(data, dict):
+            found += [v for k, v in data.items() if k.endswith("base_model_name_or_path")]
+    name = next((str(v) for v in found if v), None)
+    if name and "base_model_name_or_path" not in out:
+        out["base_model_name_or_path"] = name
+    return out
+
+
+def metadata_votes(metadata: Mapping[str, str] | None, config: Mapping[str, object] | None = None
+                   ) -> list[tuple[str, str]]:
+    """(metadata key, family) for each key that names a family, most explicit first."""
+    values = _metadata_values(metadata or {}, config)
+    votes = []
+    for key in _METADATA_ORDER:
+        if key not in values:
+            continue
+        for fam in families():
+            if _matches(values[key], fam.metadata.get(key, ())):
+                votes.append((key, fam.name))
+                break
+    return votes
+
+
+def family_from_metadata(metadata: Mapping[str, str] | None, config: Mapping[str, object] | None = None
+                         ) -> str | None:
+    votes = metadata_votes(metadata, config)
+    return votes[0][1] if votes else None
+
+
+# ---------------------------------------------------------------------- adapters
+
+Name = tuple[str, str, str]  # (style, scope, name) as a codec read it
+Dims = tuple[int, int] | None  # (out, in · kernel) of the adapted weight, when the tensors tell
+
+
+@dataclass
+class _Fit:
+    family: Family
+    places: list[Place | None] = field(default_factory=list)
+    level: int = 0
+
+
+def _dims_match(shape: tuple[int, ...], dims: Dims) -> bool:
+    return dims is None or (int(shape[0]), math.prod(int(s) for s in shape[1:])) == tuple(dims)
+
+
+def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims], table_only: bool = False) -> _Fit:
+    fit = _Fit(fam)
+    exact = named = 0
+    resolve = fam.known_place if table_only else fam.resolve
+    for (style, scope, name), d in zip(names, dims, strict=True):
+        place = resolve(style, scope, name)
+        fit.places.append(place)
+        if place is None:
+            continue
+        shape = fam.shape(place.key)
+        if shape is not None and _dims_match(shape, d):
+            exact += 1
+        elif shape is not None or pattern_of(place.key) in fam.patterns:
+            named += 1
+    if names and exact == len(names):
+        fit.level = 3
+    elif names and exact + named == len(names):
+        fit.level = 2
+    elif 2 * (exact + named) > len(names):  # names most modules: the rest are strays, kept by generic rules
+        fit.level = 1
+    return fit
+
+
+def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mapping[str, str] | None = None,
+                   config: Mapping[str, object] | None = None, *, forced: str | None = None
+                   ) -> tuple[Detection, list[Place | None]]:
+    """The family of an adapter's modules and where each module lands in it (None: the family has no name
+    for it; the generic notion then keeps the name). ``forced``: the family the user named (``--arch``)."""
+    votes = metadata_votes(metadata, config)
+    meta_family, meta_key = votes[0][1] if votes else None, votes[0][0] if votes else None
+    if forced is not None:
+        fam = family(forced)
+        fit = _fit(fam, names, dims)
+        return Detection(fam.name, ("user",), (fam.name,), meta_family, meta_key), _fill(fit, names)
+    fits = [_fit(fam, names, dims, table_only=True) for fam in families()]  # the tables first: cheap, and ...
+    best = max((f.level for f in fits), default=0)
+    if best < 3:  # ... when no table lists every module at its shape, the families' rules name the rest
+        fits = [_fit(fam, names, dims) for fam in families()]
+        best = max((f.level for f in fits), default=0)
+    candidates = [f for f in fits if f.level == best and best > 0]
+    if not candidates:
+        fam = family(meta_family) if meta_family else family("generic")
+        fit = _fit(fam, names, dims) if meta_family else _Fit(fam)
+        detection = Detection(meta_family or UNKNOWN, ("metadata",) if meta_family else (), (), meta_family, meta_key)
+        return detection, _fill(fit, names)
+    names_of = [f.family.name for f in candidates]
+    chosen, evidence = candidates[0], ("keys",)
+    if len(candidates) > 1:
+        for key, fam_name in votes:
+            if fam_name in names_of:
+                chosen, evidence, meta_family, meta_key = candidates[names_of.index(fam_name)], ("keys", "metadata"), \
+                    fam_name, key
+                break
+    ordered = (chosen.family.name, *[n for n in names_of if n != chosen.family.name])
+    return Detection(chosen.family.name, evidence, ordered, meta_family, meta_key), _fill(chosen, names)
+
+
+def _fill(fit: _Fit, names: Sequence[Name]) -> list[Place | None]:
+    """The family's places, and the generic notion's for the names it has none for."""
+    places = list(fit.places) or [None] * len(names)
+    if any(p is None for p in places):
+        generic = family("generic")
+        places = [p if p is not None else generic.resolve(*n) for p, n in zip(places, names, strict=True)]
+    return places
+
+
+# ---------------------------------------------------------------------- checkpoints
 
 _CROSS = re.compile(r"(^|\.)(transformer_blocks\.0\.attn2\.to_k\.weight)$")
-_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+_TE_Q = re.compile(r"encoder\.layers\.0\.self_attn\.q_proj\.weight$")
+
+
+def detect_checkpoint(keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tuple[str, Sequence[int]]],
+                      metadata: Mapping[str, str] | None = None) -> Detection:
+    """The family of a single-file checkpoint or a diffusers folder's keys (LDM/SGM/BFL/MMDiT names, with
+    or without ``model.diffusion_model.``; a diffusers component, or a pipeline's keys prefixed by component).
+
+    Stages: names only one family has (entries' ``checkpoint_keys``); the width of the first cross-attention
+    (a width no family has, such as the SDXL refiner's 1280, is unknown); UNet and text-encoder names
+    (``checkpoint_names``); a lone CLIP encoder by its width."""
+    items = keys_and_shapes.items() if isinstance(keys_and_shapes, Mapping) else keys_and_shapes
+    shapes = {k: tuple(s) for k, s in items}
+    meta = family_from_metadata(metadata)
+    key_meta = metadata_votes(metadata)[0][0] if meta else None
+
+    def found(name: str) -> Detection:
+        return Detection(name, ("keys",) if name != UNKNOWN else (), (name,) if name != UNKNOWN else (), meta,
+                         key_meta)
+
+    def has(parts: Sequence[str]) -> bool:
+        return any(all(p in k for p in parts) for k in shapes)
+
+    for stage in ("checkpoint_keys", "cross_attention", "checkpoint_names", "text_encoder_width"):
+        if stage in ("cross_attention", "text_encoder_width"):
+            pattern = _CROSS if stage == "cross_attention" else _TE_Q
+            for key, shape in shapes.items():
+                if pattern.search(key) and len(shape) == 2:
+                    width = {int(f.entry[stage]): f.name for f in families() if stage in f.entry}
+                    return found(width.get(shape[1], UNKNOWN))
+            continue
+        for fam in families():  # each alternative: fragment lists that keys of the file must each contain
+            if any(all(has(parts) for parts in alt) for alt in fam.entry.get(stage, ())):
+                return found(fam.name)
+    return found(UNKNOWN)
+
+
+def detect_embeddings(keys: Iterable[str], widths: Iterable[int], metadata: Mapping[str, str] | None = None
+                      ) -> Detection:
+    """The family of a textual-inversion file: its key names (SDXL's ``clip_g``), else its vectors' width
+    (a lone CLIP: 768 SD1, 1024 SD2)."""
+    keys, widths = set(keys), list(widths)
+    votes = metadata_votes(metadata)
+    meta, said = (votes[0][1], votes[0][0]) if votes else (None, None)
+    for fam in families():
+        if keys & set(fam.entry.get("embedding_keys", ())):
+            return Detection(fam.name, ("keys",), (fam.name,), meta, said)
+    by_width = {int(f.entry["text_encoder_width"]): f.name for f in families() if "text_encoder_width" in f.entry}
+    for width in widths:
+        if width in by_width:
+            return Detection(by_width[width], ("keys",), (by_width[width],), meta, said)
+    return Detection(meta, ("metadata",), (), meta, said) if meta else Detection(UNKNOWN)
 
 
 def detect_arch_from_checkpoint(
     keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tuple[str, Sequence[int]]],
 ) -> str:
-    """sd1 | sd2 | sdxl | flux | sd3 | unknown.
-
-    Accepts single-file keys (LDM/SGM/BFL/MMDiT, with or without model.diffusion_model.), the keys of a
-    diffusers component (unet/transformer/text encoder) or of a whole pipeline folder prefixed by the
-    component name. Shapes decide between SD1/SD2/SDXL (cross-attention width 768/1024/2048)."""
-    items = keys_and_shapes.items() if isinstance(keys_and_shapes, Mapping) else keys_and_shapes
-    shapes = {k: tuple(s) for k, s in items}
-    keys = list(shapes)
-
-    def has(*parts: str) -> bool:
-        return any(all(p in k for p in parts) for k in keys)
-
-    if has("double_blocks.") or has("single_transformer_blocks.") or has("single_blocks.", "linear1"):
-        return "flux"
-    if has("joint_blocks.") or (has("transformer_blocks.", "attn.add_q_proj") and has("pos_embed")):
-        return "sd3"
-    for key, shape in shapes.items():  # the context width decides; 1280 is the SDXL refiner (no table)
-        if _CROSS.search(key) and len(shape) == 2:
-            return _WIDTH.get(shape[1], "unknown")
-    if has("conditioner.embedders.") or has("label_emb.0.0.") or has("add_embedding.linear_1."):
-        return "sdxl"
-    if has("cond_stage_model.model.transformer.resblocks."):
-        return "sd2"
-    if has("cond_stage_model.transformer.text_model."):
-        return "sd1"
-    return _detect_text_encoder(shapes)
-
-
-def _detect_text_encoder(shapes: dict[str, tuple[int, ...]]) -> str:
-    """A lone CLIP text encoder: 768 wide is SD1's CLIP-L, 1024 wide is SD2's OpenCLIP-H."""
-    for key, shape in shapes.items():
-        if key.endswith("encoder.layers.0.self_attn.q_proj.weight") and len(shape) == 2:
-            return {768: "sd1", 1024: "sd2"}.get(shape[1], "unknown")
-    return "unknown"
+    """sd1 | sd2 | sdxl | flux | sd3 | unknown (:func:`detect_checkpoint`'s family)."""
+    return detect_checkpoint(keys_and_shapes).family
 
 
 def detect_layout_from_checkpoint(keys: Iterable[str]) -> str:
@@ -57,13 +267,13 @@ def detect_layout_from_checkpoint(keys: Iterable[str]) -> str:
     SD1's block structure) or one with tensors missing; use it only where every tensor is checked against
     something else (training fills models built from a config, strictly, and names what is missing).
     Real files go through detect_arch_from_checkpoint, which reads the widths."""
-    from loratool.arch import load_arch
-
     keys = set(keys)
     fits = []
-    for name in ("sd1", "sd2", "sdxl"):
-        table = load_arch(name)
+    for fam in families():
+        table = fam.table
+        if table is None or fam.denoiser != "unet":
+            continue
         ours = keys & set(table.checkpoint_params)
         if ours and all(table.is_checkpoint_extra(k) for k in keys - ours):
-            fits.append(name)
-    return fits[0] if len(fits) == 1 else "unknown"
+            fits.append(fam.name)
+    return fits[0] if len(fits) == 1 else UNKNOWN

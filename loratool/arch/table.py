@@ -1,15 +1,15 @@
-"""The in-memory form of one architecture table (loratool/arch/data/<name>.json).
+"""The in-memory form of one architecture table (loratool/arch/data/tables/<name>.json).
 
-The JSON is written by tools/gen_arch_tables.py; its format is described there. This module only reads it.
+The JSON is written by tools/gen_arch_tables.py (or, for a family described by rules, by ``rules.build_table``);
+its format is described there. This module only reads it. Which family a name or a kohya id belongs to, and
+how each layout spells a module, is ``registry.Family``'s business.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from importlib import resources
 
 from loratool.errors import LoraToolError
 
@@ -139,34 +139,6 @@ class Arch:
             out.append(spec)
         return out
 
-    @cached_property
-    def _kohya_index(self) -> dict[str, str]:
-        index: dict[str, str] = {}
-        for spec in self.modules.values():  # primary ids first, so that aliases never shadow them
-            if not spec.fused_in:
-                index[spec.kohya] = spec.key
-        for spec in self.modules.values():
-            prefix = self.kohya_prefix[spec.component]
-            under = spec.path.replace(".", "_")
-            prefixes = [prefix]
-            if spec.component.startswith("text_encoder"):  # OneTrainer numbers TEs as diffusers does
-                prefixes.append(f"lora_te{spec.component.removeprefix('text_encoder').lstrip('_') or 1}")
-            aliases = [f"{p}_{under}" for p in prefixes]
-            if spec.path.startswith("text_model."):
-                aliases += [f"{p}_{under[len('text_model_'):]}" for p in prefixes]
-            if spec.component == "transformer":
-                aliases.append(f"lora_transformer_{under}")
-            if spec.component == "unet" and spec.checkpoint_key:  # SAI block names for SD1/SD2 too
-                sai = spec.checkpoint_key[len(self.checkpoint_prefix["unet"]):].removesuffix(".weight")
-                aliases.append(f"{prefix}_{sai.replace('.', '_')}")
-            for alias in aliases:
-                index.setdefault(alias, spec.key)
-        return index
-
-    def from_kohya(self, module_id: str) -> str | None:
-        """Canonical key of a kohya module id (SAI or diffusers block names; TE with or without text_model_)."""
-        return self._kohya_index.get(module_id)
-
     def to_kohya(self, key: str) -> str:
         spec = self.modules.get(key)
         if spec is None:
@@ -219,11 +191,3 @@ class Arch:
     def is_checkpoint_extra(self, key: str) -> bool:
         """A single-file key that is known but has no diffusers counterpart (scheduler buffers, EMA, ...)."""
         return any(rx.search(key) for rx in self._extra)
-
-
-def read_table(name: str) -> dict:
-    try:
-        text = resources.files("loratool.arch").joinpath("data", f"{name}.json").read_text()
-    except FileNotFoundError as exc:
-        raise LoraToolError(f"architecture table {name}.json is missing from the package") from exc
-    return json.loads(text)

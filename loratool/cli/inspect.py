@@ -33,7 +33,9 @@ ratio_by_component, conv_modules, dora_modules, bias_modules, embeddings {token:
 unknown_keys, metadata (kohya ss_* decoded: network, training dates, top_tags; modelspec;
 keys: how many; other_keys: names of the rest),
 hash_ok (true/false; null when no hash is stored or it was not checked), hash_checked,
-metadata_base_model (what ss_base_model_version says, as sd1/sd2/sdxl/flux/sd3, or null).
+metadata_base_model (what ss_base_model_version says, as sd1/sd2/sdxl/flux/sd3, or null),
+base_model_detection (family, by: keys / metadata / keys+metadata / nothing, candidates the keys fit,
+metadata_family, metadata_key).
 --modules adds module_details (key, kind, shape, rank, alpha, scale, dtype, params, dora,
 bias, delta_norm) and blocks {block: ‖ΔW‖_F}.
 """
@@ -105,11 +107,19 @@ def _hash_line(rep: dict) -> str:
     return "sshs_model_hash matches the data" if rep["hash_ok"] else "[bold red]sshs_model_hash is WRONG[/]"
 
 
+def _decided_by(rep: dict) -> str:
+    found = rep.get("base_model_detection") or {}
+    if not found:
+        return ""
+    ambiguous = f"; keys fit {', '.join(found['candidates'])}" if len(found["candidates"]) > 1 else ""
+    return f" (by {found['by']}{ambiguous})"
+
+
 def summary_rows(rep: dict) -> list[tuple[str, str]]:
     comps = ", ".join(f"{c} {n}" for c, n in rep["components"].items()) or "—"
     rows = [
         ("size", f"{rd.fmt_bytes(rep['size_bytes'])} ({rd.fmt_int(rep['size_bytes'])} bytes)"),
-        ("format", f"{rep['format'] or '—'}   base model: {rep['base_model']}"),
+        ("format", f"{rep['format'] or '—'}   base model: {rep['base_model']}{_decided_by(rep)}"),
         ("kinds", ", ".join(rep["kinds"]) or "—"),
         ("modules", f"{rep['modules']} ({comps})"),
         ("rank", _ranks_line(rep)),

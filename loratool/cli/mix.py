@@ -1,7 +1,7 @@
 """``loratool mix A[:w][:lbw=...] B[:w] ... -o OUT``: several adapters into one.
 
-Thin: read the input specs (loratool.ops.inputs), mix (loratool.ops.mix), write (loratool.formats)
-and render the per-module report.
+Thin: read the input specs (loratool.ops.inputs), mix (loratool.ops.mix), write (loratool.formats, in the
+layout ``formats.output_layout`` picks: the first input's unless --to says otherwise) and render the report.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from loratool.cli.options import (
     emit_json,
     force_option,
     json_option,
-    output_format,
     quiet_option,
     resolve_device,
     to_option,
@@ -27,7 +26,8 @@ from loratool.io.output import Outputs
 
 
 @click.command(help="Mix adapters with weights into one: exact (concat, rank Σr), optimal at a rank (svd), "
-                    f"or kohya-style factor averaging (linear). Each input is {SPEC_HELP}")
+                    f"or kohya-style factor averaging (linear). Each input is {SPEC_HELP} When the inputs come in "
+                    "different layouts, the output takes the first input's layout unless --to names one.")
 @click.argument("inputs", nargs=-1, required=True, metavar="A[:W][:lbw=…] B[:W] …")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file.")
 @click.option("--mode", type=click.Choice(["concat", "svd", "linear"]), default="concat", show_default=True,
@@ -44,7 +44,7 @@ from loratool.io.output import Outputs
 @debug_option
 def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, dtype: str | None, to: str | None,
             as_json: bool, quiet: bool, force: bool, device: str) -> None:
-    from loratool.formats import write_adapter
+    from loratool.formats import output_layout, write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.ops.inputs import parse_inputs, read_inputs
     from loratool.ops.mix import mix
@@ -52,7 +52,10 @@ def command(inputs: tuple[str, ...], output: str, mode: str, rank: int | None, d
     specs = parse_inputs(inputs)
     items = read_inputs(specs)
     dev = resolve_device(device)
-    fmt = output_format(to, items[0].adapter)
+    choice = output_layout(items[0].adapter, to)  # the first input's layout unless --to says otherwise
+    fmt = choice.name
+    if choice.note and not quiet:
+        click.echo(f"loratool: note: {choice.note}", err=True)
     outputs = Outputs([s.path for s in specs], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
     result = mix(items, mode=mode, rank=rank, dtype=DTYPES[dtype] if dtype else None,

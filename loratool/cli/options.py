@@ -102,20 +102,6 @@ def to_option(f: F) -> F:
                         help="Output layout: kohya (webui/comfyui/a1111/forge), diffusers, peft, aitoolkit, bfl.")(f)
 
 
-def output_format(requested: str | None, adapter) -> str:
-    """``--to`` when given, else the input's own layout when it can be written, else kohya."""
-    from loratool.errors import LoraToolError
-    from loratool.formats import canonical_format
-
-    if requested:
-        return canonical_format(requested)
-    source = adapter.source_format
-    try:
-        return canonical_format(source) if isinstance(source, str) and source else "kohya"
-    except LoraToolError:
-        return "kohya"
-
-
 SPEC_HELP = "PATH[:WEIGHT][:lbw=BLOCKS] — BLOCKS is a preset (ALL, INS, MIDD, OUTD, …) or 12/17/20/26 numbers."
 
 

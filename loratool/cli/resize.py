@@ -33,8 +33,8 @@ from loratool.io.output import Outputs
 @click.option("--conv-rank", type=click.IntRange(min=1), default=None, help="Rank of k×k convs (default: -r).")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file (a folder for peft).")
 @svd_options
-@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default="kohya", show_default=True,
-              help="Output layout.")
+@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default=None,
+              help="Output layout (default: the input's own).")
 @device_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write the per-module report as JSON here.")
@@ -44,7 +44,7 @@ from loratool.io.output import Outputs
 @debug_option
 def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversample, seed, dtype, fmt, device,
             report_path, as_json, force, quiet) -> None:
-    from loratool.formats import read_adapter
+    from loratool.formats import output_layout, read_adapter
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.linalg import parse_rank_mode
@@ -56,8 +56,12 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
     source = read_adapter(input_path)
     if not source.modules:
         raise LoraToolError("holds no adapter modules: nothing to resize", input_path)
+    choice = output_layout(source, fmt)  # the input's own layout unless --to says otherwise
+    fmt = choice.name
+    if choice.note and not quiet:
+        click.echo(f"loratool: note: {choice.note}", err=True)
     outputs = Outputs([input_path], force=force)
-    outputs.claim(output, "adapter", folder=fmt.lower() == "peft")
+    outputs.claim(output, "adapter", folder=fmt == "peft")
     if report_path:
         outputs.claim(report_path, "report")
     result = resize(source, options)

@@ -11,7 +11,6 @@ from loratool.cli.options import (
     emit_json,
     force_option,
     json_option,
-    output_format,
     quiet_option,
     to_option,
 )
@@ -34,12 +33,15 @@ from loratool.io.output import Outputs
 @debug_option
 def command(input_path: str, weight: float, output: str, lbw: str | None, arch: str | None, to: str | None,
             as_json: bool, quiet: bool, force: bool) -> None:
-    from loratool.formats import read_adapter, write_adapter
+    from loratool.formats import output_layout, read_adapter, write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.ops.scale import scale
 
     adapter = read_adapter(input_path)
-    fmt = output_format(to, adapter)
+    choice = output_layout(adapter, to)  # the input's own layout unless --to says otherwise
+    fmt = choice.name
+    if choice.note and not quiet:
+        click.echo(f"loratool: note: {choice.note}", err=True)
     outputs = Outputs([input_path], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
     scaled, weights = scale(adapter, weight, lbw, arch_name=arch, path=input_path)

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from loratool.arch.detect import Detection
 
 DoraAxis = Literal["out", "in"]
 
@@ -333,6 +336,8 @@ class Adapter:
     ``modules`` is keyed by ``module.key`` (``component.path``). ``embeddings`` holds token
     embeddings carried in the file (cloneofsimo, pivotal tuning): token -> ``[n, dim]``.
     ``unknown`` lists the keys no codec recognised; they are reported, never silently dropped.
+    ``source_format`` is the layout the file was read in (a list when it mixes several): the same names
+    ``--to`` accepts. ``detection`` says how ``base_model`` was decided (keys, metadata, candidates).
     """
 
     modules: dict[str, Module] = field(default_factory=dict)
@@ -342,6 +347,7 @@ class Adapter:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
     unknown_reasons: dict[str, str] = field(default_factory=dict)  # key -> why no codec could place it
+    detection: Detection | None = None  # how base_model was decided (set by the reader)
 
     def add(self, module: Module) -> None:
         if module.key in self.modules:

@@ -1,27 +1,39 @@
 """Adapter file layouts (codecs) and their detection.
 
 ``read_adapter(path)`` reads any recognised input into the canonical :class:`~loratool.core.modules.Adapter`;
-``decode(tensors, metadata, config)`` does the same for in-memory tensors. ``encode(adapter, fmt)`` gives the
+``decode(tensors, metadata, config)`` does the same for in-memory tensors. ``encode(adapter, layout)`` gives the
 tensors and metadata of a layout, ``write_adapter`` writes them (atomically; peft as a folder).
+``output_layout(adapter, requested)`` is the one rule for which layout an operation writes.
 
-Layouts read (``Adapter.source_format``; a list when one file mixes several): ``kohya``, ``lycoris``,
-``onetrainer``, ``diffusers-attnproc``, ``diffusers-old`` (``lora.down``/``lora_linear_layer``),
-``diffusers-peft``, ``peft``, ``flux-bfl``, ``flux-aitoolkit``, ``flux-xlabs``, ``ldm`` (ComfyUI-native SD),
-``cloneofsimo``, ``textual-inversion``. Layouts written: ``kohya`` (aliases ``webui``, ``comfyui``,
-``a1111``, ``forge``, ``lycoris``), ``diffusers``, ``peft``, ``aitoolkit`` and ``bfl`` (Flux).
+Layouts (``layouts.py``: one name set for reading, writing and ``--to``): ``kohya``, ``lycoris``, ``onetrainer``,
+``diffusers``, ``diffusers-old``, ``diffusers-attnproc``, ``peft``, ``aitoolkit``, ``bfl``, ``ldm``,
+``textual-inversion``; read only: ``xlabs``, ``cloneofsimo``. ``Adapter.source_format`` is one of them (a list
+when one file mixes several).
 
-Files: ``keys`` (one key -> family, module, role), ``detect`` (key report, base model), ``build`` (roles ->
-modules), ``read``/``source`` (inputs), ``kohya``/``diffusers``/``peftcfg``/``flux``/``special`` (layouts),
-``write`` (targets, metadata), ``fuse`` (exact fuse/split/fold of LoRA factors), ``names``/``archinfo``
-(module names: the arch tables first, spelling rules as fallback).
+Files: ``keys`` (one key -> layout, module name as written, role; torch-free), ``detect`` (the key report),
+``read``/``source`` (inputs), ``build`` (roles -> modules), ``kohya``/``diffusers``/``original``/``special``
+(the codecs), ``write`` (metadata, files), ``fuse`` (exact fuse/split/fold of LoRA factors), ``peftcfg``
+(peft's alpha bookkeeping). Module names are never spelt here: the family registry (``loratool.arch``) resolves
+and spells them. Importing this package imports no torch; the names below load their modules on first use.
 """
 
 from __future__ import annotations
 
-from loratool.formats.detect import detect_base_model, detect_keys
-from loratool.formats.fuse import fold_scale, fuse_lora, split_lora
-from loratool.formats.read import decode, read_adapter
-from loratool.formats.write import FORMATS, canonical_format, encode, peft_config, write_adapter
+import importlib
+from typing import Any
 
-__all__ = ["FORMATS", "canonical_format", "decode", "detect_base_model", "detect_keys", "encode", "fold_scale",
-           "fuse_lora", "peft_config", "read_adapter", "split_lora", "write_adapter"]
+_EXPORTS = {
+    "detect_keys": "detect", "decode": "read", "read_adapter": "read", "encode": "write",
+    "write_adapter": "write", "peft_config": "write", "canonical_format": "write", "FORMATS": "layouts",
+    "fold_scale": "fuse", "fuse_lora": "fuse", "split_lora": "fuse", "output_layout": "layouts",
+    "layout": "layouts", "LAYOUTS": "layouts", "OutputChoice": "layouts",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loratool.formats' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"loratool.formats.{module}"), name)

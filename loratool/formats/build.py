@@ -29,6 +29,13 @@ class GroupError(ValueError):
     """A module's tensors that do not form any known adapter kind (the keys go to ``unknown``)."""
 
 
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """Rows ``[a, b]`` -> ``[b, a]`` (exact; an involution): a modulation whose single-file weight holds
+    ``[shift, scale]`` where diffusers holds ``[scale, shift]`` (the family's table says which)."""
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]], dim=0)
+
+
 def alpha_value(t: torch.Tensor) -> float:
     return float(t.item())
 

@@ -1,14 +1,17 @@
-"""Layouts with ``lora_A``/``lora_B`` keys: diffusers pipeline files, peft folders, ai-toolkit and BFL Flux.
+"""Layouts with diffusers module names: diffusers pipeline files (today's and two older spellings), peft
+folders and ai-toolkit files.
 
 * diffusers: ``<component>.<path>.lora_A.weight`` and alpha in the ``lora_adapter_metadata`` entry
   (``unet.r``, ``unet.lora_alpha``, ``unet.rank_pattern``, ``unet.alpha_pattern``, …);
+* diffusers-old (0.21): ``unet.<path>.lora.down.weight``, ``text_encoder.<path>.lora_linear_layer.down.weight``;
+* diffusers-attnproc (<= 0.20): ``unet.<attention>.processor.to_q_lora.down.weight`` and the text encoders'
+  ``…self_attn.to_q_lora.down.weight``: attention projections only;
 * peft: ``base_model.model.<path>.lora_A.weight`` and ``adapter_config.json``, one model per folder;
-  CLIP paths as the model class it is loaded into names them (``names.peft_text_encoder_path``: a
-  transformers-5 CLIPTextModel has no ``text_model.``), unlike every other layout here;
-* ai-toolkit (Flux): ``transformer.<diffusers path>`` without any alpha: the scale is folded into the
-  factors (√scale on each);
-* BFL (Flux): ``diffusion_model.<BFL path>`` (fused q/k/v), scale folded likewise.
-DoRA is peft's ``lora_magnitude_vector`` (output axis only); a LoRA bias is ``lora_B.bias``.
+  CLIP paths as the model class it is loaded into names them (``arch.naming.peft_text_encoder_path``: a
+  transformers-5 CLIPTextModel has no CLIP wrapper), unlike every other layout here;
+* aitoolkit (Flux): ``transformer.<diffusers path>`` without any alpha.
+The old diffusers spellings and aitoolkit keep no alpha: the scale is folded into the factors (√scale on
+each). DoRA is peft's ``lora_magnitude_vector`` (output axis only); a LoRA bias is ``lora_B.bias``.
 """
 
 from __future__ import annotations
@@ -18,16 +21,14 @@ from collections.abc import Collection, Mapping
 
 import torch
 
+from loratool.arch import Family, canonical_family, family, naming
+from loratool.arch.registry import DENOISERS
 from loratool.core.modules import Adapter, LoraModule, Module
 from loratool.errors import LoraToolError
-from loratool.formats import names
 from loratool.formats.build import peft_magnitude
-from loratool.formats.flux import swap_halves
 from loratool.formats.fuse import fold_scale
-from loratool.formats.kohya import swapped
+from loratool.formats.keys import ATTNPROC_TEXT, ATTNPROC_UNET
 from loratool.formats.peftcfg import METADATA_KEY, build_config
-
-_FUSED = ("attn.to_qkv", "attn.to_added_qkv", "to_qkv_mlp")
 
 
 def _lora_only(module: Module, fmt: str) -> LoraModule:
@@ -39,12 +40,11 @@ def _lora_only(module: Module, fmt: str) -> LoraModule:
     return module
 
 
-def _path(module: Module, fmt: str) -> str:
-    if module.component == "transformer" and module.path.endswith(_FUSED):
-        raise LoraToolError(f"{module.key} is a fused (BFL/SAI) weight: {fmt} stores q/k/v apart, split it first")
-    if module.component.startswith("text_encoder"):
-        return names.text_encoder_path(module.path)
-    return module.path
+def _path(family: Family, module: Module, fmt: str) -> str:
+    spelling = family.spell("diffusers", module.component, module.path)
+    if spelling is None:
+        raise LoraToolError(f"{module.key} is a fused (single-file) weight: {fmt} stores q/k/v apart, split it first")
+    return spelling.name
 
 
 def _factor_keys(prefix: str, m: LoraModule, out: dict[str, torch.Tensor]) -> None:
@@ -56,12 +56,12 @@ def _factor_keys(prefix: str, m: LoraModule, out: dict[str, torch.Tensor]) -> No
         out[f"{prefix}.lora_magnitude_vector"] = peft_magnitude(m)
 
 
-def encode_diffusers(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def encode_diffusers(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     out: dict[str, torch.Tensor] = {}
     per: dict[str, list[LoraModule]] = {}
     for module in adapter.modules.values():
         m = _lora_only(module, "diffusers")
-        _factor_keys(f"{m.component}.{_path(m, 'diffusers')}", m, out)
+        _factor_keys(f"{m.component}.{_path(family, m, 'diffusers')}", m, out)
         per.setdefault(m.component, []).append(m)
     meta: dict[str, object] = {}
     for comp, mods in per.items():
@@ -75,26 +75,28 @@ PEFT_DEFAULTS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "
                  "base_model_name_or_path": None, "layers_to_transform": None, "layers_pattern": None}
 
 
-def encode_peft_component(modules: list[Module], base_model: str = "unknown", clip_layout: str = "auto",
+def encode_peft_component(modules: list[Module], family: Family, clip_layout: str = "auto",
                           embeddings: Collection[str] = (), config: Mapping[str, object] | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """One peft model's tensors and config. A peft folder binds to a concrete model's module names (peft
-    reports every key missing otherwise), so text-encoder keys follow ``names.peft_text_encoder_path``
-    (``clip_layout``: auto/flat/nested); kohya and diffusers files always write ``text_model.``.
+    reports every key missing otherwise), so text-encoder keys follow ``naming.peft_text_encoder_path``
+    (``clip_layout``: auto/flat/nested); kohya and diffusers files always write the wrapper. The config's
+    ``base_model_name_or_path`` names the family's model (so that a reader can tell the family).
     Modules whose key is in ``embeddings`` are embedding layers (weight ``[num, dim]``): written in
     peft's embedding layout; ``config`` sets adapter_config fields (``task_type``, …) over the defaults."""
     out: dict[str, torch.Tensor] = {}
     loras = [_lora_only(m, "peft") for m in modules]
     paths = [m.path for m in loras]
     for m in loras:
-        path = _path(m, "peft")
-        if m.component.startswith("text_encoder"):
-            path = names.peft_text_encoder_path(path, base_model, m.component, paths, clip_layout)
+        path = _path(family, m, "peft")
+        if family.is_text_encoder(m.component) and family.model_of(m.component) != "t5":
+            projection = family.with_projection(m.component) or any("text_projection" in p for p in paths)
+            path = naming.peft_text_encoder_path(path, projection, clip_layout)
         if m.key in embeddings:
             _embedding_keys(f"base_model.model.{path}", m, out)
         else:
             _factor_keys(f"base_model.model.{path}", m, out)
-    return out, {**PEFT_DEFAULTS, **build_config(loras), **(config or {})}
+    return out, {**PEFT_DEFAULTS, **build_config(loras), "base_model_name_or_path": family.hub, **(config or {})}
 
 
 def _embedding_keys(prefix: str, m: LoraModule, out: dict[str, torch.Tensor]) -> None:
@@ -111,47 +113,81 @@ def encode_peft(adapter: Adapter, clip_layout: str = "auto", embeddings: Collect
                 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]]:
     """component -> (tensors, adapter_config) — one peft folder per adapted model (``embeddings`` and
     ``config``: see :func:`encode_peft_component`)."""
+    family = family_of(adapter)
     per: dict[str, list[Module]] = {}
     for m in adapter.modules.values():
         per.setdefault(m.component, []).append(m)
-    return {comp: encode_peft_component(mods, adapter.base_model, clip_layout, embeddings, config)
-            for comp, mods in per.items()}
+    return {comp: encode_peft_component(mods, family, clip_layout, embeddings, config) for comp, mods in per.items()}
 
 
-def encode_aitoolkit(adapter: Adapter) -> dict[str, torch.Tensor]:
+def encode_peft_file(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One peft model's ``adapter_model.safetensors`` (its config: :func:`encode_peft`)."""
+    parts = encode_peft(adapter)
+    if len(parts) != 1:
+        raise LoraToolError("a peft file holds one model; this adapter has "
+                            f"{', '.join(parts)}: write it as a folder with write_adapter")
+    return next(iter(parts.values()))[0], {}
+
+
+def encode_aitoolkit(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     out: dict[str, torch.Tensor] = {}
     for module in adapter.modules.values():
         m = fold_scale(_lora_only(module, "ai-toolkit"))
-        _factor_keys(f"{m.component}.{_path(m, 'ai-toolkit')}", m, out)
-    return out
+        _factor_keys(f"{m.component}.{_path(family, m, 'ai-toolkit')}", m, out)
+    return out, {LAYOUT_KEY: "aitoolkit"}
 
 
-def encode_bfl(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """BFL names under ``diffusion_model.``: LoRA as ``lora_A``/``lora_B`` with the scale folded in;
-    LyCORIS kinds (LoKr, LoHa, full, norm) with their own suffixes and alpha, as ComfyUI reads them."""
-    from loratool.formats.build import lycoris_group
-    from loratool.formats.kohya import KOHYA_SUFFIX, alpha_tensor, kohya_alpha
+LAYOUT_KEY = "loratool.layout"  # the one layout whose keys are spelt as another's (diffusers) says so here
 
+
+def _plain_folded(module: Module, fmt: str) -> LoraModule:
+    m = fold_scale(_lora_only(module, fmt))
+    if m.dora is not None or m.bias is not None:
+        raise LoraToolError(f"{module.key}: the {fmt} layout has no place for a DoRA magnitude or a bias")
+    return m
+
+
+def encode_diffusers_old(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers 0.21: ``unet.<path>.lora.down.weight``; text encoders ``…lora_linear_layer.down.weight``."""
     out: dict[str, torch.Tensor] = {}
     for module in adapter.modules.values():
-        if module.component != "transformer":
-            raise LoraToolError(f"{module.key}: the BFL layout holds the Flux transformer only")
-        bfl = names.diffusers_to_bfl(module.path)
-        if bfl is None:
-            raise LoraToolError(f"{module.key} has no BFL name (BFL stores q/k/v fused): fuse it first")
-        rows = swapped(module, "flux")
-        if isinstance(module, LoraModule):
-            m = fold_scale(_lora_only(module, "BFL"))
-            if rows:
-                m = LoraModule(m.component, m.path, down=m.down, up=swap_halves(m.up), dora=m.dora,
-                               bias=None if m.bias is None else swap_halves(m.bias))
-            _factor_keys(f"diffusion_model.{bfl}", m, out)
-            continue
-        if rows:
-            raise LoraToolError(f"{module.key}: a {module.kind} module over swapped modulation rows has no BFL form")
-        for role, tensor in lycoris_group(module).items():
-            out[f"diffusion_model.{bfl}.{KOHYA_SUFFIX.get(role, role)}"] = tensor
-        alpha = kohya_alpha(module)
-        if alpha is not None:
-            out[f"diffusion_model.{bfl}.alpha"] = alpha_tensor(alpha, module.tensors()[0])
-    return out
+        m = _plain_folded(module, "diffusers-old")
+        text = family.is_text_encoder(m.component) and m.component not in DENOISERS
+        leaf = "lora_linear_layer" if text else "lora"
+        prefix = f"{m.component}.{_path(family, m, 'diffusers-old')}.{leaf}"
+        out[f"{prefix}.down.weight"], out[f"{prefix}.up.weight"] = m.down, m.up
+    return out, {"format": "pt"}
+
+
+def attnproc_prefix(component: str, path: str) -> str | None:
+    """The attention-processor key prefix of a module (``unet.<attention>.processor.to_q_lora``;
+    text encoders ``text_encoder.<attention>.to_q_lora``), or None when it is no attention projection."""
+    text = component.startswith("text_encoder")
+    for proj, leaf in (ATTNPROC_TEXT if text else ATTNPROC_UNET).items():
+        if path.endswith("." + leaf):
+            owner = path[: -len(leaf) - 1]
+            return f"{component}.{owner}.{'' if text else 'processor.'}{proj}_lora"
+    return None
+
+
+def is_attention_projection(module: Module) -> bool:
+    return attnproc_prefix(module.component, module.path) is not None
+
+
+def encode_attnproc(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """diffusers <= 0.20 attention processors, with the ``unet.`` prefix current diffusers needs to load
+    them: ``unet.<attention>.processor.to_q_lora.down.weight``; text encoders ``…self_attn.to_q_lora…``."""
+    out: dict[str, torch.Tensor] = {}
+    for module in adapter.modules.values():
+        m = _plain_folded(module, "diffusers-attnproc")
+        prefix = attnproc_prefix(m.component, _path(family, m, "diffusers-attnproc"))
+        if prefix is None:
+            raise LoraToolError(f"{module.key}: the diffusers-attnproc layout holds attention projections only "
+                                "(to_q, to_k, to_v, to_out); --to diffusers holds every module")
+        out[f"{prefix}.down.weight"], out[f"{prefix}.up.weight"] = m.down, m.up
+    return out, {"format": "pt"}
+
+
+def family_of(adapter: Adapter) -> Family:
+    """The family an adapter's names are spelt in (the generic notion when its base model is unknown)."""
+    return family(canonical_family(adapter.base_model) or "generic")

@@ -1,20 +1,22 @@
-"""One key at a time: which layout spelled it, which module it belongs to, what role the tensor has.
+"""One key at a time: which layout spelled it, how its module is named, what role the tensor has. Torch-free.
 
-Every key of an adapter file is split into ``(module id, suffix)``; the suffix gives the tensor's
-*role* (down, up, alpha, hada_w1_a, ...) and the module id's prefix gives the *family* (kohya,
-diffusers attention processor, peft, BFL Flux ...) and the component. Detection is per key, never a
-global guess: a file mixing families is read key by key and reported as mixed.
+Every key of an adapter file is split into a module name and a suffix; the suffix gives the tensor's *role*
+(down, up, alpha, hada_w1_a, ...), the name's spelling gives the *layout* and how the family registry reads the
+name (``style``: ``kohya`` underscored ids, ``diffusers`` dotted diffusers paths, ``original`` dotted single-file
+paths, ``xlabs``) and the *scope* (the component token as written: ``lora_te1``, ``unet``, ``diffusion_model``,
+or ``""``). Which module that is, is the family's answer (``loratool.arch.Family.resolve``), once the whole
+file has been seen. Detection is per key, never a global guess: a file mixing layouts is read key by key.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from loratool.formats import archinfo, names
-
-# suffix -> role, tried longest first. "processor.to_q_lora.down.weight" style is handled apart.
-_SUFFIXES: dict[str, str] = {
+# suffix -> role, tried longest first. Attention-processor keys ("processor.to_q_lora.down.weight") apart.
+SUFFIXES: dict[str, str] = {
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
     ".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_B.bias": "bias",
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
@@ -29,159 +31,118 @@ _SUFFIXES: dict[str, str] = {
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
     ".diff": "diff", ".diff_b": "diff_b", ".w_norm": "w_norm", ".b_norm": "b_norm",
 }
-_ORDERED = sorted(_SUFFIXES, key=len, reverse=True)
-LYCORIS_ROLES = frozenset(r for r in _SUFFIXES.values() if r.startswith(("hada_", "lokr_")) or r in
+_ORDERED = sorted(SUFFIXES, key=len, reverse=True)
+_OLD_SUFFIXES = (".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
+                 ".lora_linear_layer.up.weight")
+LYCORIS_ROLES = frozenset(r for r in SUFFIXES.values() if r.startswith(("hada_", "lokr_")) or r in
                           {"diff", "diff_b", "w_norm", "b_norm"})
 
-_KOHYA_TE = re.compile(r"lora_te([123]?)_(.+)$")
-_ATTNPROC = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
-_XLABS = re.compile(r"^(double_blocks|single_blocks)\.(\d+)\.processor\.(qkv|proj)_lora(\d?)\.(down|up)\.weight$")
-_DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
-_UNET_ROOTS = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-               "add_embedding", "input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out"}
-_TE_ATTNPROC = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# kohya-style scope tokens: which layout writes each one
+KOHYA_SCOPES = {"lora_unet": "kohya", "lora_te": "kohya", "lora_te1": "kohya", "lora_te2": "kohya",
+                "lora_te3": "kohya", "lora_transformer": "onetrainer", "lycoris": "lycoris"}
+_KOHYA_ID = re.compile(r"^(lora_unet|lora_te[123]?|lora_transformer|lycoris)_(.+)$")
+# diffusers pipeline components (the first name of a diffusers key)
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+# attention processors: diffusers <= 0.20 (to_q/to_k/to_v/to_out) and XLabs Flux (qkv/proj, stream digit)
+_PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out|qkv|proj)_lora(\d?)\.(down|up)\.weight$")
+ATTNPROC_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+ATTNPROC_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+PEFT_SCOPE = "base_model.model"
+ORIGINAL_SCOPE = "diffusion_model"
 
 
 @dataclass(frozen=True)
 class KeyRef:
-    """Where one tensor belongs. ``path`` is canonical (diffusers naming) except for ``raw`` ids."""
+    """One tensor key, read: the layout that spells keys this way, how the module name is written
+    (``style``, ``scope``, ``name``) and the tensor's role."""
 
-    family: str  # kohya, lycoris, onetrainer, diffusers-attnproc, diffusers-old, diffusers-peft, peft, flux-bfl,
-    #              flux-xlabs, ldm (ComfyUI-native ``diffusion_model.`` SD UNet ids)
-    component: str
-    path: str
+    layout: str  # kohya, onetrainer, lycoris, diffusers, diffusers-old, diffusers-attnproc, peft, original, xlabs
+    style: str  # kohya, diffusers, original, xlabs (see loratool.arch.Family.resolve)
+    scope: str
+    name: str
     role: str
-    swap: bool = False  # BFL final_layer.adaLN_modulation: up rows are [shift, scale] (see flux.py)
+
+    @property
+    def module_id(self) -> tuple[str, str, str]:
+        return (self.style, self.scope, self.name)
 
 
 def split_suffix(key: str) -> tuple[str, str] | None:
     for suffix in _ORDERED:
         if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)], _SUFFIXES[suffix]
+            return key[: -len(suffix)], SUFFIXES[suffix]
     return None
 
 
-def _unet_or_transformer(path: str) -> str:
-    return "unet" if path.split(".", 1)[0] in _UNET_ROOTS else "transformer"
+def _processor(key: str) -> KeyRef | None:
+    m = _PROCESSOR.match(key)
+    if not m:
+        return None
+    module, proj, stream, role = m.groups()
+    if proj in ("qkv", "proj"):
+        return KeyRef("xlabs", "xlabs", "", f"{module}.{proj}{stream}", role)
+    if stream:
+        return None
+    head, _, rest = module.partition(".")
+    scope, path = (head, rest) if head in DIFFUSERS_COMPONENTS else ("unet", module)
+    leaf = (ATTNPROC_TEXT if scope.startswith("text_encoder") else ATTNPROC_UNET)[proj]
+    return KeyRef("diffusers-attnproc", "diffusers", scope, f"{path}.{leaf}", role)
 
 
-def canonical_unet(path: str) -> str:
-    converted = names.sai_unet_to_diffusers(path) if names.is_sai_unet_path(path) else None
-    return converted or path
-
-
-def _transformer_path(path: str) -> tuple[str, bool]:
-    """A transformer path in BFL names becomes diffusers names (fused pseudo-modules for qkv)."""
-    if path.split(".", 1)[0] in names.BFL_ROOTS:
-        converted = names.bfl_to_diffusers(path)
-        if converted is not None:
-            return converted, converted == names.FLUX_SWAPPED
-    return path, False
-
-
-def place(component: str, path: str) -> tuple[str, str, bool]:
-    """Canonical (component, path, swap) for a path already in dots."""
-    if component == "unet":
-        return "unet", canonical_unet(path), False
-    if component == "transformer":
-        p, swap = _transformer_path(path)
-        return "transformer", p, swap
-    if component.startswith("text_encoder"):
-        return component, names.text_encoder_path(path), False
-    return component, path, False
-
-
-def _kohya(module_id: str, role: str) -> KeyRef | None:
-    known = archinfo.from_kohya_with_base(module_id) if module_id.startswith("lora_") else None
-    if known is not None:
-        (key, base), onetrainer = known, module_id.startswith("lora_transformer_")
-        comp, _, path = key.partition(".")
-        family = "onetrainer" if onetrainer else ("lycoris" if role in LYCORIS_ROLES else "kohya")
-        # SAI/BFL modulation rows come [shift, scale]; diffusers names (OneTrainer) already [scale, shift]
-        return KeyRef(family, comp, path, role, not onetrainer and bool(archinfo.rows_swapped(base, key)))
-    if module_id.startswith("lora_unet_"):
-        path = names.underscore_to_path(module_id[len("lora_unet_"):])
-        comp, p, swap = place(_unet_or_transformer(path), path)
-        family = "lycoris" if role in LYCORIS_ROLES else "kohya"
-        return KeyRef(family, comp, p, role, swap)
-    m = _KOHYA_TE.match(module_id)
+def _named(module_id: str, role: str, key: str) -> KeyRef | None:
+    m = _KOHYA_ID.match(module_id)
     if m:
-        comp = f"text_encoder_{m.group(1)}" if m.group(1) in ("2", "3") else "text_encoder"
-        path = names.underscore_to_path(m.group(2))
-        family = "lycoris" if role in LYCORIS_ROLES else "kohya"
-        return KeyRef(family, comp, names.text_encoder_path(path), role)
-    if module_id.startswith("lycoris_"):
-        path = names.underscore_to_path(module_id[len("lycoris_"):])
-        comp, p, swap = place(_unet_or_transformer(path), path)
-        return KeyRef("lycoris", comp, p, role, swap)
-    if module_id.startswith("lora_transformer_"):
-        path = names.underscore_to_path(module_id[len("lora_transformer_"):])
-        comp, p, swap = place("transformer", path)
-        return KeyRef("onetrainer", comp, p, role, swap)
-    return None
-
-
-def _dotted(module_id: str, role: str, key: str) -> KeyRef | None:
+        return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2), role)
     if "." not in module_id:
         return None
-    if module_id.startswith("base_model.model."):
-        return KeyRef("peft", "", module_id[len("base_model.model."):], role)
-    if module_id.startswith("diffusion_model."):
-        path = module_id[len("diffusion_model."):]
-        comp, p, swap = place(_unet_or_transformer(path), path)
-        return KeyRef("flux-bfl" if comp == "transformer" else "ldm", comp, p, role, swap)
     head, _, rest = module_id.partition(".")
-    old = key.endswith((".lora.down.weight", ".lora.up.weight", "lora_linear_layer.down.weight",
-                        "lora_linear_layer.up.weight"))
-    family = "diffusers-old" if old else "diffusers-peft"
-    if head in _DIFFUSERS_COMPONENTS:
-        comp, p, swap = place(head, rest)
-        return KeyRef(family, comp, p, role, swap)
-    root = head
-    if root in _UNET_ROOTS or root in {"transformer_blocks", "single_transformer_blocks"} | names.BFL_ROOTS:
-        comp, p, swap = place(_unet_or_transformer(module_id), module_id)
-        return KeyRef(family, comp, p, role, swap)
-    return None
-
-
-def _attnproc(key: str) -> KeyRef | None:
-    m = _ATTNPROC.match(key)
-    if not m:
-        return None
-    module, proj, role = m.group(1), m.group(2), m.group(3)
-    head, _, rest = module.partition(".")
-    if head in _DIFFUSERS_COMPONENTS:
-        comp = head
-    else:
-        comp, rest = _unet_or_transformer(module), module
-    if comp.startswith("text_encoder"):
-        return KeyRef("diffusers-attnproc", comp, names.text_encoder_path(f"{rest}.{_TE_ATTNPROC[proj]}"), role)
-    leaf = "to_out.0" if proj == "to_out" else proj
-    comp, p, _ = place(comp, f"{rest}.{leaf}")
-    return KeyRef("diffusers-attnproc", comp, p, role)
-
-
-def _xlabs(key: str) -> KeyRef | None:
-    m = _XLABS.match(key)
-    if not m:
-        return None
-    blocks, n, kind, side, role = m.groups()
-    if blocks == "double_blocks":
-        stream = "img" if side in ("1", "") else "txt"
-        bfl = f"double_blocks.{n}.{stream}_attn.{kind}"
-        return KeyRef("flux-xlabs", "transformer", names.bfl_to_diffusers(bfl) or bfl, role)
-    # single blocks: qkv_lora covers the q/k/v rows of linear1 only, proj_lora is linear2
-    path = f"single_transformer_blocks.{n}.{'attn.to_qkv' if kind == 'qkv' else 'proj_out'}"
-    return KeyRef("flux-xlabs", "transformer", path, role)
+    if module_id.startswith(PEFT_SCOPE + "."):
+        return KeyRef("peft", "diffusers", "", module_id[len(PEFT_SCOPE) + 1:], role)
+    if head == ORIGINAL_SCOPE:
+        return KeyRef("original", "original", head, rest, role)
+    layout = "diffusers-old" if key.endswith(_OLD_SUFFIXES) else "diffusers"
+    if head in DIFFUSERS_COMPONENTS:
+        return KeyRef(layout, "diffusers", head, rest, role)
+    return KeyRef(layout, "diffusers", "", module_id, role)
 
 
 def parse_key(key: str) -> KeyRef | None:
-    """The place of one tensor key, or None when no known layout spells keys this way."""
-    ref = _attnproc(key) or _xlabs(key)
+    """How one tensor key is spelled, or None when no known layout spells keys this way."""
+    ref = _processor(key)
     if ref is not None:
         return ref
     split = split_suffix(key)
     if split is None:
         return None
-    module_id, role = split
-    return _kohya(module_id, role) or _dotted(module_id, role, key)
+    return _named(split[0], split[1], key)
+
+
+def weight_dims(shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """(out, in·kernel) of the weight a module's role -> shape pairs adapt, when the shapes tell it
+    (LoRA/LoCon with or without a Tucker core, LoHa, a full diff); None otherwise (LoKr, a lone role)."""
+    if "up" in shapes and "down" in shapes:
+        up, down, mid = shapes["up"], shapes["down"], shapes.get("mid")
+        kernel = math.prod(mid[2:]) if mid is not None and len(mid) == 4 else 1
+        return int(up[0]), math.prod(int(s) for s in down[1:]) * kernel
+    if "hada_w1_a" in shapes and "hada_w1_b" in shapes and "hada_t1" not in shapes:
+        return int(shapes["hada_w1_a"][0]), math.prod(int(s) for s in shapes["hada_w1_b"][1:])
+    if "diff" in shapes and len(shapes["diff"]) >= 2:
+        d = shapes["diff"]
+        return int(d[0]), math.prod(int(s) for s in d[1:])
+    w1, w2 = _lokr_side(shapes, "1"), _lokr_side(shapes, "2")
+    if w1 is not None and w2 is not None:  # kron(w1, w2): rows and columns multiply
+        return w1[0] * w2[0], w1[1] * w2[1]
+    return None
+
+
+def _lokr_side(shapes: Mapping[str, tuple[int, ...]], side: str) -> tuple[int, int] | None:
+    """(rows, columns·kernel) of one LoKr side: whole, as a product of two factors, or a Tucker core's."""
+    whole, a, b = shapes.get(f"lokr_w{side}"), shapes.get(f"lokr_w{side}_a"), shapes.get(f"lokr_w{side}_b")
+    if whole is not None:
+        return int(whole[0]), math.prod(int(s) for s in whole[1:])
+    if a is None or b is None:
+        return None
+    core = shapes.get(f"lokr_t{side}")
+    if core is not None:  # t [r, r, kh, kw], a [r, rows], b [r, columns]
+        return int(a[1]), int(b[1]) * math.prod(int(s) for s in core[2:])
+    return int(a[0]), math.prod(int(s) for s in b[1:])

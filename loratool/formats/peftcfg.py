@@ -15,14 +15,11 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from loratool.arch import naming
 from loratool.core.modules import LoraModule, Module
 from loratool.errors import LoraToolError
 
 METADATA_KEY = "lora_adapter_metadata"
-_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
-_TRANSFORMER_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder", "context_embedder",
-                      "time_text_embed.", "norm_out.", "proj_out", "pos_embed")
-_TE_ROOTS = ("text_model.", "encoder.layers.", "embeddings.", "encoder.block.", "text_projection")
 
 
 def pattern_key(patterns: Mapping[str, object], path: str) -> str | None:
@@ -106,22 +103,9 @@ def alpha_source_from_metadata(metadata: Mapping[str, str], where: str) -> Alpha
     return AlphaSource({comp: _config(d, where) for comp, d in per.items()})
 
 
-def peft_component(paths: list[str]) -> str:
-    """Which model a bare peft folder adapts, from its module paths."""
-    if any(p.startswith(_UNET_ROOTS) for p in paths):
-        return "unet"
-    if any(p.startswith(_TRANSFORMER_ROOTS) for p in paths):
-        return "transformer"
-    if paths and all(p.startswith(_TE_ROOTS) for p in paths):
-        return "text_encoder"
-    return "model"
-
-
 def pattern_path(module: Module) -> str:
-    """A module's path as written in patterns: TE paths without ``text_model.`` (matches both spellings)."""
-    if module.component.startswith("text_encoder") and module.path.startswith("text_model."):
-        return module.path[len("text_model."):]
-    return module.path
+    """A module's path as written in patterns: CLIP paths without their wrapper (matches both spellings)."""
+    return naming.without_clip_wrapper(module.path) if module.component.startswith("text_encoder") else module.path
 
 
 def peft_alpha(module: LoraModule, rslora: bool) -> float:

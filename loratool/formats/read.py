@@ -1,107 +1,131 @@
 """``read_adapter(path) -> Adapter``: any recognised input, in canonical form.
 
-The steps: open the input (``source.py``), sort its keys per key (``detect.py``), group tensors by
-module, build module objects (``build.py``), take alpha from wherever the layout keeps it (kohya
-``.alpha`` tensors, peft ``adapter_config.json``, diffusers ``lora_adapter_metadata``), detect the
-base model, and apply the few base-dependent fixes (T5 encoder component, LyCORIS shapes).
-Keys that fit nothing are listed in ``Adapter.unknown`` with a reason, never dropped.
+The steps: open the input (``source.py``), sort its keys per key (``detect.py``/``keys.py``: layout, module
+name as written, role), ask the family registry which family the names, shapes and metadata point to and
+where each module lands (``loratool.arch.detect_adapter``), group tensors by module, build module objects
+(``build.py``), take alpha from wherever the layout keeps it (kohya ``.alpha`` tensors, peft
+``adapter_config.json``, diffusers ``lora_adapter_metadata``), and apply the family's shape facts (LyCORIS
+flat convs, 1x1 convs stored as matrices, XLabs' single-block q/k/v). Keys that fit nothing are listed in
+``Adapter.unknown`` with a reason, never dropped.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
-from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule
-from loratool.formats import archinfo, flux, special
-from loratool.formats.build import Group, GroupError, build_module
-from loratool.formats.detect import detect_base_model, detect_keys, unknown_reason
-from loratool.formats.keys import KeyRef, place
-from loratool.formats.peftcfg import (
-    AlphaSource,
-    alpha_source_from_config,
-    alpha_source_from_metadata,
-    peft_component,
-)
+from loratool.arch import Detection, Family, Place, detect_adapter, family
+from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, Module
+from loratool.formats import special
+from loratool.formats.build import Group, GroupError, build_module, swap_halves
+from loratool.formats.detect import detect_keys, unknown_reason
+from loratool.formats.diffusers import LAYOUT_KEY
+from loratool.formats.fuse import split_lora
+from loratool.formats.keys import KeyRef
+from loratool.formats.peftcfg import AlphaSource, alpha_source_from_config, alpha_source_from_metadata
 from loratool.formats.source import RawSource, open_raw
 
+_SWAPPED_ROLES = ("up", "bias", "diff_b")
 
-def read_adapter(path: str | os.PathLike[str]) -> Adapter:
-    """Read any adapter file or folder that detection recognises into the canonical model."""
+
+def read_adapter(path: str | os.PathLike[str], arch: str | None = None) -> Adapter:
+    """Read any adapter file or folder that detection recognises into the canonical model
+    (``arch``: the family, when the user names it; otherwise keys and metadata decide)."""
     raw = open_raw(path)
     if raw.parts:
-        return _read_parts(raw)
-    return read_raw(raw)
+        return _read_parts(raw, arch)
+    return read_raw(raw, arch=arch)
 
 
 def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-           config: Mapping[str, object] | None = None, component: str | None = None) -> Adapter:
+           config: Mapping[str, object] | None = None, component: str | None = None,
+           arch: str | None = None) -> Adapter:
     """The canonical adapter of in-memory tensors (+ metadata, + a peft config): ``read_adapter`` without files."""
     raw = RawSource("<memory>", {k: (lambda t=t: t) for k, t in tensors.items()},
                     {k: tuple(t.shape) for k, t in tensors.items()}, dict(metadata or {}),
                     dict(config) if config is not None else None)
-    return read_raw(raw, component)
+    return read_raw(raw, component, arch)
 
 
-def read_raw(raw: RawSource, component: str | None = None) -> Adapter:
+def read_raw(raw: RawSource, component: str | None = None, arch: str | None = None) -> Adapter:
     report = detect_keys(raw.shapes, raw.metadata)
     if report.special:
         adapter = special.read_special(raw, report.special)
         adapter.metadata = dict(raw.metadata)
+        if adapter.modules:
+            adapter.detection = detect_modules(adapter.modules, raw.metadata, raw.config, arch)
+            adapter.base_model = adapter.detection.family
         return adapter
     adapter = Adapter(metadata=dict(raw.metadata))
     for key in report.unknown:
         _note_unknown(adapter, [key], unknown_reason(key))
-    refs = report.refs
-    if any(r.family == "peft" for r in refs.values()):  # base_model.model.<path>: the model it adapts
-        comp = component or peft_component([r.path for r in refs.values() if r.family == "peft"])
-        refs = {k: _with_component(r, comp) if r.family == "peft" else r for k, r in refs.items()}
-    groups, origin = _group(raw, refs, adapter)
-    alphas = _alpha_source(raw, refs)
-    for (comp, path), group in groups.items():
+    refs = {k: replace(r, scope=component) if component and r.layout == "peft" else r for k, r in report.refs.items()}
+    written: dict[tuple[str, str, str], dict[str, str]] = {}
+    for key in sorted(refs):
+        roles = written.setdefault(refs[key].module_id, {})
+        if refs[key].role in roles:
+            _note_unknown(adapter, [key], f"same tensor as {roles[refs[key].role]} (two spellings of one module)")
+            continue
+        roles[refs[key].role] = key
+    ids = list(written)
+    from loratool.formats.keys import weight_dims
+
+    dims = [weight_dims({role: raw.shapes[k] for role, k in written[i].items()}) for i in ids]
+    detection, places = detect_adapter(ids, dims, raw.metadata, raw.config, forced=arch)
+    fam = family(detection.family if detection.family != "unknown" else "generic")
+    groups, origin, layouts = _group(raw, refs, written, places, adapter)
+    alphas = _alpha_source(raw)
+    for key, group in groups.items():
+        comp, _, path = key.partition(".")
         try:
             module = build_module(comp, path, group)
         except GroupError as e:
-            _note_unknown(adapter, origin[(comp, path)], f"{comp}.{path}: {e}")
+            _note_unknown(adapter, origin[key], f"{key}: {e}")
             continue
         if alphas is not None and isinstance(module, LoraModule) and "alpha" not in group:
             alphas.apply(module)
         adapter.add(module)
-    flux.finish_read(adapter)
-    adapter.base_model = detect_base_model(adapter.modules)
-    _base_fixes(adapter)
-    adapter.source_format = _source_format(refs, adapter, raw)
+    adapter.base_model, adapter.detection = detection.family, detection
+    adapter.source_format = _source_format({layouts[k] for k in adapter.modules}, adapter, fam)
+    family_shapes(adapter, fam)
     return adapter
 
 
-def _with_component(ref: KeyRef, comp: str) -> KeyRef:
-    c, p, swap = place(comp, ref.path)
-    return KeyRef(ref.family, c, p, ref.role, swap)
-
-
-def _group(raw: RawSource, refs: dict[str, KeyRef], adapter: Adapter):
-    groups: dict[tuple[str, str], Group] = defaultdict(dict)
-    origin: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for key in sorted(refs):
-        ref = refs[key]
-        where = (ref.component, ref.path)
-        if ref.role in groups[where]:
-            first = next(k for k in origin[where] if refs[k].role == ref.role)
-            _note_unknown(adapter, [key], f"same tensor as {first} (two spellings of one module)")
+def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[Place | None], adapter: Adapter):
+    groups: dict[str, Group] = {}
+    origin: dict[str, list[str]] = {}
+    layouts: dict[str, str] = {}
+    for mid, place in zip(written, places, strict=True):
+        keys = written[mid]
+        first = refs[next(iter(keys.values()))]
+        if place is None and first.layout == "peft":  # a bare peft folder of a model no family knows
+            place = Place("model", first.name, False, False)
+        if place is None:
+            _note_unknown(adapter, list(keys.values()), f"{first.name}: no known model family has this module")
             continue
-        tensor = raw.get(key)
-        if ref.swap and ref.role in ("up", "bias"):
-            tensor = flux.swap_halves(tensor)
-        groups[where][ref.role] = tensor
-        origin[where].append(key)
-    return groups, origin
+        group = groups.setdefault(place.key, {})
+        for role, key in keys.items():
+            if role in group:
+                was = next(k for k in origin[place.key] if refs[k].role == role)
+                _note_unknown(adapter, [key], f"same tensor as {was} (two spellings of one module)")
+                continue
+            tensor = raw.get(key)
+            if place.swapped and role in _SWAPPED_ROLES:
+                tensor = swap_halves(tensor)
+            group[role] = tensor
+            origin.setdefault(place.key, []).append(key)
+        layout = first.layout
+        if layout == "original":
+            layout = "bfl" if place.component == "transformer" else "ldm"
+        layouts.setdefault(place.key, layout)
+    return groups, origin, layouts
 
 
-def _alpha_source(raw: RawSource, refs: dict[str, KeyRef]) -> AlphaSource | None:
+def _alpha_source(raw: RawSource) -> AlphaSource | None:
     if raw.config is not None:
         return alpha_source_from_config(raw.config, raw.path)
     return alpha_source_from_metadata(raw.metadata, raw.path)
@@ -114,30 +138,36 @@ def _note_unknown(adapter: Adapter, keys: list[str], reason: str) -> None:
         adapter.unknown_reasons[key] = reason
 
 
-def _base_fixes(adapter: Adapter) -> None:
-    """Base-dependent naming: the T5 encoder's component, LyCORIS shapes from the architecture."""
-    if adapter.base_model in ("flux", "sd3"):
-        t5 = "text_encoder_2" if adapter.base_model == "flux" else "text_encoder_3"
-        moved = {}
-        for key, m in list(adapter.modules.items()):
-            if m.component.startswith("text_encoder") and m.path.startswith("encoder.block.") and m.component != t5:
-                del adapter.modules[key]
-                m.component = t5
-                moved[m.key] = m
-        adapter.modules.update(moved)
+def detect_modules(modules: Mapping[str, Module], metadata: Mapping[str, str] | None = None,
+                   config: Mapping[str, object] | None = None, arch: str | None = None) -> Detection:
+    """The family of modules already in canonical form (layouts that carry no names of their own)."""
+    names = [("diffusers", m.component, m.path) for m in modules.values()]
+    dims = [(int(m.weight_shape[0]), math.prod(int(s) for s in m.weight_shape[1:])) for m in modules.values()]
+    return detect_adapter(names, dims, metadata, config, forced=arch)[0]
+
+
+def family_shapes(adapter: Adapter, fam: Family) -> None:
+    """The family's shape facts: XLabs' single-block q/k/v split, LyCORIS flat convs, 1x1 convs as matrices."""
+    parts_of = getattr(fam.naming, "xlabs_parts", None)
+    for key, m in list(adapter.modules.items()):
+        parts = parts_of(m.path, int(m.weight_shape[0])) if parts_of and isinstance(m, LoraModule) else None
+        if parts:
+            del adapter.modules[key]
+            for part in split_lora(m, [(f"{m.component}.{p}", rows) for p, rows in parts]):
+                adapter.add(part)
     for m in adapter.modules.values():
-        if isinstance(m, (LokrModule, LohaModule)) and not m.shape:
-            current = m.weight_shape  # LyCORIS stores conv factors flat: the table gives the 4-D shape
-            shape = archinfo.shape_for(adapter.base_model, m.key, math.prod(current))
-            if shape is not None and shape != current:
-                m.shape = shape
+        shape = fam.shape(m.key)
+        if shape is None or math.prod(shape) != math.prod(m.weight_shape):
+            continue
+        if isinstance(m, (LokrModule, LohaModule)) and not m.shape and shape != m.weight_shape:
+            m.shape = shape  # LyCORIS stores conv factors flat: the table gives the 4-D shape
         elif isinstance(m, LoraModule) and m.down.dim() == 2 and m.mid is None:
-            _as_1x1_conv(m, archinfo.shape_for(adapter.base_model, m.key, math.prod(m.weight_shape)))
+            _as_1x1_conv(m, shape)
 
 
-def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...] | None) -> None:
+def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...]) -> None:
     """A 1x1 conv layer's LoRA stored as matrices becomes conv-shaped factors (views of the same data)."""
-    if shape is None or len(shape) != 4 or shape[2:] != (1, 1) or m.weight_shape != shape[:2]:
+    if len(shape) != 4 or shape[2:] != (1, 1) or m.weight_shape != shape[:2]:
         return
     m.down = m.down.reshape(*m.down.shape, 1, 1)
     m.up = m.up.reshape(*m.up.shape, 1, 1)
@@ -145,30 +175,32 @@ def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...] | None) -> None:
         m.dora.magnitude = m.dora.magnitude.reshape(*m.dora.magnitude.shape, 1, 1)
 
 
-def _source_format(refs: dict[str, KeyRef], adapter: Adapter, raw: RawSource) -> str | list[str]:
-    families = {r.family for r in refs.values()}
-    if families == {"diffusers-peft"} and adapter.base_model == "flux" and _made_by_aitoolkit(raw.metadata):
-        families = {"flux-aitoolkit"}
-    if families & {"lycoris", "onetrainer"}:
-        families.discard("kohya")  # their text-encoder keys are spelled like kohya's
-    if not families:
+def _source_format(found: set[str], adapter: Adapter, fam: Family) -> str | list[str]:
+    if found == {"diffusers"} and "aitoolkit" in fam.layouts and _made_by_aitoolkit(adapter.metadata):
+        found = {"aitoolkit"}
+    if found & {"lycoris", "onetrainer"}:
+        found.discard("kohya")  # their text-encoder keys are spelled like kohya's
+    if not found:
         return "unknown" if adapter.unknown else "empty"
-    return families.pop() if len(families) == 1 else sorted(families)
+    return found.pop() if len(found) == 1 else sorted(found)
 
 
 def _made_by_aitoolkit(metadata: Mapping[str, str]) -> bool:
-    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "")
+    """ai-toolkit's own files say so in ``software``; ours written in its layout in ``loratool.layout``."""
+    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "") \
+        or metadata.get(LAYOUT_KEY) == "aitoolkit"
 
 
-def _read_parts(raw: RawSource) -> Adapter:
+def _read_parts(raw: RawSource, arch: str | None) -> Adapter:
     out = Adapter(source_format="peft")
     for comp, part in raw.parts:
-        a = read_raw(part, component=comp)
+        a = read_raw(part, component=comp, arch=arch)
         for m in a.modules.values():
             out.add(m)
         out.unknown.extend(a.unknown)
         out.unknown_reasons.update(a.unknown_reasons)
         out.metadata.update(a.metadata)
-    out.base_model = detect_base_model(out.modules)
+    configs = [p.config for _, p in raw.parts if p.config]
+    out.detection = detect_modules(out.modules, out.metadata, configs[0] if configs else None, arch)
+    out.base_model = out.detection.family
     return out
-

@@ -1,13 +1,10 @@
-"""Layouts whose keys carry no module names: cloneofsimo ``lora_diffusion`` files and embeddings.
+"""Layouts whose keys carry no module names: cloneofsimo ``lora_diffusion`` files (read only) and embeddings.
 
 cloneofsimo "safeloras" store ``unet:N:up``/``unet:N:down`` (and ``text_encoder:N:…``) where ``N``
-counts the adapted Linear layers in the order ``model.modules()`` meets them inside the target
-classes the metadata names (``unet: ["GEGLU", "CrossAttention", "Attention"]``,
-``text_encoder: ["CLIPAttention"]``). For SD1.x at the time (diffusers ≤ 0.11) a transformer block
-registered ``attn1``, then ``ff`` (GEGLU), then ``attn2``; the UNet registered its down blocks, up
-blocks, then the mid block; CLIP attention registers k, v, q, out. That order gives the canonical
-name of every N, and each one is checked against the shape it must have; anything that does not fit
-is listed as unknown with the reason. Token embeddings (``<s1>``: ``[768]``) become
+counts the adapted Linear layers in the order the model met them inside the target classes the metadata
+names; that order is an SD1.x fact (``loratool.arch.families.sd1``). It gives the canonical name of
+every N, and each one is checked against the shape it must have; anything that does not fit is listed
+as unknown with the reason. Token embeddings (``<s1>``: ``[768]``) become
 ``Adapter.embeddings``. The legacy ``.pt`` is a bare list ``[up0, down0, up1, down1, …]`` of the
 UNet in the same order. Textual-inversion files hold ``emb_params`` (A1111 safetensors),
 ``string_to_param`` (A1111 ``.pt``) or ``clip_l``/``clip_g`` (SDXL).
@@ -18,38 +15,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loratool.core.modules import Adapter, LoraModule
-from loratool.formats.detect import CLONEOFSIMO, detect_base_model, embedding_base
-from loratool.formats.source import RawSource
+import torch
 
-# SD1.x transformer blocks in registration order: (prefix, width)
-_SD1_BLOCKS = ([(f"down_blocks.{b}.attentions.{a}", w) for b, w in ((0, 320), (1, 640), (2, 1280)) for a in (0, 1)]
-               + [(f"up_blocks.{b}.attentions.{a}", w) for b, w in ((1, 1280), (2, 640), (3, 320)) for a in (0, 1, 2)]
-               + [("mid_block.attentions.0", 1280)])
-_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+from loratool.arch.detect import detect_embeddings
+from loratool.arch.registry import naming_function
+from loratool.core.modules import Adapter, LoraModule
+from loratool.errors import LoraToolError
+from loratool.formats.detect import CLONEOFSIMO
+from loratool.formats.source import RawSource
 
 
 def _unet_order(targets: list[str], context: int = 768) -> list[tuple[str, tuple[int, int]]]:
-    """Canonical unet paths in cloneofsimo's N order, with their (out, in) shapes."""
-    geglu = "GEGLU" in targets
-    out = []
-    for prefix, w in _SD1_BLOCKS:
-        block = f"{prefix}.transformer_blocks.0"
-        out += [(f"{block}.attn1.{p}", (w, w)) for p in _ATTN]
-        if geglu:
-            out.append((f"{block}.ff.net.0.proj", (8 * w, w)))
-        out += [(f"{block}.attn2.{p}", (w, context if p in ("to_k", "to_v") else w)) for p in _ATTN]
-    return out
+    order = naming_function("cloneofsimo_unet_order")
+    return order(targets, context) if order is not None else []
 
 
-def _te_order(targets: list[str], layers: int = 12, width: int = 768) -> list[tuple[str, tuple[int, int]]]:
-    out = []
-    for i in range(layers):
-        base = f"text_model.encoder.layers.{i}"
-        out += [(f"{base}.self_attn.{p}", (width, width)) for p in ("k_proj", "v_proj", "q_proj", "out_proj")]
-        if "CLIPMLP" in targets:
-            out += [(f"{base}.mlp.fc1", (4 * width, width)), (f"{base}.mlp.fc2", (width, 4 * width))]
-    return out
+def _te_order(targets: list[str]) -> list[tuple[str, tuple[int, int]]]:
+    order = naming_function("cloneofsimo_text_encoder_order")
+    return order(targets) if order is not None else []
 
 
 def _targets(metadata: dict[str, str], component: str, default: list[str]) -> list[str]:
@@ -105,17 +88,21 @@ def read_cloneofsimo(raw: RawSource) -> Adapter:
     for comp in ("text_encoder", "text_encoder_2"):
         if comp in pairs:
             _place_pairs(adapter, comp, pairs[comp], raw, _te_order(_targets(raw.metadata, comp, ["CLIPAttention"])))
-    adapter.base_model = detect_base_model(adapter.modules)
     return adapter
 
 
 def _context_width(pairs: dict[int, dict[str, str]], raw: RawSource) -> int:
     """The cross-attention width (768 SD1, 1024 SD2) read off the first attn2.to_k down."""
-    geglu_index = 6  # attn1 x4, ff, attn2.to_q, then attn2.to_k
-    entry = pairs.get(geglu_index, {})
+    entry = pairs.get(_cross_attention_index(), {})
     if "down" in entry:
         return int(raw.shapes[entry["down"]][-1])
     return 768
+
+
+def _cross_attention_index() -> int:
+    """The N of the first cross-attention to_k in cloneofsimo's order (its down gives the context width)."""
+    order = _unet_order(["GEGLU"])
+    return next((i for i, (path, _) in enumerate(order) if path.endswith("attn2.to_k")), 0)
 
 
 def read_legacy(raw: RawSource) -> Adapter:
@@ -131,7 +118,6 @@ def read_legacy(raw: RawSource) -> Adapter:
     else:
         geglu = len(pairs) == len(_unet_order(["GEGLU"]))
         _place_pairs(adapter, "unet", pairs, raw, _unet_order(["GEGLU"] if geglu else []))
-    adapter.base_model = detect_base_model(adapter.modules)
     return adapter
 
 
@@ -147,8 +133,23 @@ def read_embeddings(raw: RawSource) -> Adapter:
         elif not key.startswith(("string_to_token", "step", "sd_checkpoint")):
             _unknown(adapter, [key], "not a textual-inversion tensor")
     widths = [int(t.shape[-1]) for t in adapter.embeddings.values()]
-    adapter.base_model = embedding_base(widths, "clip_g" in adapter.embeddings)
+    adapter.detection = detect_embeddings(adapter.embeddings, widths, raw.metadata)
+    adapter.base_model = adapter.detection.family
     return adapter
+
+
+def encode_embeddings(adapter: Adapter, family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A textual-inversion file: SDXL's ``clip_l``/``clip_g`` pair as it is, else one token's ``emb_params``."""
+    if adapter.modules:
+        raise LoraToolError(f"{len(adapter.modules)} LoRA module(s): a textual-inversion file holds token "
+                            "embeddings only (convert writes them beside a LoRA output)")
+    pair = {k: v for k, v in adapter.embeddings.items() if k in ("clip_l", "clip_g")}
+    if pair:
+        return {k: v.contiguous() for k, v in pair.items()}, {}
+    if len(adapter.embeddings) != 1:
+        raise LoraToolError(f"a textual-inversion file holds one token; this adapter has {len(adapter.embeddings)}")
+    token, emb = next(iter(adapter.embeddings.items()))
+    return {"emb_params": (emb.reshape(1, -1) if emb.dim() == 1 else emb).contiguous()}, {"name": token}
 
 
 def read_special(raw: RawSource, kind: str) -> Adapter:

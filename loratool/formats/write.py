@@ -1,8 +1,7 @@
 """``encode(adapter, fmt)`` -> (tensors, metadata) and ``write_adapter``: canonical form to a layout.
 
-Formats: ``kohya`` (aliases ``webui``, ``comfyui``, ``a1111``, ``forge``, ``lycoris``), ``diffusers``,
-``peft`` (a folder; one sub-folder per component when several), ``aitoolkit`` and ``bfl`` (Flux).
-Metadata: the source's ``ss_*`` training keys are kept, ``ss_network_*`` and ``modelspec.*`` are set for
+Layouts and their aliases: ``formats.layouts`` (peft is written as a folder; one sub-folder per component
+when several). Each layout's codec encodes; this module adds the metadata. Metadata: the source's ``ss_*`` training keys are kept, ``ss_network_*`` and ``modelspec.*`` are set for
 the target, and ``sshs_model_hash``/``sshs_legacy_hash`` are computed from the tensors as written.
 """
 
@@ -21,24 +20,21 @@ from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.formats import diffusers as diffusers_codec
 from loratool.formats import kohya as kohya_codec
+from loratool.formats.layouts import FORMATS, writable_layout
 
 if TYPE_CHECKING:
     from loratool.io.output import Outputs
 
-ALIASES = {"kohya": "kohya", "webui": "kohya", "comfyui": "kohya", "a1111": "kohya", "forge": "kohya",
-           "lycoris": "kohya", "diffusers": "diffusers", "peft": "peft", "aitoolkit": "aitoolkit",
-           "ai-toolkit": "aitoolkit", "bfl": "bfl"}
-FORMATS = tuple(ALIASES)
+__all__ = ["FORMATS", "canonical_format", "encode", "modelspec_metadata", "network_metadata", "peft_config",
+           "target_metadata", "write_adapter"]
 # keys the target's own metadata replaces
 _REPLACED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
              "ss_v2", "sshs_", "lora_adapter_metadata", "format")
 
 
 def canonical_format(fmt: str) -> str:
-    try:
-        return ALIASES[fmt.lower()]
-    except KeyError:
-        raise LoraToolError(f"unknown output format {fmt!r} (choose from {', '.join(FORMATS)})") from None
+    """The layout name of a ``--to`` value (aliases included); unknown and read-only layouts are errors."""
+    return writable_layout(fmt).name
 
 
 def _dim_alpha(modules: list) -> tuple[int, float]:
@@ -121,7 +117,7 @@ def target_metadata(adapter: Adapter, fmt: str, extra: Mapping[str, str] | None 
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith(_REPLACED)}
     meta.update({k: v for k, v in adapter.metadata.items() if k.startswith("modelspec.")})
     meta.update(_modelspec(adapter))
-    if fmt == "kohya":
+    if writable_layout(fmt).kohya_metadata:
         meta.update(_kohya_meta(adapter))
     meta.update({str(k): str(v) for k, v in (extra or {}).items()})
     return meta
@@ -145,24 +141,16 @@ def encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None = None
 def _encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None
             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``encode`` without the hashes (the writer computes them as it writes)."""
-    if not adapter.modules:
+    layout = writable_layout(fmt)
+    if not adapter.modules and not (adapter.embeddings and layout.name == "textual-inversion"):
         raise LoraToolError("the adapter has no modules to write")
-    meta = target_metadata(adapter, fmt, None)
-    if fmt == "kohya":
-        tensors = kohya_codec.encode_kohya(adapter)
-    elif fmt == "diffusers":
-        tensors, own = diffusers_codec.encode_diffusers(adapter)
-        meta.update(own)
-    elif fmt == "peft":
-        parts = diffusers_codec.encode_peft(adapter)
-        if len(parts) != 1:
-            raise LoraToolError("a peft file holds one model; this adapter has "
-                                f"{', '.join(parts)}: write it as a folder with write_adapter")
-        tensors, _ = next(iter(parts.values()))
-    else:
-        if adapter.base_model not in ("flux", "unknown"):
-            raise LoraToolError(f"the {fmt} layout is for Flux adapters; this one is {adapter.base_model}")
-        tensors = diffusers_codec.encode_aitoolkit(adapter) if fmt == "aitoolkit" else diffusers_codec.encode_bfl(adapter)
+    family = diffusers_codec.family_of(adapter)
+    if layout.name not in family.layouts:
+        raise LoraToolError(f"the {layout.name} layout has no place for a {family.name} adapter "
+                            f"(it takes {', '.join(family.layouts)})")
+    tensors, own = layout.encoder_function()(adapter, family)
+    meta = {} if layout.name == "textual-inversion" else target_metadata(adapter, layout.name, None)
+    meta.update(own)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     return tensors, meta
 

@@ -9,7 +9,7 @@ Per module, in order of preference:
   the written bytes are bit-identical;
 * **exact rewrite** — rsLoRA written as a plain alpha (``alpha·√r``), the scale folded as
   ``√scale`` into both factors where the target has no alpha, a Tucker core folded into ``down``,
-  Flux fused projections split or joined (the same ΔW, up to float rounding);
+  fused projections (Flux, SD3 q/k/v) split or joined (the same ΔW, up to float rounding);
 * **lossy** — only when asked (``rank`` or ``lossy``): LoHa, LoKr, full diffs (and anything else
   the target cannot hold) as plain LoRA from a truncated SVD of ΔW, with the relative error;
 * **refused** — a module the target cannot express stops the conversion with its name and the
@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loratool.arch import canonical_family, family
 from loratool.core.modules import Adapter, LoraModule, Module
 from loratool.errors import LoraToolError
-from loratool.ops.convert_flux import regroup_flux
+from loratool.formats.diffusers import is_attention_projection
+from loratool.ops.convert_fused import regroup_fused
 from loratool.ops.convert_math import (
     DEFAULT_ENERGY,
     DEFAULT_RANK_CAP,
@@ -128,11 +130,15 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
     if rank is not None and rank < 1:
         raise LoraToolError(f"--rank must be at least 1 (got {rank})")
     spec = resolve_target(to)
+    fam = family(canonical_family(adapter.base_model) or "generic")
+    if spec.name not in fam.layouts:
+        raise LoraToolError(f"the {spec.name} layout has no place for a {fam.name} adapter "
+                            f"(it takes {', '.join(fam.layouts)})")
     opts = ConvertOptions(rank, lossy, energy, rank_cap, drop_unknown, dtype)
     report = ConvertReport(adapter.source_format or "unknown", spec.name)
     problems: list[tuple[str, str]] = [(k, "no format recognises this key") for k in adapter.unknown]
     result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
-                     embeddings=dict(adapter.embeddings))
+                     embeddings=dict(adapter.embeddings), detection=adapter.detection)
     report.embeddings = sorted(adapter.embeddings)
     for key, module in adapter.modules.items():
         try:
@@ -148,7 +154,7 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
     report.dropped = problems
     for key, _ in problems:
         result.modules.pop(key, None)
-    result = regroup_flux(result, spec, report)
+    result = regroup_fused(result, spec, report)
     if dtype is not None:
         result = cast_adapter(result, dtype)
     return result, report
@@ -169,8 +175,10 @@ def _refusal(problems: list[tuple[str, str]], spec: TargetSpec) -> str:
 
 def convert_module(module: Module, spec: TargetSpec, opts: ConvertOptions) -> tuple[Module, ModuleChange]:
     """One module as the target holds it (raises :class:`Unexpressible`)."""
-    if module.component not in spec.components:
+    if not spec.holds_component(module.component):
         raise Unexpressible(f"{spec.name} has no place for a {module.component!r} component")
+    if spec.attention_only and not is_attention_projection(module):
+        raise Unexpressible(f"{spec.name} holds attention projections only (to_q, to_k, to_v, to_out)")
     if module.bias is not None and not spec.bias:
         raise Unexpressible(f"a bias change; {spec.name} stores only weight factors")
     rank_in = module.rank if isinstance(module.rank, int) else None
@@ -244,7 +252,8 @@ def _partial_dora(adapter: Adapter, spec: TargetSpec) -> list[tuple[str, str]]:
 def cast_adapter(adapter: Adapter, dtype: torch.dtype) -> Adapter:
     """Every stored tensor of every module cast to ``dtype`` (alphas are plain floats)."""
     out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
-                  embeddings={k: v.to(dtype) for k, v in adapter.embeddings.items()}, unknown=list(adapter.unknown))
+                  embeddings={k: v.to(dtype) for k, v in adapter.embeddings.items()}, unknown=list(adapter.unknown),
+                  detection=adapter.detection)
     for module in adapter.modules.values():
         out.add(_cast_module(module, dtype))
     return out

@@ -11,6 +11,7 @@ only, never tensor values, unless ``modules=True`` asks for each module's ‖ΔW
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import Counter
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from loratool.arch import canonical_family, family, family_from_metadata, naming
 from loratool.core.modules import Adapter, LoraModule, flat2d
 from loratool.errors import LoraToolError
 from loratool.linalg import product_norm
@@ -73,31 +75,14 @@ def delta_norm(module) -> float:
     return float(module.delta(torch.float64).norm())
 
 
-_WRAPPERS = ("text_model", "encoder", "model", "base_model")
-
-
 def block_of(module) -> str:
-    """A readable block label: the first part of the module path (past wrappers such as
-    ``text_model.encoder``) with its index when it has one (``unet:down_blocks.1``,
-    ``unet:mid_block``, ``text_encoder:layers.5``, ``transformer:single_transformer_blocks.7``)."""
-    parts = module.path.split(".")
-    while len(parts) > 2 and parts[0] in _WRAPPERS:
-        parts = parts[1:]
-    head = parts[0] + (f".{parts[1]}" if len(parts) > 1 and parts[1].isdigit() else "")
-    return f"{module.component}:{head}"
+    """A readable block label (``unet:<block>.<index>``, ``text_encoder:layers.5``): the registry's."""
+    return naming.block_label(module.component, module.path)
 
 
-_COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae", "model")
-_BLOCK_ORDER = {"conv_in": 0, "time_embedding": 0, "down_blocks": 1, "input_blocks": 1, "mid_block": 2,
-                "middle_block": 2, "up_blocks": 3, "output_blocks": 3}
-
-
-def block_sort_key(label: str) -> tuple:
-    """Blocks in model order: denoiser first, down → mid → up, indices numerically."""
-    component, _, head = label.partition(":")
-    name, _, index = head.partition(".")
-    comp = _COMPONENT_ORDER.index(component) if component in _COMPONENT_ORDER else len(_COMPONENT_ORDER)
-    return (comp, component, _BLOCK_ORDER.get(name, 4), name, int(index) if index.isdigit() else -1)
+def block_sort_key(label: str, base_model: str = "generic") -> tuple:
+    """Blocks in model order as the base model's family orders them (down -> mid -> up for a UNet)."""
+    return family(canonical_family(base_model) or "generic").block_sort_key(label)
 
 
 # -- the report --------------------------------------------------------------------------------
@@ -163,12 +148,7 @@ def _adapter_dtypes(adapter: Adapter) -> dict[str, int]:
 
 def base_from_metadata(version: str | None) -> str | None:
     """Our base-model name for an ``ss_base_model_version`` value (None when unrecognised)."""
-    v = (version or "").lower()
-    for prefix, base in (("sdxl", "sdxl"), ("sd_v1", "sd1"), ("sd_1", "sd1"), ("sd1", "sd1"), ("sd_v2", "sd2"),
-                         ("sd_2", "sd2"), ("sd2", "sd2"), ("flux", "flux"), ("sd3", "sd3")):
-        if v.startswith(prefix):
-            return base
-    return None
+    return family_from_metadata({"ss_base_model_version": version}) if version else None
 
 
 def describe(metadata: Mapping[str, str], top_tags: int = 10) -> dict[str, Any]:
@@ -220,6 +200,7 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, t
         "metadata": describe(facts.metadata or adapter.metadata, top_tags),
         "hash_ok": facts.hash_ok,
         "metadata_base_model": base_from_metadata((facts.metadata or adapter.metadata).get("ss_base_model_version")),
+        "base_model_detection": adapter.detection.to_json() if adapter.detection else None,
         "hash_checked": facts.hash_checked,
     }
     if modules:
@@ -230,7 +211,8 @@ def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, t
         for m, row in zip(mods, rows, strict=True):
             label = block_of(m)
             blocks[label] = blocks.get(label, 0.0) + row["delta_norm"] ** 2
-        report["blocks"] = {b: math.sqrt(blocks[b]) for b in sorted(blocks, key=block_sort_key)}
+        order = functools.partial(block_sort_key, base_model=adapter.base_model)
+        report["blocks"] = {b: math.sqrt(blocks[b]) for b in sorted(blocks, key=order)}
     return report
 
 

@@ -201,9 +201,10 @@ def shape_report(shapes: Sequence[Sequence[int]], ranks: Iterable[int]) -> dict[
 
 
 def default_components(arch) -> tuple[str, ...]:
-    """kohya's defaults: every component but T5 (trained only with ``train_t5xxl``)."""
-    t5 = {s.component for s in arch.modules.values() if s.path.startswith("encoder.block.")}
-    return tuple(c for c in arch.components if c not in t5)
+    """kohya's defaults: every component but T5 (trained only with ``train_t5xxl``): the family's entry."""
+    from loratool.arch import family
+
+    return family(arch.name).default_components
 
 
 def pick_components(arch, text: str) -> tuple[str, ...]:

@@ -66,10 +66,10 @@ def build_models(arch: str, configs: dict) -> dict[str, torch.nn.Module]:
 
 
 def _model_name(name: str, wanted: set[str]) -> str:
-    """Table names of CLIP keep ``text_model.``; transformers-5 CLIPTextModel's state dict does not."""
-    if name not in wanted and name.startswith("text_model.") and name[len("text_model."):] in wanted:
-        return name[len("text_model."):]
-    return name
+    """A table name as the model's state dict spells it (the registry's CLIP rule)."""
+    from loratool.arch.naming import state_dict_name
+
+    return state_dict_name(name, wanted)
 
 
 def map_checkpoint(arch: str, keys: Iterable[str], get: Callable[[str], torch.Tensor],

@@ -124,6 +124,7 @@ def test_dora_axes():
 
 
 def test_lycoris_kinds_go_to_kohya_as_they_are():
+    """The kohya layout holds every LyCORIS kind (as LyCORIS saves it with kohya ids): read back as kohya."""
     g = torch.Generator().manual_seed(3)
     loha = LohaModule("unet", "down_blocks.0.resnets.0.conv2", alpha=2.0, w1a=rand(g, 320, 4), w1b=rand(g, 4, 2880),
                       w2a=rand(g, 320, 4), w2b=rand(g, 4, 2880), shape=(320, 320, 3, 3))
@@ -135,9 +136,9 @@ def test_lycoris_kinds_go_to_kohya_as_they_are():
     norm = NormModule("unet", "down_blocks.0.resnets.0.norm1", w_norm=rand(g, 32), bias=rand(g, 32))
     tucker = lora(g, "unet.down_blocks.1.resnets.0.conv1", (16, 8, 3, 3), 3, alpha=1.0, tucker=True)
     a = adapter_of([loha, loha_t, lokr, full, norm, tucker], "sd1")
-    tensors, meta = encode(a, "lycoris")
+    tensors, meta = encode(a, "kohya")
     b = decode(tensors, meta)
-    assert b.source_format == "lycoris"
+    assert b.source_format == "kohya"
     assert_same_delta(a, b, exact=True)
     assert_same_factors(a, b)
     assert meta["ss_network_module"] == "lycoris.kohya"

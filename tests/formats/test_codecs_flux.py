@@ -109,7 +109,7 @@ def test_flux_bfl_folds_alpha_and_keeps_delta():
     assert all(k.startswith("diffusion_model.") and ".alpha" not in k for k in tensors)
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in tensors
     b = decode(tensors, meta)
-    assert b.source_format == "flux-bfl"
+    assert b.source_format == "bfl"
     assert_same_delta(a, b, exact=False, rtol=1e-6)
     assert all(m.alpha is None for m in b.modules.values())
     # modules at scale 1 are written bit-identically
@@ -173,7 +173,7 @@ def test_xlabs_layout_reads_exactly():
         "single_blocks.1.processor.qkv_lora.up.weight": rand(g, 48, 4),
     }
     a = decode(t)
-    assert a.source_format == "flux-xlabs" and a.base_model == "flux" and not a.unknown
+    assert a.source_format == "xlabs" and a.base_model == "flux" and not a.unknown
     assert sorted(a.modules) == sorted([f"{D}.attn.to_qkv", f"{D}.attn.to_add_out",
                                         *(f"{S[:-1]}1.attn.to_{x}" for x in "qkv")])
     single = torch.cat([a.modules[f"{S[:-1]}1.attn.to_{x}"].delta(torch.float64) for x in "qkv"])

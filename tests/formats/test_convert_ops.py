@@ -67,7 +67,7 @@ def test_rslora_becomes_plain_alpha_for_kohya():
 @pytest.mark.parametrize("alpha", [1.0, -3.0, 0.25])
 def test_scale_folded_as_square_root_on_both_factors_where_no_alpha_fits(alpha):
     m = lora(rank=4, alpha=alpha)
-    out, report = convert(adapter(m), "aitoolkit")
+    out, report = convert(adapter(m), "diffusers-old")  # an SD layout without alpha
     got = out.modules[m.key]
     assert got.alpha is None and got.scale == 1.0
     assert rel(got.delta(torch.float64), m.delta(torch.float64)) < 1e-6
@@ -163,7 +163,7 @@ def test_dora_axes():
     with pytest.raises(LoraToolError, match="per input column.*cannot be turned"):
         convert(adapter(in_axis), "diffusers")
     with pytest.raises(LoraToolError, match="no place for a DoRA"):
-        convert(adapter(out_axis), "aitoolkit")
+        convert(adapter(out_axis), "diffusers-old")
     kept, _ = convert(adapter(out_axis, in_axis), "kohya")
     assert {m.dora.axis for m in kept.modules.values()} == {"in", "out"}
 

@@ -1,10 +1,12 @@
-"""Per-key detection: every layout family, its module id and role; base-model detection; unknown keys."""
+"""Per-key detection: every layout, its module name (placed by the family registry) and role; base-model
+detection; unknown keys."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from loratool.arch import detect_adapter
 from loratool.formats import decode, detect_keys
 from loratool.formats.keys import parse_key
 
@@ -27,10 +29,10 @@ CASES = [
     ("lora_te2_encoder_layers_0_self_attn_q_proj.lora_A.weight", "kohya", "text_encoder_2", f"{TE}.q_proj", "down"),
     ("lora_te1_text_model_encoder_layers_0_mlp_fc1.dora_scale", "kohya", "text_encoder",
      "text_model.encoder.layers.0.mlp.fc1", "dora_scale"),
-    # LyCORIS tensors under kohya or lycoris_ names
-    ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", "lycoris", "unet", "down_blocks.0.resnets.0.conv1",
+    # LyCORIS tensors under kohya names (the kohya layout) or the LyCORIS wrapper's lycoris_ names
+    ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", "kohya", "unet", "down_blocks.0.resnets.0.conv1",
      "hada_w1_a"),
-    ("lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_b", "lycoris", "text_encoder",
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_b", "kohya", "text_encoder",
      "text_model.encoder.layers.0.mlp.fc1", "lokr_w2_b"),
     ("lycoris_down_blocks_0_resnets_0_conv1.diff_b", "lycoris", "unet", "down_blocks.0.resnets.0.conv1", "diff_b"),
     ("lycoris_down_blocks_0_resnets_0_norm1.w_norm", "lycoris", "unet", "down_blocks.0.resnets.0.norm1", "w_norm"),
@@ -43,29 +45,29 @@ CASES = [
     (f"text_encoder_2.{TE}.q_proj.lora_linear_layer.up.weight", "diffusers-old", "text_encoder_2",
      f"{TE}.q_proj", "up"),
     # diffusers PEFT
-    (f"unet.{U}.to_q.lora_A.weight", "diffusers-peft", "unet", f"{U}.to_q", "down"),
-    ("text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight", "diffusers-peft", "text_encoder",
+    (f"unet.{U}.to_q.lora_A.weight", "diffusers", "unet", f"{U}.to_q", "down"),
+    ("text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight", "diffusers", "text_encoder",
      f"{TE}.q_proj", "up"),
-    (f"unet.{U}.to_q.lora_magnitude_vector", "diffusers-peft", "unet", f"{U}.to_q", "magnitude"),
-    ("transformer.transformer_blocks.0.attn.to_q.lora_B.bias", "diffusers-peft", "transformer",
+    (f"unet.{U}.to_q.lora_magnitude_vector", "diffusers", "unet", f"{U}.to_q", "magnitude"),
+    ("transformer.transformer_blocks.0.attn.to_q.lora_B.bias", "diffusers", "transformer",
      "transformer_blocks.0.attn.to_q", "bias"),
     # peft native
-    ("base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight", "peft", "", "down_blocks.0.resnets.0.conv1",
+    ("base_model.model.down_blocks.0.resnets.0.conv1.lora_A.weight", "peft", "unet", "down_blocks.0.resnets.0.conv1",
      "down"),
     # Flux: kohya, BFL, OneTrainer, XLabs
     ("lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight", "kohya", "transformer",
      "transformer_blocks.0.attn.to_qkv", "down"),
     ("lora_unet_single_blocks_3_linear1.alpha", "kohya", "transformer", "single_transformer_blocks.3.to_qkv_mlp",
      "alpha"),
-    ("diffusion_model.double_blocks.2.txt_attn.qkv.lora_A.weight", "flux-bfl", "transformer",
+    ("diffusion_model.double_blocks.2.txt_attn.qkv.lora_A.weight", "original", "transformer",
      "transformer_blocks.2.attn.to_added_qkv", "down"),
-    ("diffusion_model.single_blocks.9.linear2.lora_B.weight", "flux-bfl", "transformer",
+    ("diffusion_model.single_blocks.9.linear2.lora_B.weight", "original", "transformer",
      "single_transformer_blocks.9.proj_out", "up"),
     ("lora_transformer_transformer_blocks_9_attn_to_add_out.lora_down.weight", "onetrainer", "transformer",
      "transformer_blocks.9.attn.to_add_out", "down"),
-    ("double_blocks.1.processor.qkv_lora2.up.weight", "flux-xlabs", "transformer",
+    ("double_blocks.1.processor.qkv_lora2.up.weight", "xlabs", "transformer",
      "transformer_blocks.1.attn.to_added_qkv", "up"),
-    ("double_blocks.1.processor.proj_lora1.down.weight", "flux-xlabs", "transformer",
+    ("double_blocks.1.processor.proj_lora1.down.weight", "xlabs", "transformer",
      "transformer_blocks.1.attn.to_out.0", "down"),
 ]
 
@@ -74,7 +76,8 @@ CASES = [
 def test_parse_key(key, family, component, path, role):
     ref = parse_key(key)
     assert ref is not None, key
-    assert (ref.family, ref.component, ref.path, ref.role) == (family, component, path, role)
+    _, (place,) = detect_adapter([ref.module_id], [None])
+    assert (ref.layout, place.component, place.path, ref.role) == (family, component, path, role)
 
 
 @pytest.mark.parametrize("key", [
@@ -89,7 +92,7 @@ def test_detect_keys_sorts_known_and_unknown_by_name():
     keys = [f"unet.{U}.to_q.lora_A.weight", "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", "weird.key"]
     report = detect_keys(keys)
     assert report.unknown == ["weird.key"]
-    assert report.families == ["diffusers-peft", "kohya"]
+    assert report.layouts == ["diffusers", "kohya"]
 
 
 def test_special_layouts():
@@ -129,7 +132,7 @@ def test_mixed_file_is_reported_as_a_list():
     t = {**_lora("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k", 640, 768),
          **_lora(f"unet.{U}.to_q", 640, 640, kohya=False)}
     a = decode(t)
-    assert a.source_format == ["diffusers-peft", "kohya"]
+    assert a.source_format == ["diffusers", "kohya"]
     assert len(a.modules) == 2
 
 
@@ -150,8 +153,11 @@ def test_lone_factor_is_unknown_with_reason():
 
 
 def test_comfy_native_sd_unet_ids():
-    ref = parse_key("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight")
-    assert (ref.family, ref.component, ref.path) == ("ldm", "unet", f"{U}.to_q")
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    ref = parse_key(key)
+    _, (place,) = detect_adapter([ref.module_id], [None])
+    assert (ref.layout, place.component, place.path) == ("original", "unet", f"{U}.to_q")
+    assert decode({key: torch.zeros(4, 320), key.replace("lora_A", "lora_B"): torch.zeros(320, 4)}).source_format == "ldm"
 
 
 @pytest.mark.parametrize("key,words", [

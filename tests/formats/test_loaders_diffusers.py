@@ -74,6 +74,12 @@ def test_output_loads_in_diffusers_with_every_module_matched(tmp_path, kind, tar
     write_adapter(converted, out, target)
     messages = cm.load_diffusers(out, models["unet"], models["text_encoder"], models.get("text_encoder_2"),
                                  sdxl=kind == "sdxl")
+    _every_module_loaded_exactly(messages, models, base, adapter)
+
+
+def _every_module_loaded_exactly(messages, models, base, adapter) -> None:
+    """No loader complaint, a LoRA layer on every module of the adapter and nothing else, fused weight =
+    base + our ΔW."""
     assert cm.problems(messages) == []
     for comp, m in models.items():
         want = {mod.path for mod in adapter.modules.values() if mod.component == comp}
@@ -119,3 +125,24 @@ def test_kohya_file_from_transformers5_clip_spelling_loads(tmp_path):
     assert cm.problems(messages) == []
     cm.merge_all(te)
     assert max(cm.fused_errors(te, base, adapter, "text_encoder").values()) < 1e-5
+
+
+ATTENTION = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|self_attn\.(q|k|v|out)_proj)$")
+
+
+@pytest.mark.parametrize("target", ["diffusers-attnproc", "diffusers-old"])
+def test_old_diffusers_layouts_we_write_load_in_current_diffusers(tmp_path, target):
+    """The attention-processor layout (unet.<attention>.processor.to_q_lora…) and diffusers 0.21's
+    lora.down / lora_linear_layer: today's diffusers still converts both; every module matched, exact ΔW."""
+    models = {"unet": cm.model("sd1"), "text_encoder": cm.model("te")}
+    base = {"unet": cm.model("sd1"), "text_encoder": cm.model("te")}
+    keep = (lambda c, p: bool(ATTENTION.search(p))) if target == "diffusers-attnproc" else select
+    adapter = cm.random_adapter(models, lambda c, p: select(c, p) and keep(c, p), seed=13, rank=rank_rule,
+                                alpha=alpha_rule(uniform_attention=False), base_model="sd1")
+    converted, report = convert(adapter, target)
+    assert report.exact
+    out = tmp_path / "lora.safetensors"
+    write_adapter(converted, out, target)
+    assert read_adapter(out).source_format == target
+    messages = cm.load_diffusers(out, models["unet"], models["text_encoder"])
+    _every_module_loaded_exactly(messages, models, base, adapter)

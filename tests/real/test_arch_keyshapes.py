@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loratool.arch import detect_arch_from_checkpoint, load_arch
+from loratool.arch import detect_arch_from_checkpoint, family, load_arch
 
 
 @cache
@@ -54,7 +54,7 @@ def test_kohya_lora_keys_map_to_modules_of_matching_shape(real_dir, arch_name, f
     if count is not None:
         assert len(mods) == count
     for module_id, tensors in mods.items():
-        key = arch.from_kohya(module_id)
+        key = family(arch.name).from_kohya(module_id)
         assert key is not None, module_id
         spec = arch.modules[key]
         assert arch.to_kohya(key) == module_id
@@ -64,7 +64,7 @@ def test_kohya_lora_keys_map_to_modules_of_matching_shape(real_dir, arch_name, f
 def test_sdxl_kohya_lora_blocks_and_te(real_dir):
     arch = load_arch("sdxl")
     mods = _kohya_modules(keyshapes(real_dir, "sdxl_kohya_lora_r32.json"))
-    specs = [arch.modules[arch.from_kohya(m)] for m in mods]
+    specs = [arch.modules[family(arch.name).from_kohya(m)] for m in mods]
     te = [s for s in specs if s.component.startswith("text_encoder")]
     assert len(te) == 264 and {s.block for s in te} == {"BASE"}
     unet = [s for s in specs if s.component == "unet"]
@@ -224,7 +224,7 @@ def test_real_lycoris_lokr_locon_names_map(real_dir):
             mods.setdefault(module, {})[suffix] = f.info(key).shape
     groups = set()
     for module_id, t in mods.items():
-        key = arch.from_kohya(module_id)
+        key = family(arch.name).from_kohya(module_id)
         assert key is not None, module_id
         spec = arch.modules[key]
         groups.add(spec.group)
@@ -240,7 +240,7 @@ def test_flux_onetrainer_and_lora_transformer_names_map(real_dir, fixture):
     arch = load_arch("flux")
     mods = _kohya_modules(keyshapes(real_dir, fixture))
     for module_id, tensors in mods.items():
-        key = arch.from_kohya(module_id)
+        key = family(arch.name).from_kohya(module_id)
         assert key is not None, module_id
         assert not arch.modules[key].is_fused
         _check_lora_shape(arch.modules[key].shape, tensors["lora_down.weight"], tensors["lora_up.weight"])

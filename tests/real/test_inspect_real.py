@@ -32,10 +32,10 @@ ADAPTERS = {
         ("diffusers-old", "sd2", 128, {"unet": 128}, {"4": 128}, {"BF16": 256}),
     # kohya's LoCon set: 72 text-encoder + 278 U-Net modules, 5 tensors each (w1_a/b, w2_a/b, alpha)
     "sd15_kohya_lycoris_lokr_r4.safetensors":
-        ("lycoris", "sd1", 350, {"text_encoder": 72, "unet": 278}, {"4": 350}, {"F16": 1750}),
+        ("kohya", "sd1", 350, {"text_encoder": 72, "unet": 278}, {"4": 350}, {"F16": 1750}),
     # 4 × single_transformer_blocks.N.proj_out (3072 × 15360), rank 16
     "flux_aitoolkit_peft_r16.safetensors":
-        ("flux-aitoolkit", "flux", 4, {"transformer": 4}, {"16": 4}, {"F16": 8}),
+        ("aitoolkit", "flux", 4, {"transformer": 4}, {"16": 4}, {"F16": 8}),
     # CrossAttention q/k/v/out + GEGLU proj in 16 blocks (144), CLIPAttention in 12 layers (48), rank 1
     "sd15_cloneofsimo_safeloras.safetensors":
         ("cloneofsimo", "sd1", 192, {"text_encoder": 48, "unet": 144}, {"1": 192}, {"F32": 386}),

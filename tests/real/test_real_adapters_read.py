@@ -23,7 +23,7 @@ pytestmark = pytest.mark.real
 
 ADAPTERS = {
     # file: (format, base, modules, {component: count}, ranks, kinds, dtype)
-    "flux_aitoolkit_peft_r16.safetensors": ("flux-aitoolkit", "flux", 4, {"transformer": 4}, {16}, ["lora"],
+    "flux_aitoolkit_peft_r16.safetensors": ("aitoolkit", "flux", 4, {"transformer": 4}, {16}, ["lora"],
                                             torch.float16),
     "sd15_cloneofsimo_safeloras.safetensors": ("cloneofsimo", "sd1", 192, {"unet": 144, "text_encoder": 48}, {1},
                                                ["lora"], torch.float32),
@@ -33,7 +33,7 @@ ADAPTERS = {
                                                          ["lora"], torch.float32),
     "sd15_diffusers_lora_down_up.safetensors": ("diffusers-old", "sd1", 128, {"unet": 128}, {4}, ["lora"],
                                                 torch.float32),
-    "sd15_kohya_lycoris_lokr_r4.safetensors": ("lycoris", "sd1", 350, {"unet": 278, "text_encoder": 72}, {4},
+    "sd15_kohya_lycoris_lokr_r4.safetensors": ("kohya", "sd1", 350, {"unet": 278, "text_encoder": 72}, {4},
                                                ["lokr"], torch.float16),
     "sd2_diffusers_attnprocs_unet_prefix.safetensors": ("diffusers-attnproc", "sd2", 128, {"unet": 128}, {4},
                                                         ["lora"], torch.float32),
@@ -99,16 +99,16 @@ def test_pickle_is_read_weights_only(real_dir):
 
 KEYSHAPES = {
     # table: (format, base, modules, {component: count})
-    "flux_aitoolkit_lora_r16": ("flux-bfl", "flux", 228, {"transformer": 228}),
-    "flux_bfl_lokr_excerpt": ("flux-bfl", "flux", 6, {"transformer": 6}),
-    "flux_diffusers_lora_r32": ("diffusers-peft", "flux", 494, {"transformer": 494}),
+    "flux_aitoolkit_lora_r16": ("bfl", "flux", 228, {"transformer": 228}),
+    "flux_bfl_lokr_excerpt": ("bfl", "flux", 6, {"transformer": 6}),
+    "flux_diffusers_lora_r32": ("diffusers", "flux", 494, {"transformer": 494}),
     "flux_kohya_lora_r16": ("kohya", "flux", 304, {"transformer": 304}),
     "flux_kohya_lora_with_te1_r4": ("kohya", "flux", 376, {"transformer": 304, "text_encoder": 72}),
     "flux_kohya_style_dora_r4": ("onetrainer", "flux", 266, {"transformer": 266}),
     "flux_onetrainer_dora_r4": ("onetrainer", "flux", 506, {"transformer": 266, "text_encoder": 72,
                                                             "text_encoder_2": 168}),
     "flux_peft_base_model_r4": ("peft", "flux", 381, {"transformer": 381}),
-    "flux_xlabs_lora_excerpt": ("flux-xlabs", "flux", 12, {"transformer": 12}),
+    "flux_xlabs_lora_excerpt": ("xlabs", "flux", 12, {"transformer": 12}),
     "sd15_kohya_lora_r128": ("kohya", "sd1", 264, {"unet": 192, "text_encoder": 72}),
     "sdxl_kohya_lora_r32": ("kohya", "sdxl", 986, {"unet": 722, "text_encoder": 72, "text_encoder_2": 192}),
 }

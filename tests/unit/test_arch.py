@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loratool.arch import ARCH_NAMES, detect_arch_from_checkpoint, lbw_presets, lbw_weights, load_arch
+from loratool.arch import ARCH_NAMES, detect_arch_from_checkpoint, family, lbw_presets, lbw_weights, load_arch
 from loratool.arch.convert import checkpoint_to_diffusers, diffusers_to_checkpoint
 from loratool.errors import LoraToolError
 
@@ -98,19 +98,19 @@ def test_kohya_names_both_spellings():
     sd1, sdxl = load_arch("sd1"), load_arch("sdxl")
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     assert sd1.to_kohya(key) == "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert sd1.from_kohya("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q") == key
+    assert family("sd1").from_kohya("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q") == key
     xkey = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
     assert sdxl.to_kohya(xkey) == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
-    assert sdxl.from_kohya("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q") == xkey
-    assert sdxl.from_kohya("lora_unet_input_blocks_3_0_op") == "unet.down_blocks.0.downsamplers.0.conv"
+    assert family("sdxl").from_kohya("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q") == xkey
+    assert family("sdxl").from_kohya("lora_unet_input_blocks_3_0_op") == "unet.down_blocks.0.downsamplers.0.conv"
     assert sdxl.to_kohya("unet.up_blocks.0.upsamplers.0.conv") == "lora_unet_output_blocks_2_2_conv"
     assert sdxl.to_kohya("unet.up_blocks.1.resnets.0.conv_shortcut") == "lora_unet_output_blocks_3_0_skip_connection"
     te = "text_encoder_2.text_model.encoder.layers.3.mlp.fc2"
     assert sdxl.to_kohya(te) == "lora_te2_text_model_encoder_layers_3_mlp_fc2"
-    assert sdxl.from_kohya("lora_te2_encoder_layers_3_mlp_fc2") == te
-    assert sd1.from_kohya("lora_te_encoder_layers_0_self_attn_q_proj") == \
+    assert family("sdxl").from_kohya("lora_te2_encoder_layers_3_mlp_fc2") == te
+    assert family("sd1").from_kohya("lora_te_encoder_layers_0_self_attn_q_proj") == \
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
-    assert sdxl.from_kohya("lora_te_text_model_encoder_layers_0_mlp_fc1") is None
+    assert family("sdxl").from_kohya("lora_te_text_model_encoder_layers_0_mlp_fc1") is None
     with pytest.raises(LoraToolError, match="not a module"):
         sdxl.to_kohya("unet.nothing")
 
@@ -123,8 +123,8 @@ def test_flux_fused_modules():
                                ("transformer.transformer_blocks.3.attn.to_v", (6144, 9216))]
     assert flux.modules[qkv].shape == (9216, 3072)
     assert flux.to_kohya(qkv) == "lora_unet_double_blocks_3_img_attn_qkv"
-    assert flux.from_kohya("lora_unet_double_blocks_3_img_attn_qkv") == qkv
-    assert flux.from_kohya("lora_unet_double_blocks_3_txt_attn_qkv") == \
+    assert family("flux").from_kohya("lora_unet_double_blocks_3_img_attn_qkv") == qkv
+    assert family("flux").from_kohya("lora_unet_double_blocks_3_txt_attn_qkv") == \
         "transformer.transformer_blocks.3.attn.to_added_qkv"
     lin1 = "transformer.single_transformer_blocks.7.to_qkv_mlp"
     assert flux.fused[lin1][-1] == ("transformer.single_transformer_blocks.7.proj_mlp", (9216, 21504))
@@ -132,7 +132,7 @@ def test_flux_fused_modules():
     assert part.fused_in == lin1 and part.checkpoint_rows == (3072, 6144) and part.block == "S07"
     assert flux.to_kohya("transformer.single_transformer_blocks.7.proj_out") == "lora_unet_single_blocks_7_linear2"
     assert flux.to_kohya("transformer.transformer_blocks.0.ff_context.net.2") == "lora_unet_double_blocks_0_txt_mlp_2"
-    assert flux.from_kohya("lora_transformer_single_transformer_blocks_0_attn_to_k") == \
+    assert family("flux").from_kohya("lora_transformer_single_transformer_blocks_0_attn_to_k") == \
         "transformer.single_transformer_blocks.0.attn.to_k"
     assert flux.to_kohya("text_encoder_2.encoder.block.0.layer.0.SelfAttention.q") == \
         "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
@@ -204,7 +204,7 @@ def test_tables_are_consistent(arch_name):
         assert len(spec.shape) in (2, 4) and spec.kohya.startswith("lora_")
         if not spec.is_fused:
             assert arch.params[(spec.component, spec.path + ".weight")].shape == spec.shape
-        assert arch.from_kohya(spec.kohya) == (spec.fused_in or key)
+        assert family(arch.name).from_kohya(spec.kohya) == (spec.fused_in or key)
     for kind in ("attn", "attn+conv", "all"):
         order = [s.key for s in arch.targets(kind)]
         assert len(order) == len(set(order)) and order == [s.key for s in arch.targets(kind)]

@@ -83,5 +83,5 @@ def test_dit_maps_match_diffusers_converters(kind, convert):
 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl", "flux", "sd3"])
 def test_committed_tables_are_what_the_generator_writes(kind):
-    data = Path(__file__).resolve().parents[2] / "loratool" / "arch" / "data" / f"{kind}.json"
+    data = Path(__file__).resolve().parents[2] / "loratool" / "arch" / "data" / "tables" / f"{kind}.json"
     assert gen.dump(gen.build(kind)) + "\n" == data.read_text(), "run python tools/gen_arch_tables.py"

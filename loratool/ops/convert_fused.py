@@ -1,9 +1,10 @@
-"""Flux's fused projections: kohya/BFL store one LoRA over ``qkv`` (and ``linear1`` = q, k, v and
-the MLP input of a single block); diffusers/ai-toolkit store ``to_q``/``to_k``/``to_v``/``proj_mlp``.
+"""Fused projections of every family (the registry's fused groups): layouts in single-file names (kohya,
+bfl) store one LoRA over a fused weight (Flux's and SD3's q/k/v, Flux's single-block ``linear1`` = q, k, v
+and the MLP input); diffusers-named layouts store the parts apart.
 
-The canonical adapter keeps whatever the file had: a fused pseudo-module (the architecture table
-lists it with the row range of each part) or the split modules. :func:`regroup_flux` makes it
-what the target needs, exactly, with the codecs' fuse/split helpers (``loratool.formats.fuse``):
+The canonical adapter keeps whatever the file had: a fused pseudo-module (the family's table lists it
+with the row range of each part) or the split modules. :func:`regroup_fused` makes it what the target
+needs, exactly, with the codecs' fuse/split helpers (``loratool.formats.fuse``):
 
 * to a split layout, a fused module becomes one LoRA per part (its block of a block-diagonal up
   with the matching rows of down, or the whole down shared with the part's rows of up);
@@ -18,34 +19,35 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loratool.arch import canonical_family, family
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
-from loratool.formats import archinfo
 from loratool.formats.fuse import fuse_lora, split_lora
 
 if TYPE_CHECKING:
+    from loratool.formats.layouts import Layout
     from loratool.ops.convert import ConvertReport, ModuleChange
-    from loratool.ops.convert_targets import TargetSpec
 
 Parts = list[tuple[str, tuple[int, int]]]
 
 
-def _fused_table(base: str) -> dict[str, Parts]:
-    table = archinfo.arch(base) if base == "flux" else None
-    if table is None:
+def fused_groups(base_model: str) -> dict[str, Parts]:
+    """The family's fused weights with their parts in row order ({} for a family without any)."""
+    name = canonical_family(base_model)
+    if name is None:
         return {}
-    return {key: sorted(parts, key=lambda p: p[1][0]) for key, parts in getattr(table, "fused", {}).items()}
+    return {key: sorted(parts, key=lambda p: p[1][0]) for key, parts in family(name).fused.items()}
 
 
-def regroup_flux(adapter: Adapter, spec: TargetSpec, report: ConvertReport) -> Adapter:
-    """The adapter with Flux projections fused or split as ``spec`` needs (unchanged otherwise)."""
-    fused = _fused_table(adapter.base_model)
+def regroup_fused(adapter: Adapter, spec: Layout, report: ConvertReport) -> Adapter:
+    """The adapter with fused projections fused or split as ``spec`` needs (unchanged otherwise)."""
+    fused = fused_groups(adapter.base_model)
     if not fused:
         return adapter
     changes = {c.targets[0]: c for c in report.changes if c.targets}
     out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
-                  embeddings=adapter.embeddings, unknown=list(adapter.unknown))
-    if spec.flux_fused:
+                  embeddings=adapter.embeddings, unknown=list(adapter.unknown), detection=adapter.detection)
+    if spec.fused:
         owner = {part: key for key, parts in fused.items() for part, _ in parts}
         done: set[str] = set()
         for key, module in adapter.modules.items():
@@ -70,7 +72,7 @@ def regroup_flux(adapter: Adapter, spec: TargetSpec, report: ConvertReport) -> A
 
 def _plain(module) -> LoraModule:
     if not isinstance(module, LoraModule):
-        raise LoraToolError(f"{module.key}: a fused Flux {module.kind} module cannot be split into the q/k/v "
+        raise LoraToolError(f"{module.key}: a fused {module.kind} module cannot be split into the q/k/v "
                             "modules this layout needs; --lossy turns it into LoRA first")
     return module
 

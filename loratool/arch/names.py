@@ -1,0 +1,358 @@
+"""How a family names its modules in every layout style: ``resolve`` (a name as a file writes it -> the canonical
+place) and ``spell`` (the reverse), from the family's table indexes and, for what the table does not list, its
+naming rules. A mixin of ``registry.Family``, which holds the data these methods read.
+
+Styles: ``kohya`` (an underscored id under a scope token such as ``lora_te1``: kohya, onetrainer, lycoris), ``diffusers``
+(a dotted diffusers path under a component name, or bare), ``original`` (a dotted single-file path under
+``diffusion_model``), and a layout of one family's own (``xlabs``: the family's ``<layout>_to_diffusers``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache, cached_property, lru_cache
+
+from loratool.arch import naming
+from loratool.arch.table import ModuleSpec
+from loratool.errors import LoraToolError
+
+DENOISERS = ("unet", "transformer")
+_TE = re.compile(r"lora_te(\d?)$")
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a module name lands in canonical form. ``swapped``: the name's weight holds its row halves in the
+    other order (BFL/SAI final modulation ``[shift, scale]``); ``known``: the family's table lists it (else its
+    rules named it)."""
+
+    component: str
+    path: str
+    swapped: bool = False
+    known: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.component}.{self.path}" if self.component else self.path
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """A module as one layout writes it: the scope token, the name, and whether its rows are swapped."""
+
+    scope: str
+    name: str
+    swapped: bool = False
+
+
+def pattern_of(key: str) -> str:
+    """A module key with its block indices replaced: ``unet.down_blocks.N.attentions.N.proj_in``."""
+    return _INDEX.sub(".N", key)
+
+
+
+class FamilyNames:
+    """Name resolution and spelling of a family (see the module docstring); ``registry.Family`` provides
+    ``table``, ``modules``, ``components``, ``naming``, ``denoiser``, ``is_generic`` and the rest."""
+
+    # ------------------------------------------------------------------ kohya-style scopes
+    def _scope_component(self, scope: str) -> str | None:
+        """The component a kohya-style scope token names in this family."""
+        if self.table is not None:
+            for comp, prefix in self.table.kohya_prefix.items():
+                if prefix == scope and (scope != "lora_unet" or comp in DENOISERS):
+                    return comp
+        m = _TE.match(scope)
+        if m:  # diffusers' numbering (OneTrainer): lora_te1 / lora_te2 / lora_te3; bare lora_te without a table
+            if not m.group(1) and self.table is not None:
+                return None
+            comp = "text_encoder" if m.group(1) in ("", "1") else f"text_encoder_{m.group(1)}"
+            return comp if self.is_generic or comp in self.components else None
+        if scope == "lora_transformer":
+            return "transformer" if self.is_generic or "transformer" in self.components else None
+        if scope in ("lora_unet", "lycoris"):
+            return self.denoiser or ("unet" if self.is_generic else None)
+        return None
+
+    def te_scope(self, component: str, *, onetrainer: bool = False, single: bool = False) -> str:
+        """The kohya scope of a text encoder: the table's, or diffusers' numbering (``lora_te`` for a lone
+        CLIP of a family without a table when ``single``)."""
+        if not onetrainer and self.table is not None and component in self.table.kohya_prefix:
+            return self.table.kohya_prefix[component]
+        index = component.removeprefix("text_encoder").lstrip("_") or "1"
+        return "lora_te" if single and index == "1" and not onetrainer else f"lora_te{index}"
+
+    @cached_property
+    def _kohya_index(self) -> dict[str, tuple[str, bool]]:
+        """kohya-style id -> (canonical key, rows swapped). Primary ids first: aliases never shadow them."""
+        index: dict[str, tuple[str, bool]] = {}
+        t = self.table
+        if t is None:
+            return index
+        original = self.kohya_names == "original"
+        for spec in t.modules.values():
+            if not spec.fused_in:
+                index[spec.kohya] = (spec.key, original and spec.row_order is not None)
+        for spec in t.modules.values():
+            under = naming.path_to_underscore(spec.path)
+            if spec.component in DENOISERS:
+                prefix = t.kohya_prefix[spec.component]
+                aliases = [f"{prefix}_{under}", f"lycoris_{under}"]
+                if spec.component == "transformer":
+                    aliases.append(f"lora_transformer_{under}")
+                for alias in aliases:
+                    index.setdefault(alias, (spec.key, False))
+                ckey = self._original_name(spec)
+                if ckey is not None:
+                    index.setdefault(f"{prefix}_{naming.path_to_underscore(ckey)}", (spec.key, spec.row_order is not None))
+                continue
+            bare = naming.path_to_underscore(naming.without_clip_wrapper(spec.path))
+            for scope in dict.fromkeys((t.kohya_prefix[spec.component], self.te_scope(spec.component, onetrainer=True))):
+                index.setdefault(f"{scope}_{under}", (spec.key, False))
+                index.setdefault(f"{scope}_{bare}", (spec.key, False))
+        return index
+
+    def from_kohya(self, module_id: str) -> str | None:
+        """The canonical key of a kohya-style id this family's table knows (None otherwise)."""
+        found = self._kohya_index.get(module_id)
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------ original (single-file) names
+    def _original_prefix(self, component: str) -> str | None:
+        t = self.table
+        return t.checkpoint_prefix.get(component) if t is not None else None
+
+    def original_scope(self, component: str) -> str | None:
+        """The scope a LoRA in single-file names uses: ``diffusion_model`` (the checkpoint's prefix without
+        ``model.``); denoisers only."""
+        prefix = self._original_prefix(component)
+        if component not in DENOISERS or not prefix:
+            return "diffusion_model" if component in DENOISERS and self.naming is not None else None
+        return prefix.removeprefix("model.").rstrip(".")
+
+    def _original_name(self, spec: ModuleSpec) -> str | None:
+        """A whole module's single-file name without prefix and .weight (None for a part of a fused weight)."""
+        prefix = self._original_prefix(spec.component)
+        if not spec.checkpoint_key or spec.checkpoint_rows is not None or spec.fused_in or prefix is None:
+            return None
+        return spec.checkpoint_key[len(prefix):].removesuffix(".weight")
+
+    @cached_property
+    def _original_index(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for spec in self.modules.values():
+            if spec.component in DENOISERS:
+                name = self._original_name(spec)
+                if name is not None:
+                    out.setdefault(name, spec.key)
+        return out
+
+    # ------------------------------------------------------------------ resolve / spell
+    def resolve(self, style: str, scope: str, name: str) -> Place | None:
+        """The canonical place of a module name written in ``style`` under ``scope`` (None: not this family's)."""
+        if style == "kohya":
+            return self._resolve_kohya(scope, name)
+        if style == "diffusers":
+            return self._resolve_diffusers(scope, name)
+        if style == "original":
+            return self._resolve_original(scope, name)
+        convert = getattr(self.naming, f"{style}_to_diffusers", None)
+        path = convert(name) if convert is not None else None
+        if path is None or self.denoiser is None:
+            return None
+        return self._place(self.denoiser, path)
+
+    def known_place(self, style: str, scope: str, name: str) -> Place | None:
+        """:meth:`resolve` by the table's indexes alone (None when the table does not list the module): what
+        detection tries first, since a family whose table names every module needs no rule."""
+        if style == "kohya":
+            found = self._kohya_index.get(f"{scope}_{name}")
+            return None if found is None else Place(*found[0].split(".", 1), found[1], True)
+        if style == "original":
+            key = self._original_index.get(name) if scope == self.original_scope(self.denoiser or "") else None
+            return None if key is None else Place(*key.split(".", 1), self.modules[key].row_order is not None, True)
+        if style == "diffusers" and (not scope or scope in self.components):
+            for comp in (scope,) if scope else self.components:
+                path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
+                if f"{comp}.{path}" in self.modules:
+                    return Place(comp, path)
+        return None
+
+    def _place(self, component: str, path: str, swapped: bool = False) -> Place:
+        key = f"{component}.{path}"
+        return Place(component, path, swapped, key in self.modules)
+
+    def _resolve_kohya(self, scope: str, name: str) -> Place | None:
+        found = self._kohya_index.get(f"{scope}_{name}")
+        if found is not None:
+            comp, _, path = found[0].partition(".")
+            return Place(comp, path, found[1], True)
+        component = self._scope_component(scope)
+        if component is None:
+            return None
+        path = underscored(name)
+        if self.is_text_encoder(component) and component not in DENOISERS:
+            return self._place(component, naming.text_encoder_path(path))
+        if self.is_generic and scope in ("lora_unet", "lycoris"):
+            component = "unet" if path.split(".", 1)[0] in generic_roots("unet") else "transformer"
+        return self._denoiser_place(component, path, original_ok=True)
+
+    def _denoiser_place(self, component: str, path: str, original_ok: bool = True) -> Place | None:
+        convert = getattr(self.naming, "original_to_diffusers", None)
+        if convert is not None and path.split(".", 1)[0] in getattr(self.naming, "ORIGINAL_ROOTS", ()):
+            if not original_ok:
+                return None
+            diffusers = convert(path)
+            if diffusers is None:
+                return None
+            spec = self.modules.get(f"{component}.{diffusers}")
+            swapped = spec.row_order is not None if spec is not None else diffusers in getattr(self.naming, "SWAPPED", ())
+            return self._place(component, diffusers, swapped)
+        return self._place(component, path)
+
+    def _resolve_diffusers(self, scope: str, name: str) -> Place | None:
+        if scope:
+            if not self.is_generic and scope not in self.components:
+                return None
+            if self.is_text_encoder(scope) and scope not in DENOISERS:
+                return self._place(scope, naming.text_encoder_path(name))
+            return self._place(scope, name)
+        for comp in self.components:  # a bare path: the component whose table holds it, else whose roots fit
+            path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
+            if f"{comp}.{path}" in self.modules:
+                return Place(comp, path)
+        root = name.split(".", 1)[0]
+        for comp in self.components:
+            roots = generic_roots(comp) if self.is_generic else self.roots.get(comp, frozenset())
+            path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
+            if root in roots or path.split(".", 1)[0] in roots:
+                return self._place(comp, path)
+        return None
+
+    def _resolve_original(self, scope: str, name: str) -> Place | None:
+        component = self.denoiser
+        if self.is_generic:
+            component = "unet" if name.split(".", 1)[0] in generic_original_roots() else "transformer"
+            return Place(component, name, False, False)
+        if component is None or scope != self.original_scope(component):
+            return None
+        key = self._original_index.get(name)
+        if key is not None:
+            spec = self.modules[key]
+            return Place(spec.component, spec.path, spec.row_order is not None, True)
+        return self._denoiser_place(component, name, original_ok=True)
+
+    def spell(self, style: str, component: str, path: str, *, single_te: bool = False) -> Spelling | None:
+        """How a layout of ``style`` writes a canonical module (None: the style has no name for it).
+
+        Styles: ``kohya`` (kohya's ids), ``onetrainer`` (diffusers names under kohya-style scopes),
+        ``lycoris`` (the LyCORIS wrapper's ``lycoris_`` ids, denoisers only), ``diffusers`` and ``original``
+        (single-file names under ``diffusion_model``, denoisers only). A part of a fused weight has no kohya or
+        original name; a fused weight has no diffusers name."""
+        key = f"{component}.{path}"
+        spec = self.modules.get(key)
+        te = self.is_text_encoder(component) and component not in DENOISERS
+        if style in ("diffusers", "onetrainer", "lycoris") and key in self.fused:
+            return None
+        if style == "diffusers":
+            return Spelling(component, naming.text_encoder_path(path) if te else path)
+        if style in ("onetrainer", "lycoris"):
+            if te:
+                if style == "lycoris":
+                    return None
+                return Spelling(self.te_scope(component, onetrainer=True),
+                                naming.path_to_underscore(naming.text_encoder_path(path)))
+            scope = "lycoris" if style == "lycoris" else (
+                "lora_transformer" if component == "transformer" else self._kohya_scope(component))
+            return Spelling(scope, naming.path_to_underscore(path))
+        if spec is not None and spec.fused_in:
+            return None
+        if style == "kohya":
+            if te:
+                scope = self.te_scope(component, single=single_te and self.is_generic)
+                return Spelling(scope, naming.path_to_underscore(naming.text_encoder_path(path)))
+            scope = self._kohya_scope(component)
+            if spec is not None:
+                return Spelling(scope, spec.kohya[len(scope) + 1:], self.kohya_names == "original" and
+                                spec.row_order is not None)
+            if self.kohya_names == "original":
+                original = self._to_original(component, path)
+                if original is None:
+                    return None
+                return Spelling(scope, naming.path_to_underscore(original[0]), original[1])
+            return Spelling(scope, naming.path_to_underscore(path))
+        if style == "original":
+            scope = self.original_scope(component)
+            if te or scope is None:
+                return None
+            original = self._to_original(component, path)
+            return None if original is None else Spelling(scope, original[0], original[1])
+        raise LoraToolError(f"unknown naming style {style!r}")
+
+    def _kohya_scope(self, component: str) -> str:
+        t = self.table
+        return t.kohya_prefix.get(component, "lora_unet") if t is not None else "lora_unet"
+
+    def _to_original(self, component: str, path: str) -> tuple[str, bool] | None:
+        spec = self.modules.get(f"{component}.{path}")
+        if spec is not None:
+            name = self._original_name(spec)
+            return None if name is None else (name, spec.row_order is not None)
+        convert = getattr(self.naming, "diffusers_to_original", None)
+        if convert is None:
+            return None
+        name = convert(path)
+        return None if name is None else (name, path in getattr(self.naming, "SWAPPED", ()))
+
+
+# ---------------------------------------------------------------------- shared by every family
+
+@cache
+def vocabulary() -> frozenset[str]:
+    """Every name with an ``_`` in it that some family's adaptable components use (parameters and single-file
+    keys), plus the generic entry's words: what kohya's underscored ids need to be read back."""
+    from loratool.arch.registry import families, family
+
+    words: set[str] = set(family("generic").entry.get("words", ()))
+    for fam in families():
+        t = fam.table
+        if t is None:
+            continue
+        for (component, name), p in t.params.items():
+            if component not in t.components:  # the VAE: never adapted
+                continue
+            words.update(w for w in name.split(".") if "_" in w)
+            if p.checkpoint_key:
+                words.update(w for w in p.checkpoint_key.split(".") if "_" in w)
+    return frozenset(words)
+
+
+@lru_cache(maxsize=1 << 16)
+def underscored(name: str) -> str:
+    """A kohya id's name part as a dotted path (every family reads one name the same way: asked once)."""
+    return naming.underscore_to_path(name, vocabulary())
+
+
+@cache
+def generic_roots(component: str) -> frozenset[str]:
+    """The first names of a component's module paths in any family (how a bare path finds its component)."""
+    from loratool.arch.registry import families
+
+    out: set[str] = set()
+    for fam in families():
+        out |= fam.roots.get(component, frozenset())
+    return frozenset(out)
+
+
+@cache
+def generic_original_roots() -> frozenset[str]:
+    """First names of single-file UNet paths in any family (a ``diffusion_model.`` file without a family)."""
+    from loratool.arch.registry import families
+
+    out: set[str] = set()
+    for fam in families():
+        if fam.denoiser == "unet" and fam.naming is not None:
+            out |= getattr(fam.naming, "ORIGINAL_ROOTS", frozenset())
+    return frozenset(out)

@@ -1,0 +1,242 @@
+"""The family registry: one entry per model family, as data, and the names its modules have in every layout.
+
+An entry is ``data/<family>.json`` (see docs/ARCHITECTURE.md, "Adding a family"): aliases, what metadata
+says it (``ss_base_model_version``, ``modelspec.architecture``, ``base_model_name_or_path`` prefixes), its
+components and what model each is (``clip`` with or without projection, ``t5``, ``unet``, ``transformer``),
+the layouts that apply to it, default components and targets, whether kohya ids use original or diffusers
+names, and its module table: a generated table (``data/tables/<family>.json``: every module with its shape,
+single-file key, kohya id, LBW block, fused groups) or rules (``rules.py``: blocks x count, linear names,
+original <-> diffusers renames, fused row offsets as multiples of the hidden size). Where an original <->
+diffusers mapping is algorithmic, ``naming`` names a module of ``loratool.arch.families`` with
+``original_to_diffusers``/``diffusers_to_original`` (and, for a layout of its own, ``<layout>_to_diffusers``);
+where the mapping is a plain rename table, the entry's ``renames`` is that table (``renames.py``).
+
+Codecs never spell a module themselves. They split a key into a *style* (``kohya``: an underscored id;
+``diffusers``: a dotted diffusers path; ``original``: a dotted single-file path; or a layout of one family such
+as ``xlabs``), a *scope* (the component token as written: ``lora_te1``, ``unet``, ``diffusion_model``, or ``""``
+for none) and a *name*; :meth:`Family.resolve` gives the canonical place, :meth:`Family.spell` the reverse
+(``names.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from functools import cache, cached_property
+from importlib import resources
+from types import SimpleNamespace
+
+from loratool.arch import naming
+from loratool.arch.names import (  # noqa: F401 - re-exported: the registry is where callers look
+    DENOISERS,
+    FamilyNames,
+    Place,
+    Spelling,
+    generic_original_roots,
+    generic_roots,
+    pattern_of,
+    underscored,
+    vocabulary,
+)
+from loratool.arch.renames import Renames
+from loratool.arch.table import Arch, ModuleSpec
+from loratool.errors import LoraToolError
+
+
+class Family(FamilyNames):
+    """One model family: its entry, its table, and its naming in every layout."""
+
+    def __init__(self, entry: dict, table: dict | None = None):
+        self.entry = entry
+        self.name: str = entry["name"]
+        self.label: str = entry.get("label", self.name)
+        self.aliases: tuple[str, ...] = tuple(entry.get("aliases", ()))
+        self.hub: str | None = entry.get("hub")
+        self.layouts: tuple[str, ...] = tuple(entry.get("layouts", ()))
+        self.default_components: tuple[str, ...] = tuple(entry.get("default_components", ()))
+        self.default_targets: str = entry.get("default_targets", "attn")
+        self.metadata: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in entry.get("metadata", {}).items()}
+        self.kohya_names: str = entry.get("kohya_names", "diffusers")
+        self._components: dict[str, dict] = entry.get("components", {})
+        self._table_data = table
+
+    def __repr__(self) -> str:
+        return f"Family({self.name!r})"
+
+    # ------------------------------------------------------------------ data
+    @cached_property
+    def table(self) -> Arch | None:
+        if self._table_data is not None:
+            return Arch(self._table_data)
+        if self.entry.get("rules"):
+            from loratool.arch.rules import build_table
+
+            return Arch(build_table(self.name, self.entry["rules"]))
+        if self.entry.get("table"):
+            return Arch(read_json(f"tables/{self.entry['table']}.json"))
+        return None
+
+    def sized(self, dims: dict[str, tuple[int, ...]]) -> Family:
+        """This family at the sizes a file's modules show (canonical key -> weight dims), for a family described
+        by rules (Wan 1.3B or 14B, SD3.5 Medium or Large); a family with an enumerated table is itself."""
+        rules = self.entry.get("rules")
+        if not rules:
+            return self
+        from loratool.arch.rules import build_table, infer_sizes
+
+        return Family(self.entry, build_table(self.name, rules, infer_sizes(rules, dims)))
+
+    @cached_property
+    def naming(self) -> SimpleNamespace | None:
+        """The family's name mappings: its ``renames`` (data) and its ``naming`` module of
+        ``loratool.arch.families`` (functions), as ``original_to_diffusers``, ``diffusers_to_original``,
+        ``ORIGINAL_ROOTS``, ``SWAPPED`` and ``<layout>_to_diffusers``; None when it has neither."""
+        found: dict[str, object] = {}
+        renames = self.entry.get("renames")
+        if renames:
+            table = Renames.from_entry(renames)
+            found.update(original_to_diffusers=table.to_diffusers, diffusers_to_original=table.to_original,
+                         ORIGINAL_ROOTS=table.roots, SWAPPED=frozenset(renames.get("swapped", ())))
+        name = self.entry.get("naming")
+        if name:
+            module = importlib.import_module(f"loratool.arch.families.{name}")
+            found.update({k: v for k, v in vars(module).items() if not k.startswith("_")
+                          and (callable(v) or k.isupper()) and not isinstance(v, type)})
+        return SimpleNamespace(**found) if found else None
+
+    @property
+    def is_generic(self) -> bool:
+        return self.table is None
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.table.components if self.table is not None else tuple(self._components)
+
+    def model_of(self, component: str) -> str:
+        """What a component is: ``unet``, ``transformer``, ``clip``, ``t5`` or ``model``."""
+        return self._components.get(component, {}).get("model", "model")
+
+    def with_projection(self, component: str) -> bool:
+        """Whether a CLIP component is a CLIPTextModelWithProjection (its peft names keep ``text_model.``)."""
+        return bool(self._components.get(component, {}).get("projection"))
+
+    def is_text_encoder(self, component: str) -> bool:
+        return self.model_of(component) in ("clip", "t5") or component.startswith("text_encoder")
+
+    @cached_property
+    def denoiser(self) -> str | None:
+        found = [c for c in self.components if c in DENOISERS]
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def modules(self) -> dict[str, ModuleSpec]:
+        return self.table.modules if self.table is not None else {}
+
+    @property
+    def fused(self) -> dict[str, list[tuple[str, tuple[int, int]]]]:
+        """Fused weight -> its parts with their rows (Flux/SD3 q/k/v, Flux single-block linear1)."""
+        return self.table.fused if self.table is not None else {}
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        spec = self.modules.get(key)
+        return tuple(spec.shape) if spec is not None else None
+
+    def block(self, key: str) -> str | None:
+        """The LBW block of a module (None: not in the table, or no block)."""
+        spec = self.modules.get(key)
+        return spec.block if spec is not None else None
+
+    @cached_property
+    def patterns(self) -> frozenset[str]:
+        return frozenset(pattern_of(k) for k in self.modules)
+
+    @cached_property
+    def roots(self) -> dict[str, frozenset[str]]:
+        """component -> the first names of its module paths (diffusers naming), from the table."""
+        out: dict[str, set[str]] = {}
+        for spec in self.modules.values():
+            out.setdefault(spec.component, set()).add(spec.path.split(".", 1)[0])
+        return {c: frozenset(v) for c, v in out.items()}
+
+    @cached_property
+    def block_order(self) -> dict[str, int]:
+        """Block label -> its position in model order: the first LBW slot its modules fall in."""
+        slots = {slot: i for i, slot in enumerate(self.table.lbw.get("slots", ()))} if self.table else {}
+        order: dict[str, int] = {}
+        for spec in self.modules.values():
+            if spec.block in slots:
+                label = naming.block_label(spec.component, spec.path)
+                order[label] = min(order.get(label, slots[spec.block]), slots[spec.block])
+        return order
+
+    def block_sort_key(self, label: str) -> tuple:
+        """Blocks in model order (components in the family's order; LBW slot order within one), then the
+        blocks no table knows by name and index."""
+        component, _, head = label.partition(":")
+        name, _, index = head.partition(".")
+        comps = self.components or tuple(c for c in self._components)
+        comp = comps.index(component) if component in comps else len(comps)
+        return (comp, component, self.block_order.get(label, len(self.block_order)), name,
+                int(index) if index.isdigit() else -1)
+
+
+# ---------------------------------------------------------------------- loading
+
+def read_json(relative: str) -> dict:
+    try:
+        text = resources.files("loratool.arch").joinpath("data", relative).read_text()
+    except FileNotFoundError as exc:
+        raise LoraToolError(f"architecture data {relative} is missing from the package") from exc
+    return json.loads(text)
+
+
+@cache
+def family_names() -> tuple[str, ...]:
+    """Every family with an entry, in detection priority order (the generic notion last)."""
+    names = sorted(p.name.removesuffix(".json") for p in resources.files("loratool.arch").joinpath("data").iterdir()
+                   if p.name.endswith(".json"))
+    order = {"sd1": 0, "sd2": 1, "sdxl": 2, "flux": 3, "sd3": 4}
+    names.sort(key=lambda n: (n == "generic", order.get(n, len(order)), n))
+    return tuple(names)
+
+
+@cache
+def _entry(name: str) -> Family:
+    return Family(read_json(f"{name}.json"))
+
+
+@cache
+def _aliases() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in family_names():
+        out[name] = name
+        for alias in _entry(name).aliases:
+            out.setdefault(alias.lower(), name)
+    return out
+
+
+def canonical_family(name: str) -> str | None:
+    """A family's name from any of its spellings (None when unknown)."""
+    return _aliases().get(name.lower().strip()) if isinstance(name, str) else None
+
+
+def family(name: str) -> Family:
+    """The family of a name or alias (``LoraToolError`` when unknown)."""
+    key = canonical_family(name)
+    if key is None:
+        raise LoraToolError(f"unknown model family {name!r}: use one of {', '.join(family_names())}")
+    return _entry(key)
+
+
+def families(include_generic: bool = False) -> list[Family]:
+    return [_entry(n) for n in family_names() if include_generic or n != "generic"]
+
+
+def naming_function(name: str):
+    """The first family naming module's function of this name (a fact only one family has, such as
+    cloneofsimo's SD1 layer order), or None."""
+    for fam in families():
+        function = getattr(fam.naming, name, None)
+        if function is not None:
+            return function
+    return None
