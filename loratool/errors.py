@@ -8,8 +8,9 @@ written, but without modules the user allowed to be left out; it ends the comman
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -44,6 +45,18 @@ class LoraToolError(Exception):
     def one_line(self) -> str:
         text = _printable_message(self.message)
         return f"{shown(self.path)}: {text}" if self.path else text
+
+
+@contextlib.contextmanager
+def about(path: str | os.PathLike[str]) -> Iterator[None]:
+    """A :class:`LoraToolError` raised inside without a file (a module's math) is about ``path``."""
+    try:
+        yield
+    except LoraToolError as e:
+        if e.path is None:
+            e.path = os.fsdecode(path)
+            e.args = (e.one_line(),)
+        raise
 
 
 class SafetensorsError(LoraToolError):

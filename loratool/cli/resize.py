@@ -21,7 +21,7 @@ from loratool.cli.options import (
     svd_options,
 )
 from loratool.cli.render import render_summary
-from loratool.errors import LoraToolError
+from loratool.errors import LoraToolError, about
 from loratool.formats.write import FORMATS
 from loratool.io.output import Outputs
 
@@ -65,7 +65,8 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
     outputs.claim(output, "adapter", folder=fmt == "peft")
     if report_path:
         outputs.claim(report_path, "report")
-    result = resize(source, options)
+    with about(input_path):  # a module's math fails naming the module: add the file
+        result = resize(source, options)
     params = {"rank": rank, "conv_rank": conv_rank, "rank_mode": str(options.rank_mode), "dtype": dtype,
               "to": fmt.lower()}
     per = {r.key: [r.old_rank, r.rank, round(r.retained, 6)] for r in result.reports}

@@ -143,7 +143,8 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         part = flat[lo:lo + FINITE_CHUNK]
         if not bool(torch.isfinite(part.float() if widen else part).all()):
             bad = "NaN" if bool(torch.isnan(part.float() if widen else part).any()) else "infinite values"
-            raise LoraToolError(f"tensor {name!r} holds {bad}: refusing to write a non-finite result")
+            raise LoraToolError(f"tensor {name!r} holds {bad}: refusing to write a non-finite result "
+                               "(an input holds it, or the operation overflowed)")
 
 
 def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],

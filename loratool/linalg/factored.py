@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from loratool.errors import LoraToolError
 from loratool.linalg.orient import require_finite
 
 
@@ -50,6 +51,8 @@ def factored_svd(
     q_up, r_up = torch.linalg.qr(up, mode="reduced")  # [out, p], [p, R]
     q_down, r_down = torch.linalg.qr(down.T, mode="reduced")  # [in, q], [q, R]
     core = r_up @ r_down.T  # [p, q]
+    if not bool(torch.isfinite(core).all()):  # finite factors whose product overflows ``dtype``
+        raise LoraToolError(f"{name or 'a matrix'}: its factors are too large: their product overflows {dtype}")
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
     u = q_up @ u_core  # [out, k]
     vh = vh_core @ q_down.T  # [k, in]

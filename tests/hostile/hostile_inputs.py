@@ -122,21 +122,24 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if TEMP_TAG in p.name)
 
 
-def one_error_line(stderr: str) -> str:
-    """The stderr of a refused command: exactly one ``loratool: error:`` line, no internal error."""
+def one_error_line(stderr: str, notes: bool = False) -> str:
+    """The stderr of a refused command: exactly one ``loratool: error:`` line, no internal error (after
+    ``loratool: note:`` lines printed before the work began, where ``notes``)."""
     lines = stderr.strip("\n").split("\n")
+    while notes and len(lines) > 1 and lines[0].startswith("loratool: note: "):
+        lines.pop(0)
     assert len(lines) == 1 and lines[0].startswith("loratool: error: "), stderr
     assert "internal error" not in lines[0] and "Traceback" not in stderr, stderr
     return lines[0]
 
 
 def check_refused(result, *, inputs: Iterable[Path], outputs: Iterable[Path] = (), before: dict | None = None,
-                  names: Iterable[str] = ()) -> str:
+                  names: Iterable[str] = (), notes: bool = False) -> str:
     """Exit 1, one error line (naming each of ``names``), no output, no temporaries, inputs untouched."""
     code = getattr(result, "exit_code", getattr(result, "returncode", None))
     stderr = result.stderr
     assert code == 1, (code, stderr, getattr(result, "stdout", ""))
-    line = one_error_line(stderr)
+    line = one_error_line(stderr, notes)
     for name in names:
         assert name in line, (name, line)
     for out in outputs:
