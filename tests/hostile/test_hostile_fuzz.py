@@ -23,7 +23,7 @@ from hostile_inputs import REAL, check_refused, invoke, snapshot, temporaries
 from safetensors import safe_open
 
 ADAPTERS = sorted((REAL / "adapters").glob("*.safetensors")) if REAL.is_dir() else []
-SEEDS = range(24)  # the suite's share; the script above runs as many as asked
+SEEDS = [*range(20), 28, 109, 162, 435]  # the suite's share, with seeds that found bugs; the script runs any number
 
 
 def _commands(src: Path, out: Path) -> dict[str, list]:
