@@ -120,7 +120,7 @@ def encode_aitoolkit(adapter: Adapter, family: Family) -> tuple[dict[str, torch.
     return out, {LAYOUT_KEY: "aitoolkit"}
 
 
-LAYOUT_KEY = "loratool.layout"  # the one layout whose keys are spelt as another's (diffusers) says so here
+LAYOUT_KEY = "loratool.layout"  # a layout whose keys may be spelt as another's (aitoolkit, musubi) says so here
 
 
 def _plain_folded(module: Module, fmt: str) -> LoraModule:

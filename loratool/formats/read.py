@@ -77,7 +77,7 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
     dims = [weight_dims({role: raw.shapes[k] for role, k in written[i].items()}) for i in ids]
     detection, places = detect_adapter(ids, dims, raw.metadata, raw.config, forced=arch)
     fam = family(detection.family if detection.family != "unknown" else "generic")
-    groups, origin, layouts = _group(raw, refs, written, places, adapter)
+    groups, origin, layouts = _group(raw, refs, written, places, adapter, fam)
     alphas = _alpha_source(raw)
     for key, group in groups.items():
         comp, _, path = key.partition(".")
@@ -95,7 +95,8 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
     return adapter
 
 
-def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[Place | None], adapter: Adapter):
+def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[Place | None], adapter: Adapter,
+           fam: Family):
     groups: dict[str, Group] = {}
     origin: dict[str, list[str]] = {}
     layouts: dict[str, str] = {}
@@ -118,11 +119,22 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
                 tensor = swap_halves(tensor)
             group[role] = tensor
             origin.setdefault(place.key, []).append(key)
-        layout = first.layout
-        if layout == "original":
-            layout = "bfl" if place.component == "transformer" else "ldm"
-        layouts.setdefault(place.key, layout)
+        layouts.setdefault(place.key, _layout_of(first, place, fam))
     return groups, origin, layouts
+
+
+def _layout_of(ref: KeyRef, place: Place, fam: Family) -> str:
+    """The layout a module's keys are in: the key's own spelling, refined by how the family named it (single-file
+    names under a diffusers or peft scope are bfl's or fal's; a kohya id only musubi spells is musubi's)."""
+    layout = ref.layout
+    if layout == "original" or (layout in ("diffusers", "peft") and place.original):
+        return "fal" if layout == "peft" else "bfl" if place.component == "transformer" else "ldm"
+    if layout == "kohya" and ref.scope == "lora_unet" and "musubi" in fam.layouts:
+        kohya = fam.spell("kohya", place.component, place.path)
+        musubi = fam.spell("musubi", place.component, place.path)
+        if musubi is not None and musubi.name == ref.name and (kohya is None or kohya.name != ref.name):
+            return "musubi"
+    return layout
 
 
 def _alpha_source(raw: RawSource) -> AlphaSource | None:
@@ -178,6 +190,8 @@ def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...]) -> None:
 def _source_format(found: set[str], adapter: Adapter, fam: Family) -> str | list[str]:
     if found == {"diffusers"} and "aitoolkit" in fam.layouts and _made_by_aitoolkit(adapter.metadata):
         found = {"aitoolkit"}
+    if "musubi" in found or (found == {"kohya"} and adapter.metadata.get(LAYOUT_KEY) == "musubi"):
+        found = (found - {"kohya"}) | {"musubi"}  # ids both spell alike are musubi's too
     if found & {"lycoris", "onetrainer"}:
         found.discard("kohya")  # their text-encoder keys are spelled like kohya's
     if not found:

@@ -47,7 +47,7 @@ def regroup_fused(adapter: Adapter, spec: Layout, report: ConvertReport) -> Adap
     changes = {c.targets[0]: c for c in report.changes if c.targets}
     out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
                   embeddings=adapter.embeddings, unknown=list(adapter.unknown), detection=adapter.detection)
-    if spec.fused:
+    if spec.fused_for(family(canonical_family(adapter.base_model))):
         owner = {part: key for key, parts in fused.items() for part, _ in parts}
         done: set[str] = set()
         for key, module in adapter.modules.items():
