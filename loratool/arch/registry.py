@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from functools import cache, cached_property
 from importlib import resources
-from collections.abc import Mapping
 from types import SimpleNamespace
 
 from loratool.arch import naming

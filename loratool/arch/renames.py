@@ -23,6 +23,10 @@ def _template(name: str) -> str:
     return name if "{i}" in name else f"{name}.{{i}}"
 
 
+def _join(base: str, name: str) -> str:
+    return f"{base}.{name}" if base else name
+
+
 def _pattern(template: str, sep: str) -> re.Pattern[str]:
     body = re.escape(template.replace(".", sep)).replace(re.escape("{i}"), r"(\d+)")
     return re.compile(f"^{body}{re.escape(sep)}(.+)$")
@@ -61,8 +65,7 @@ class Renames:
             if "{i}" in base_o:
                 blocks.setdefault((base_o, base_d), {}).update(layers)
             else:
-                join = (lambda base, name: f"{base}.{name}" if base else name)
-                top.update({join(base_o, o): join(base_d, d) for o, d in layers.items()})
+                top.update({_join(base_o, o): _join(base_d, d) for o, d in layers.items()})
         return cls([(o, d, inner, frozenset(parts.get((o, d), ()))) for (o, d), inner in blocks.items()], top)
 
     def __init__(self, blocks: Sequence[Block], top: Mapping[str, str]):
