@@ -46,7 +46,16 @@ from loratool.arch.detect import (
     family_from_metadata,
 )
 from loratool.arch.lbw import lbw_presets, lbw_slots, lbw_weights
-from loratool.arch.registry import Family, Place, Spelling, canonical_family, family, family_names
+from loratool.arch.registry import (
+    Family,
+    Place,
+    Spelling,
+    canonical_family,
+    family,
+    family_for,
+    family_names,
+    retargets,
+)
 from loratool.arch.registry import families as all_families  # ``loratool.arch.families`` is the subpackage
 from loratool.arch.table import Arch, ModuleSpec, ParamSpec
 from loratool.errors import LoraToolError
@@ -57,7 +66,7 @@ ARCH_NAMES = tuple(f.name for f in all_families() if f.entry.get("table") or f.e
 __all__ = [
     "ARCH_NAMES", "GENERIC", "Arch", "Detection", "Family", "ModuleSpec", "ParamSpec", "Place", "Spelling",
     "all_families", "canonical_family", "detect_adapter", "detect_arch_from_checkpoint", "detect_checkpoint",
-    "family", "family_from_metadata", "family_names", "lbw_presets", "lbw_slots", "lbw_weights", "load_arch",
+    "family", "family_for", "family_from_metadata", "family_names", "retargets", "lbw_presets", "lbw_slots", "lbw_weights", "load_arch",
 ]
 
 

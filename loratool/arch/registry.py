@@ -286,6 +286,28 @@ def family(name: str) -> Family:
     return _entry(key)
 
 
+def family_for(adapter) -> Family:
+    """The family an adapter's names are spelt in, at the sizes its modules show (a family described by rules:
+    Wan 14B, a tiny test model); the generic notion when its base model is unknown. ``adapter`` is any object
+    with ``base_model``, ``modules`` (canonical key -> module with ``weight_shape``) and ``detection``."""
+    name = canonical_family(adapter.base_model) or "generic"
+    fam = family(name)
+    if not fam.rules:
+        return fam
+    found = getattr(adapter, "detection", None)
+    if found is not None and found.family == name and found.sizes:
+        return fam.at(dict(found.sizes), found.variant)
+    return fam.sized({key: tuple(m.weight_shape) for key, m in adapter.modules.items()})
+
+
+@cache
+def retargets() -> dict[str, tuple[str, dict]]:
+    """Every retargeting an entry offers (``retarget``): name -> (the family it applies to, what it says: the
+    target ``family``, ``sizes`` and ``why`` a dropped module has no place there). Wan's ``wan-t2v`` drops the
+    image-to-video modules; Flux's ``chroma`` drops what Chroma does not have."""
+    return {name: (fam.name, spec) for fam in families() for name, spec in fam.entry.get("retarget", {}).items()}
+
+
 def families(include_generic: bool = False) -> list[Family]:
     return [_entry(n) for n in family_names() if include_generic or n != "generic"]
 

@@ -40,6 +40,7 @@ import ast
 import operator
 import re
 from collections.abc import Mapping
+from functools import lru_cache
 
 from loratool.errors import LoraToolError
 
@@ -158,6 +159,7 @@ def merge_tables(generated: dict, ruled: dict) -> dict:
             "checkpoint_extra": list(dict.fromkeys([*generated["checkpoint_extra"], *ruled["checkpoint_extra"]]))}
 
 
+@lru_cache(maxsize=1024)
 def _pattern(template: str, exact: bool) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)") + ("$" if exact else r"(?:\.|$)"))
 

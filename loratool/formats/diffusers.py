@@ -20,7 +20,7 @@ import json
 
 import torch
 
-from loratool.arch import Family, canonical_family, family, naming
+from loratool.arch import Family, family_for, naming
 from loratool.arch.registry import DENOISERS
 from loratool.core.modules import Adapter, LoraModule, Module
 from loratool.errors import LoraToolError
@@ -172,5 +172,5 @@ def encode_attnproc(adapter: Adapter, family: Family) -> tuple[dict[str, torch.T
 
 
 def family_of(adapter: Adapter) -> Family:
-    """The family an adapter's names are spelt in (the generic notion when its base model is unknown)."""
-    return family(canonical_family(adapter.base_model) or "generic")
+    """The family an adapter's names are spelt in, at its sizes (``arch.family_for``)."""
+    return family_for(adapter)

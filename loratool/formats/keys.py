@@ -91,8 +91,8 @@ def _processor(key: str) -> KeyRef | None:
 
 def _named(module_id: str, role: str, key: str) -> KeyRef | None:
     m = _KOHYA_ID.match(module_id)
-    if m:
-        return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2), role)
+    if m:  # Wan-Fun writes lora_unet__blocks_…: one underscore too many
+        return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2).lstrip("_"), role)
     if "." not in module_id:
         return None
     head, _, rest = module_id.partition(".")

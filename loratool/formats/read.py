@@ -77,6 +77,8 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
     dims = [weight_dims({role: raw.shapes[k] for role, k in written[i].items()}) for i in ids]
     detection, places = detect_adapter(ids, dims, raw.metadata, raw.config, forced=arch)
     fam = family(detection.family if detection.family != "unknown" else "generic")
+    if detection.sizes:
+        fam = fam.at(dict(detection.sizes), detection.variant)
     groups, origin, layouts = _group(raw, refs, written, places, adapter, fam)
     alphas = _alpha_source(raw)
     for key, group in groups.items():
