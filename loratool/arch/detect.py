@@ -170,7 +170,7 @@ def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims], table_only: b
 
 def _detection(fit: _Fit, *args, **kwargs) -> Detection:
     fam = fit.family
-    return Detection(fam.name, *args, variant=fam.variant, sizes=tuple(sorted(fam.sizes.items())), **kwargs)
+    return Detection(fam.name, *args, variant=fam.variant_label, sizes=tuple(sorted(fam.sizes.items())), **kwargs)
 
 
 def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mapping[str, str] | None = None,

@@ -110,6 +110,16 @@ class Family(FamilyNames):
         return found
 
     @cached_property
+    def variant_label(self) -> str | None:
+        """The size variant this instance is (its own label, or the variant whose sizes the defaults are)."""
+        if self.variant is not None or not self.rules:
+            return self.variant
+        for name, sizes in self.rules.get("variants", {}).items():
+            if all(self.sizes.get(k) == v for k, v in sizes.items()):
+                return name
+        return None
+
+    @cached_property
     def sizes(self) -> dict[str, int]:
         """The sizes this instance's table is built at (the defaults for the registry's own)."""
         return dict(self.rules.get("sizes", {})) if self.rules else {}

@@ -93,8 +93,6 @@ def _named(module_id: str, role: str, key: str) -> KeyRef | None:
     m = _KOHYA_ID.match(module_id)
     if m:  # Wan-Fun writes lora_unet__blocks_…: one underscore too many
         return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2).lstrip("_"), role)
-    if "." not in module_id:
-        return None
     head, _, rest = module_id.partition(".")
     if module_id.startswith(PEFT_SCOPE + "."):
         return KeyRef("peft", "diffusers", "", module_id[len(PEFT_SCOPE) + 1:], role)

@@ -100,7 +100,7 @@ def test_hunyuan_single_block_linear1_through_diffusers_converter():
     a = _adapter("hunyuan-video", parts + ["transformer.transformer_blocks.1.attn.add_v_proj"])
     tensors = _tensors(a, "bfl")
     assert "diffusion_model.single_blocks.3.linear1.lora_A.weight" in tensors
-    _assert_same(a, _oracle_deltas(_convert_hunyuan_video_lora_to_diffusers(dict(tensors))))
+    _assert_same(a, _oracle_deltas(_convert_hunyuan_video_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
 
 
 def test_lumina2_fused_gqa_qkv_through_diffusers_converter():
@@ -112,7 +112,7 @@ def test_lumina2_fused_gqa_qkv_through_diffusers_converter():
     a = _adapter("lumina2", [f"transformer.layers.0.{p}" for p in block])
     tensors = _tensors(a, "bfl")
     assert tensors["diffusion_model.layers.0.attention.qkv.lora_B.weight"].shape[0] == 2304 + 2 * 768
-    _assert_same(a, _oracle_deltas(_convert_non_diffusers_lumina2_lora_to_diffusers(dict(tensors))))
+    _assert_same(a, _oracle_deltas(_convert_non_diffusers_lumina2_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
 
 
 @pytest.mark.parametrize("fam_name", ["flux-kontext", "chroma"])
@@ -123,4 +123,4 @@ def test_flux_kohya_linear1_through_diffusers_converter(fam_name):
     a = _adapter(fam_name, parts + ["transformer.transformer_blocks.2.attn.to_k"], rank=2)
     tensors = _tensors(a, "kohya")
     assert "lora_unet_single_blocks_7_linear1.lora_down.weight" in tensors
-    _assert_same(a, _oracle_deltas(_convert_kohya_flux_lora_to_diffusers(dict(tensors))))
+    _assert_same(a, _oracle_deltas(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
