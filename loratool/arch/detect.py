@@ -261,9 +261,34 @@ def detect_checkpoint(keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tu
                     return found(width.get(shape[1], UNKNOWN))
             continue
         for fam in families():  # each alternative: fragment lists that keys of the file must each contain
-            if any(all(has(parts) for parts in alt) for alt in fam.entry.get(stage, ())):
-                return found(fam.name)
+            if any(all(has(parts) for parts in alt) for alt in fam.entry.get(stage, ())) and \
+                    not any(has([part]) for part in fam.entry.get("checkpoint_not", ())):
+                if not fam.rules:
+                    return found(fam.name)
+                sized = checkpoint_family(fam, shapes)
+                return Detection(fam.name, ("keys",), (fam.name,), meta, key_meta, sized.variant_label,
+                                 tuple(sorted(sized.sizes.items())))
     return found(UNKNOWN)
+
+
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
+
+
+def checkpoint_family(fam: Family, shapes: Mapping[str, Sequence[int]]) -> Family:
+    """A family described by rules at the sizes a checkpoint's weights show (single-file names with or without
+    ``model.diffusion_model.``, or diffusers names); the family itself otherwise."""
+    if not fam.rules:
+        return fam
+    dims: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        prefix = next(p for p in _CHECKPOINT_PREFIXES if key.startswith(p))
+        name = key[len(prefix):].removesuffix(".weight")
+        place = fam.resolve("original", "diffusion_model", name) or fam.resolve("diffusers", "", name)
+        if place is not None and place.component == fam.denoiser:
+            dims[place.key] = tuple(shape)
+    return fam.sized(dims)
 
 
 def detect_embeddings(keys: Iterable[str], widths: Iterable[int], metadata: Mapping[str, str] | None = None

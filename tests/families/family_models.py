@@ -19,7 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "formats"))
 import convert_models as cm  # noqa: E402
 
+from loratool.arch import family  # noqa: E402
 from loratool.core.modules import Adapter  # noqa: E402
+from loratool.linalg.factored import product_sq_norm  # noqa: E402
 
 # diffusers class and keyword arguments of a tiny model of each family (every block kind present, widths small)
 TINY: dict[str, tuple[str, dict]] = {
@@ -142,3 +144,41 @@ def check_loaded(messages: list[str], m: torch.nn.Module, base: torch.nn.Module,
 def pattern(*names: str) -> Callable[[str], bool]:
     rx = re.compile("|".join(names))
     return lambda p: bool(rx.search(p))
+
+
+# ------------------------------------------------------------------ ΔW compared on the factors
+
+def cloned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a diffusers converter gets: its own tensors (Wan's scales some of its input in place)."""
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def factors(adapter, fam_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """ΔW per diffusers module of what we read, as factors (up·scale, down); fused modules cut into their parts
+    (a Flux linear1 ΔW is never built densely)."""
+    fam = family(fam_name)
+    out = {}
+    for key, m in adapter.modules.items():
+        up, down = m.up.double() * m.scale, m.down.double()
+        for part, (r0, r1) in fam.fused.get(key, [(key, (0, up.shape[0]))]):
+            out[part.removeprefix("transformer.")] = (up[r0:r1], down)
+    return out
+
+
+def oracle(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The factors (B, A) per module a diffusers converter returned (alpha folded in)."""
+    out = {}
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            out[key.removeprefix("transformer.").removesuffix(".lora_A.weight")] = \
+                (state[key.replace(".lora_A.", ".lora_B.")].double(), down.double())
+    return out
+
+
+def same(ours: dict, theirs: dict) -> None:
+    """The same modules with the same ΔW: ‖B₁A₁ − B₂A₂‖/‖B₂A₂‖ from the factors."""
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))[:6]
+    for k, (up, down) in theirs.items():
+        ou, od = ours[k]
+        diff = product_sq_norm(torch.cat([ou, -up], 1), torch.cat([od, down], 0))
+        assert diff <= 1e-12 * product_sq_norm(up, down), k

@@ -69,23 +69,13 @@ def _adapter(fam_name: str, keys: list[str], seed: int = 0, rank: int = 1) -> Ad
     return a
 
 
-def _oracle_deltas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ΔW per diffusers module of a state dict a diffusers converter returned (alpha folded in: B @ A)."""
-    out = {}
-    for key, down in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
-            out[name] = state[key.replace(".lora_A.", ".lora_B.")].double() @ down.double()
-    return out
-
-
-def _assert_same(ours: Adapter, theirs: dict[str, torch.Tensor]) -> None:
-    want = {m.path: m.delta(torch.float64) for m in ours.modules.values()}
-    assert set(theirs) >= set(want)
-    for path, delta in want.items():
-        assert float((theirs[path] - delta).norm() / delta.norm()) < 1e-6, path  # their scale is applied in fp32
-    for path in set(theirs) - set(want):  # an untrained part of a fused weight is an exact zero block
-        assert not theirs[path].any(), path
+def _same(a: Adapter, theirs: dict) -> None:
+    """Ours equal to the converter's output; the untrained parts of a fused weight it returns are exact zeros."""
+    ours = fm.factors(a, a.base_model)
+    for path in set(theirs) - set(ours):
+        assert not theirs[path][0].any(), path
+        ours[path] = theirs[path]
+    fm.same(ours, theirs)
 
 
 def _tensors(a: Adapter, layout: str) -> dict[str, torch.Tensor]:
@@ -100,7 +90,7 @@ def test_hunyuan_single_block_linear1_through_diffusers_converter():
     a = _adapter("hunyuan-video", parts + ["transformer.transformer_blocks.1.attn.add_v_proj"])
     tensors = _tensors(a, "bfl")
     assert "diffusion_model.single_blocks.3.linear1.lora_A.weight" in tensors
-    _assert_same(a, _oracle_deltas(_convert_hunyuan_video_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
+    _same(a, fm.oracle(_convert_hunyuan_video_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
 
 
 def test_lumina2_fused_gqa_qkv_through_diffusers_converter():
@@ -112,7 +102,7 @@ def test_lumina2_fused_gqa_qkv_through_diffusers_converter():
     a = _adapter("lumina2", [f"transformer.layers.0.{p}" for p in block])
     tensors = _tensors(a, "bfl")
     assert tensors["diffusion_model.layers.0.attention.qkv.lora_B.weight"].shape[0] == 2304 + 2 * 768
-    _assert_same(a, _oracle_deltas(_convert_non_diffusers_lumina2_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
+    _same(a, fm.oracle(_convert_non_diffusers_lumina2_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
 
 
 @pytest.mark.parametrize("fam_name", ["flux-kontext", "chroma"])
@@ -123,4 +113,4 @@ def test_flux_kohya_linear1_through_diffusers_converter(fam_name):
     a = _adapter(fam_name, parts + ["transformer.transformer_blocks.2.attn.to_k"], rank=2)
     tensors = _tensors(a, "kohya")
     assert "lora_unet_single_blocks_7_linear1.lora_down.weight" in tensors
-    _assert_same(a, _oracle_deltas(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
+    _same(a, fm.oracle(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))

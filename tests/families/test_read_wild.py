@@ -7,12 +7,12 @@ diffusers module) says where each key must land. Full-size shapes at rank 1 (sma
 
 from __future__ import annotations
 
+import family_models as fm
 import pytest
 import torch
 
 from loratool.arch import family
 from loratool.formats import decode
-from loratool.linalg.factored import product_sq_norm
 
 pytest.importorskip("diffusers")
 from diffusers.loaders import lora_conversion_utils as dc  # noqa: E402
@@ -38,42 +38,6 @@ def _file(fam_name: str, stems: dict[str, str], style: str, alpha: bool, seed: i
     return out
 
 
-def _copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a diffusers converter gets: its own tensors (Wan's scales some of its input in place)."""
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def _deltas(adapter, fam_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """ΔW per diffusers module of what we read, as factors (up·scale, down); fused modules cut into their parts
-    (a Flux linear1 ΔW is never built densely)."""
-    fam = family(fam_name)
-    out = {}
-    for key, m in adapter.modules.items():
-        up, down = m.up.double() * m.scale, m.down.double()
-        for part, (r0, r1) in fam.fused.get(key, [(key, (0, up.shape[0]))]):
-            out[part.removeprefix("transformer.")] = (up[r0:r1], down)
-    return out
-
-
-def _oracle(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The factors (B, A) per module a diffusers converter returned (alpha folded in)."""
-    out = {}
-    for key, down in state.items():
-        if key.endswith(".lora_A.weight"):
-            out[key.removeprefix("transformer.").removesuffix(".lora_A.weight")] = \
-                (state[key.replace(".lora_A.", ".lora_B.")].double(), down.double())
-    return out
-
-
-def _same(ours: dict, theirs: dict) -> None:
-    """The same modules with the same ΔW: ‖B₁A₁ − B₂A₂‖/‖B₂A₂‖ from the factors."""
-    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))[:6]
-    for k, (up, down) in theirs.items():
-        ou, od = ours[k]
-        diff = product_sq_norm(torch.cat([ou, -up], 1), torch.cat([od, down], 0))
-        assert diff <= 1e-12 * product_sq_norm(up, down), k
-
-
 WAN_BLOCK = {"self_attn_q": "attn1.to_q", "self_attn_k": "attn1.to_k", "self_attn_v": "attn1.to_v",
              "self_attn_o": "attn1.to_out.0", "cross_attn_q": "attn2.to_q", "cross_attn_k": "attn2.to_k",
              "cross_attn_v": "attn2.to_v", "cross_attn_o": "attn2.to_out.0", "ffn_0": "ffn.net.0.proj",
@@ -85,12 +49,12 @@ def test_wan_musubi_and_wan_fun(double):
     """musubi's lora_unet_blocks_N_self_attn_q (Wan-Fun: lora_unet__blocks_…) as diffusers' musubi converter reads it."""
     stems = {f"lora_unet_blocks_{i}_{k}": f"transformer.blocks.{i}.{v}" for i in range(2) for k, v in WAN_BLOCK.items()}
     tensors = _file("wan", stems, "down", alpha=True)
-    theirs = _oracle(dc._convert_musubi_wan_lora_to_diffusers(_copy(tensors)))
+    theirs = fm.oracle(dc._convert_musubi_wan_lora_to_diffusers(fm.cloned(tensors)))
     if double:
         tensors = {k.replace("lora_unet_", "lora_unet__"): v for k, v in tensors.items()}
     a = decode(tensors)
     assert a.base_model == "wan" and not a.unknown and a.source_format == "kohya"
-    _same(_deltas(a, "wan"), theirs)
+    fm.same(fm.factors(a, "wan"), theirs)
 
 
 @pytest.mark.parametrize("style,alpha", [("A", False), ("down", True)], ids=["diffusion-pipe", "lightx2v"])
@@ -107,11 +71,11 @@ def test_wan_diffusion_model_with_bias_deltas(style, alpha):
     g = torch.Generator().manual_seed(3)
     tensors["diffusion_model.blocks.0.self_attn.q.diff_b"] = torch.randn(5120, generator=g)
     norm = tensors["diffusion_model.blocks.0.norm3.diff"] = torch.randn(5120, generator=g)
-    converted = dc._convert_non_diffusers_wan_lora_to_diffusers(_copy(tensors))  # drops the norm delta
+    converted = dc._convert_non_diffusers_wan_lora_to_diffusers(fm.cloned(tensors))  # drops the norm delta
     a = decode(tensors)
     assert a.base_model == "wan" and a.source_format == "bfl" and a.detection.variant == "14B" and not a.unknown
     assert torch.equal(a.modules.pop("transformer.blocks.0.norm2").diff, norm)  # original norm3 is diffusers' norm2
-    _same(_deltas(a, "wan"), _oracle(converted))
+    fm.same(fm.factors(a, "wan"), fm.oracle(converted))
     ours = a.modules["transformer.blocks.0.attn1.to_q"]
     assert torch.allclose((ours.bias * ours.scale).double(), converted["transformer.blocks.0.attn1.to_q.lora_B.bias"].double())
 
@@ -131,7 +95,7 @@ def test_hunyuan_original_names(prefix):
     tensors = _file("hunyuan-video", {prefix + k: v for k, v in HUNYUAN_STEMS.items()}, "A", alpha=False)
     a = decode(tensors)
     assert a.base_model == "hunyuan-video" and not a.unknown and a.source_format == "bfl"
-    _same(_deltas(a, "hunyuan-video"), _oracle(dc._convert_hunyuan_video_lora_to_diffusers(_copy(tensors))))
+    fm.same(fm.factors(a, "hunyuan-video"), fm.oracle(dc._convert_hunyuan_video_lora_to_diffusers(fm.cloned(tensors))))
 
 
 def test_hunyuan_musubi_and_comfy_ids_are_one_module():
@@ -165,7 +129,7 @@ def test_qwen_layouts(spell, style, alpha):
     tensors = _file("qwen-image", stems, style, alpha)
     a = decode(tensors)
     assert a.base_model == "qwen-image" and not a.unknown
-    _same(_deltas(a, "qwen-image"), _oracle(dc._convert_non_diffusers_qwen_lora_to_diffusers(_copy(tensors))))
+    fm.same(fm.factors(a, "qwen-image"), fm.oracle(dc._convert_non_diffusers_qwen_lora_to_diffusers(fm.cloned(tensors))))
 
 
 Z_SPLIT = {"layers.0.attention.to_q": "", "layers.0.attention.to_out.0": "", "layers.3.feed_forward.w2": "",
@@ -180,7 +144,7 @@ def test_zimage_split_layouts(spell, style, alpha):
     tensors = _file("z-image", {spell(p): f"transformer.{p}" for p in Z_SPLIT}, style, alpha)
     a = decode(tensors)
     assert a.base_model == "z-image" and not a.unknown
-    _same(_deltas(a, "z-image"), _oracle(dc._convert_non_diffusers_z_image_lora_to_diffusers(_copy(tensors))))
+    fm.same(fm.factors(a, "z-image"), fm.oracle(dc._convert_non_diffusers_z_image_lora_to_diffusers(fm.cloned(tensors))))
 
 
 def test_zimage_fused_comfy_ids_in_dot_style():
@@ -191,7 +155,7 @@ def test_zimage_fused_comfy_ids_in_dot_style():
     tensors = _file("z-image", stems, "dot", alpha=True)
     a = decode(tensors)
     assert a.base_model == "z-image" and not a.unknown
-    _same(_deltas(a, "z-image"), _oracle(dc._convert_non_diffusers_z_image_lora_to_diffusers(_copy(tensors))))
+    fm.same(fm.factors(a, "z-image"), fm.oracle(dc._convert_non_diffusers_z_image_lora_to_diffusers(fm.cloned(tensors))))
 
 
 def test_lumina2_diffusion_model_fused_gqa():
@@ -202,7 +166,7 @@ def test_lumina2_diffusion_model_fused_gqa():
                     "A", alpha=False)
     a = decode(tensors)
     assert a.base_model == "lumina2" and not a.unknown
-    _same(_deltas(a, "lumina2"), _oracle(dc._convert_non_diffusers_lumina2_lora_to_diffusers(_copy(tensors))))
+    fm.same(fm.factors(a, "lumina2"), fm.oracle(dc._convert_non_diffusers_lumina2_lora_to_diffusers(fm.cloned(tensors))))
 
 
 def test_fal_kontext_files():
@@ -218,10 +182,10 @@ def test_fal_kontext_files():
               for i in range(38) for k, v in single.items()}
     stems |= {"base_model.model.final_layer.linear": "transformer.proj_out"}
     tensors = _file("flux", stems, "A", alpha=False)
-    theirs = _oracle(dc._convert_fal_kontext_lora_to_diffusers(_copy(tensors)))
+    theirs = fm.oracle(dc._convert_fal_kontext_lora_to_diffusers(fm.cloned(tensors)))
     a = decode(tensors)
     assert a.base_model == "flux" and a.source_format == "fal" and not a.unknown
-    _same(_deltas(a, "flux"), theirs)
+    fm.same(fm.factors(a, "flux"), theirs)
 
 
 @pytest.mark.parametrize("fam_name,stems,style,alpha,layout", [
