@@ -125,12 +125,11 @@ class Family(FamilyNames):
         return dict(self.rules.get("sizes", {})) if self.rules else {}
 
     def variant_sizes(self, label: str) -> dict[str, int] | None:
-        """The sizes of a named variant (``14B``), or None."""
+        """The sizes of a named variant (``14B``; ``large`` for SD3's ``3.5-large``), or None."""
         variants = self.rules.get("variants", {}) if self.rules else {}
-        for name, sizes in variants.items():
-            if name.lower() == label.lower():
-                return {**self.rules.get("sizes", {}), **sizes}
-        return None
+        want = label.lower()
+        found = [n for n in variants if n.lower() == want] or [n for n in variants if n.lower().endswith("-" + want)]
+        return {**self.rules.get("sizes", {}), **variants[found[0]]} if len(found) == 1 else None
 
     @cached_property
     def naming(self) -> SimpleNamespace | None:
@@ -286,6 +285,36 @@ def _aliases() -> dict[str, str]:
 def canonical_family(name: str) -> str | None:
     """A family's name from any of its spellings (None when unknown)."""
     return _aliases().get(name.lower().strip()) if isinstance(name, str) else None
+
+
+def model(name: str) -> Family:
+    """A family, or one of its size variants by ``<family>-<variant>`` (``wan-14b``, ``wan2.1-1.3b``,
+    ``sd3.5-large``: an alias may name a variant's prefix, ``variant_prefixes``): the family built at that
+    variant's sizes (``LoraToolError`` when unknown)."""
+    if canonical_family(name) is not None:
+        return family(name)
+    head, _, label = name.strip().rpartition("-")
+    while head:
+        found = canonical_family(head)
+        prefix = family(found).entry.get("variant_prefixes", {}).get(head.lower()) if found else None
+        sizes = (prefix and family(found).variant_sizes(f"{prefix}-{label}")) or (
+            family(found).variant_sizes(label) if found else None)
+        if sizes is not None:
+            fam = family(found)
+            return fam.at(sizes, next(v for v in fam.rules["variants"] if fam.variant_sizes(v) == sizes))
+        head, _, more = head.rpartition("-")
+        label = f"{more}-{label}"
+    raise LoraToolError(f"unknown model {name!r}: use one of {', '.join(model_names())}")
+
+
+@cache
+def model_names() -> tuple[str, ...]:
+    """Every family name and ``<family>-<variant>`` of the families described by rules (for ``--model``)."""
+    out = []
+    for fam in families():
+        out.append(fam.name)
+        out += [f"{fam.name}-{v.lower()}" for v in (fam.rules or {}).get("variants", {})]
+    return tuple(out)
 
 
 def family(name: str) -> Family:

@@ -134,9 +134,9 @@ def _generic_modules(base: TensorSource, tuned: TensorSource, options: ExtractOp
 
 
 def _arch_modules(name: str, src: TensorSource, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:
-    from loratool.arch import load_arch
+    from loratool.arch import checkpoint_table
 
-    arch = load_arch(name)
+    arch = checkpoint_table(name, src.shapes())  # a family described by rules at the checkpoint's sizes
     keys = set(src.keys())
     out, missing = [], []
     for spec in arch.targets(options.targets, fused=True):

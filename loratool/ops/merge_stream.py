@@ -158,6 +158,7 @@ def _detect_arch(source: TensorSource) -> str:
     return detect_arch_from_checkpoint(source.shapes())
 
 
+
 def _write_folder(src: Path, out: FolderWriter, plan: MergePlan, params: dict, device, progress) -> int:
     """Every file of the folder ``src`` into ``out``: the changed ones rewritten, the rest copied."""
     changed = 0
@@ -190,11 +191,14 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     may have claimed it already); without one, through a fresh one of the checkpoint, the inputs' names
     and ``force``. Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
     """
+    from loratool.arch import checkpoint_table
+
     src = Path(checkpoint)
     with open_checkpoint(src) as source:
         keys = file_keys(source, src)
         arch_name = arch or _detect_arch(source)
-    plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir())
+        table = checkpoint_table(arch_name, source.shapes())  # a family of rules at the checkpoint's sizes
+    plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir(), table=table)
     report = plan.summary()
     if plan.unmatched and not allow_unmatched:
         shown = ", ".join(plan.unmatched[:8]) + (f" and {len(plan.unmatched) - 8} more" if len(plan.unmatched) > 8 else "")

@@ -14,7 +14,7 @@ pytest.importorskip("diffusers")
 
 # model class, config of a real checkpoint (diffusers' defaults where they are the released model's), our variant
 REAL = {
-    "wan-14b-i2v": ("WanTransformer3DModel", dict(image_dim=1280, added_kv_proj_dim=5120, in_channels=36), "wan", "14B",
+    "wan-14b-i2v": ("WanTransformer3DModel", dict(image_dim=1280, added_kv_proj_dim=5120, in_channels=36), "wan", "14B-I2V",
                     {"I": 1}),
     "wan-1.3b": ("WanTransformer3DModel", dict(num_attention_heads=12, ffn_dim=8960, num_layers=30), "wan", "1.3B",
                  {"I": 0}),

@@ -73,7 +73,7 @@ def test_wan_diffusion_model_with_bias_deltas(style, alpha):
     norm = tensors["diffusion_model.blocks.0.norm3.diff"] = torch.randn(5120, generator=g)
     converted = dc._convert_non_diffusers_wan_lora_to_diffusers(fm.cloned(tensors))  # drops the norm delta
     a = decode(tensors)
-    assert a.base_model == "wan" and a.source_format == "bfl" and a.detection.variant == "14B" and not a.unknown
+    assert a.base_model == "wan" and a.source_format == "bfl" and a.detection.variant == "14B-I2V" and not a.unknown
     assert torch.equal(a.modules.pop("transformer.blocks.0.norm2").diff, norm)  # original norm3 is diffusers' norm2
     fm.same(fm.factors(a, "wan"), fm.oracle(converted))
     ours = a.modules["transformer.blocks.0.attn1.to_q"]

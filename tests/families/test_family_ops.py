@@ -1,0 +1,130 @@
+"""The other commands on the new families, end to end through the CLI: inspect (family, variant, blocks in model
+order, components), ratio --model <family>-<variant>, scale --lbw at the file's own sizes, resize and mix keeping
+the input's layout, merge into a single-file checkpoint in the family's own names (fused q/k/v rows included,
+bare keys as the released files have them) and extract from the base/tuned pair back to a LoRA of the family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import family_models as fm
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loratool.arch import family, load_arch
+from loratool.arch.convert import diffusers_to_checkpoint
+from loratool.cli.main import cli
+from loratool.core.modules import Adapter, LoraModule
+from loratool.formats import read_adapter, write_adapter
+from loratool.io.safetensors import SafetensorsFile
+from loratool.io.writer import write_safetensors
+from loratool.ops.convert import convert
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _wan_13b(tmp_path: Path, layout: str = "musubi") -> Path:
+    """A Wan 1.3B LoRA (blocks 0, 7 and 29: the sizes tell the variant) in ``layout``."""
+    fam = load_arch("wan-1.3b")
+    g = torch.Generator().manual_seed(1)
+    a = Adapter(base_model="wan")
+    for key in ("transformer.blocks.0.attn1.to_q", "transformer.blocks.7.attn2.to_k",
+                "transformer.blocks.29.ffn.net.0.proj"):
+        out, inp = fam.modules[key].shape
+        a.add(LoraModule("transformer", key.split(".", 1)[1], alpha=2.0, down=torch.randn(4, inp, generator=g) * 0.1,
+                         up=torch.randn(out, 4, generator=g) * 0.1))
+    path = tmp_path / "wan.safetensors"
+    write_adapter(convert(a, layout)[0], path, layout)
+    return path
+
+
+def test_inspect_names_family_variant_and_blocks(tmp_path):
+    report = json.loads(run("inspect", _wan_13b(tmp_path), "--modules", "--json"))[0]
+    assert report["base_model"] == "wan" and report["format"] == "musubi"
+    assert report["base_model_detection"]["variant"] == "1.3B"
+    assert list(report["blocks"]) == ["transformer:blocks.0", "transformer:blocks.7", "transformer:blocks.29"]
+    assert report["components"] == {"transformer": 3}
+
+
+def test_ratio_of_a_family_variant():
+    small = json.loads(run("ratio", "--model", "wan-1.3b", "-r", "16", "--json"))
+    large = json.loads(run("ratio", "--model", "wan-14b", "-r", "16", "--json"))
+    assert small["layers"] == 30 * 10 and large["layers"] == 40 * 10  # a text-to-video Wan: no k_img/v_img
+    assert large["full_params"] > 8 * small["full_params"]
+
+
+def test_scale_lbw_at_the_files_sizes(tmp_path):
+    """Wan 1.3B has 30 blocks: a 32-value vector (IN, B00-B29, OUT) is its vector; block 7 weighed 0."""
+    src = _wan_13b(tmp_path)
+    vector = ["1"] * 32
+    vector[1 + 7] = "0"
+    out = tmp_path / "scaled.safetensors"
+    run("scale", src, "1", "--lbw", ",".join(vector), "-o", out, "-q")
+    before, after = read_adapter(src), read_adapter(out)
+    assert after.source_format == "musubi"
+    assert not after.modules["transformer.blocks.7.attn2.to_k"].delta().any()
+    key = "transformer.blocks.0.attn1.to_q"
+    assert torch.allclose(after.modules[key].delta(), before.modules[key].delta())
+
+
+def test_resize_and_mix_keep_the_layout(tmp_path):
+    src = _wan_13b(tmp_path, "bfl")
+    resized = tmp_path / "r.safetensors"
+    run("resize", src, "--rank", "2", "-o", resized, "-q")
+    assert read_adapter(resized).source_format == "bfl" and read_adapter(resized).base_model == "wan"
+    mixed = tmp_path / "m.safetensors"
+    run("mix", f"{src}:0.5", f"{resized}:0.5", "-o", mixed, "-q")
+    out = read_adapter(mixed)
+    assert out.source_format == "bfl" and out.base_model == "wan" and len(out.modules) == 3
+
+
+@pytest.fixture
+def hunyuan(tmp_path: Path):
+    """The tiny HunyuanVideo as a single-file checkpoint in Tencent names (bare keys, fused img_attn_qkv and
+    linear1), and a kohya LoRA on a fused q/k/v, a single block's linear1 and a plain layer."""
+    m = fm.model("hunyuan-video")
+    dims = {f"transformer.{k}": s for k, s in fm.linears(m).items()}
+    table = family("hunyuan-video").sized(dims).table
+    state = {k: v.detach() for k, v in m.state_dict().items()}
+    prefix = table.checkpoint_prefix["transformer"]
+    ckpt = {key[len(prefix):]: diffusers_to_checkpoint(table, key, lambda p: state[p.name]).contiguous()
+            for key in table.checkpoint_params}
+    base = tmp_path / "hunyuan.safetensors"
+    write_safetensors(base, ckpt)
+    a = fm.adapter("hunyuan-video", fm.pattern(r"^transformer_blocks\.1\.attn\.(to_q|to_k|to_v)$",
+                                               r"^single_transformer_blocks\.0\.(attn\.to_|proj_mlp)",
+                                               r"^transformer_blocks\.0\.ff_context\.net\.2$"))
+    lora = tmp_path / "lora.safetensors"
+    write_adapter(convert(a, "kohya")[0], lora, "kohya")
+    return base, ckpt, lora, a
+
+
+def test_merge_into_single_file_and_extract_back(tmp_path, hunyuan):
+    base, ckpt, lora, a = hunyuan
+    merged = tmp_path / "merged.safetensors"
+    report = json.loads(run("merge", base, f"{lora}:1", "-o", merged, "--json"))
+    assert report["arch"] == "hunyuan-video" and report["unmatched_modules"] == 0
+    fused = {"double_blocks.1.img_attn_qkv.weight": [f"transformer_blocks.1.attn.to_{x}" for x in "qkv"],
+             "single_blocks.0.linear1.weight": [f"single_transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+             + ["single_transformer_blocks.0.proj_mlp"],
+             "double_blocks.0.txt_mlp.fc2.weight": ["transformer_blocks.0.ff_context.net.2"]}
+    with SafetensorsFile(merged) as f:
+        for key, parts in fused.items():
+            delta = torch.cat([a.modules[f"transformer.{p}"].delta(torch.float64) for p in parts])
+            assert torch.allclose(f.get(key).double(), ckpt[key].double() + delta, atol=1e-6), key
+        untouched = "double_blocks.0.img_mlp.fc1.weight"
+        assert torch.equal(f.get(untouched), ckpt[untouched])
+    out = tmp_path / "extracted.safetensors"
+    run("extract", base, merged, "-r", "8", "--targets", "all", "--to", "kohya", "-o", out, "-q")
+    back = read_adapter(out)
+    assert back.base_model == "hunyuan-video" and back.source_format == "kohya"
+    for key, parts in fused.items():
+        stem = f"transformer.{parts[0].rsplit('.', 2)[0] if 'attn' in parts[0] else parts[0]}"
+        got = [m for k, m in back.modules.items() if k.startswith(stem)]
+        assert got, key
