@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from loratool.arch import model_names
-
 from loratool.cli import render as rd
 from loratool.cli.options import debug_option, emit_json, force_option, json_option
 from loratool.errors import LoraToolError
