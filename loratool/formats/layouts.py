@@ -134,7 +134,7 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("peft", (), "diffusers:encode_peft_file", rslora=True, dora_axes=frozenset({"out"}), folder=True),
     Layout("aitoolkit", ("ai-toolkit",), "diffusers:encode_aitoolkit", alpha=False, components=_DENOISERS | _TEXT),
     Layout("bfl", (), "original:encode_bfl", kinds=ALL_KINDS, alpha=False, fused=True,
-           components=frozenset({"transformer"})),
+           components=frozenset({"transformer"}), bias=True),
     Layout("ldm", ("comfy-ldm",), "original:encode_ldm", kinds=ALL_KINDS, dora_axes=_BOTH_AXES, tucker=True,
            fused=True, components=frozenset({"unet"}), bias=True, kohya_metadata=True),
     Layout("xlabs", read_only="only XLabs' own nodes load it; ComfyUI and diffusers read kohya, bfl or diffusers "

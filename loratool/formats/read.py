@@ -22,7 +22,7 @@ from loratool.arch import Detection, Family, Place, detect_adapter, family
 from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, Module
 from loratool.formats import special
 from loratool.formats.build import Group, GroupError, build_module, swap_halves
-from loratool.formats.detect import detect_keys, unknown_reason
+from loratool.formats.detect import detect_keys, unknown_reason, unsupported_reason
 from loratool.formats.diffusers import LAYOUT_KEY
 from loratool.formats.fuse import split_lora
 from loratool.formats.keys import KeyRef
@@ -108,7 +108,9 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
         if place is None and first.layout == "peft":  # a bare peft folder of a model no family knows
             place = Place("model", first.name, False, False)
         if place is None:
-            _note_unknown(adapter, list(keys.values()), f"{first.name}: no known model family has this module")
+            key = next(iter(keys.values()))  # a kind we know we do not read says so; else no family has it
+            _note_unknown(adapter, list(keys.values()),
+                          unsupported_reason(key) or f"{first.name}: no known model family has this module")
             continue
         group = groups.setdefault(place.key, {})
         for role, key in keys.items():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from loratool.arch import family, load_arch
+from loratool.arch import checkpoint_table, family, load_arch
 from loratool.arch.convert import diffusers_to_checkpoint
 from loratool.cli.main import cli
 from loratool.core.modules import Adapter, LoraModule
@@ -128,3 +128,38 @@ def test_merge_into_single_file_and_extract_back(tmp_path, hunyuan):
         stem = f"transformer.{parts[0].rsplit('.', 2)[0] if 'attn' in parts[0] else parts[0]}"
         got = [m for k, m in back.modules.items() if k.startswith(stem)]
         assert got, key
+
+
+def test_extract_with_bias_and_norm_deltas(tmp_path):
+    """A Wan base/tuned pair in single-file names: the extracted LoRA gains its layers' bias deltas (.diff_b)
+    and the changed norm weights (.diff on original norm3 = diffusers' norm2), as the distill LoRAs carry them."""
+    from loratool.io.sources import open_source
+    from loratool.ops.extract_deltas import add_bias_and_norm_deltas
+
+    m = fm.model("wan")
+    table = family("wan").sized({f"transformer.{k}": s for k, s in fm.linears(m).items()}).table
+    state = {k: v.detach() for k, v in m.state_dict().items()}
+    names = {f"{s.path}.{part}": s.checkpoint_key.removesuffix(".weight").removeprefix("model.diffusion_model.") + f".{part}"
+             for s in table.modules.values() for part in ("weight", "bias") if f"{s.path}.{part}" in state}
+    base = {names[k]: state[k].clone() for k in names}
+    tuned = {k: v.clone() for k, v in base.items()}
+    g = torch.Generator().manual_seed(4)
+    tuned["blocks.0.ffn.0.weight"] += torch.randn(32, 2, generator=g) @ torch.randn(2, 16, generator=g)
+    tuned["blocks.0.ffn.0.bias"] += torch.randn(32, generator=g)
+    tuned["blocks.1.norm3.weight"] += torch.randn(16, generator=g)
+    paths = [tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"]
+    for path, tensors in zip(paths, (base, tuned), strict=True):
+        write_safetensors(path, {**tensors, "head.modulation": torch.zeros(1, 2, 16)})
+    out = tmp_path / "x.safetensors"
+    run("extract", *paths, "-r", "4", "--targets", "all", "--to", "bfl", "-o", out, "-q")
+    a = read_adapter(out)
+    with open_source(paths[0]) as b, open_source(paths[1]) as t:  # the family's table at the checkpoint's sizes
+        added = add_bias_and_norm_deltas(a, b, t, checkpoint_table("wan", b.shapes()))
+    assert added == ["transformer.blocks.0.ffn.net.0.proj.bias", "transformer.blocks.1.norm2"]
+    final = tmp_path / "distill.safetensors"
+    write_adapter(a, final, "bfl")
+    with SafetensorsFile(final) as f:
+        assert torch.allclose(f.get("diffusion_model.blocks.0.ffn.0.diff_b"),
+                              tuned["blocks.0.ffn.0.bias"] - base["blocks.0.ffn.0.bias"])
+        assert torch.allclose(f.get("diffusion_model.blocks.1.norm3.diff"),
+                              tuned["blocks.1.norm3.weight"] - base["blocks.1.norm3.weight"])
