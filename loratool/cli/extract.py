@@ -21,8 +21,11 @@ from loratool.cli.options import (
     svd_options,
 )
 from loratool.cli.render import render_summary
-from loratool.formats.write import FORMATS
 from loratool.io.output import Outputs
+
+# --to's values, spelt here so that the command loads without torch (formats.write checks them)
+LAYOUTS = "kohya|diffusers|peft|aitoolkit|bfl (kohya aliases: webui, comfyui, a1111, forge, lycoris)"
+TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION", "QUESTION_ANS", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
 
 TARGETS = ("attn", "attn+conv", "all")
 
@@ -33,7 +36,8 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 
 
 @click.command(help="Extract a LoRA from BASE and TUNED (single-file checkpoints, diffusers folders or "
-                    "component files; --arch generic: any two safetensors with the same keys).")
+                    "component files, Hugging Face model folders; --arch generic: any two models with the "
+                    "same keys, e.g. two LLM folders).")
 @click.argument("base", type=click.Path(exists=True, dir_okay=True))
 @click.argument("tuned", type=click.Path(exists=True, dir_okay=True))
 @click.option("-r", "--rank", type=click.IntRange(min=1), default=32, show_default=True,
@@ -51,8 +55,14 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @svd_options
 @click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Clamp factors at this quantile of their entries (kohya's 0.99; off by default).")
-@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default=None,
-              help="Output layout (default: kohya; peft for a generic pair).")
+@click.option("--to", "fmt", default=None, metavar="LAYOUT",
+              help=f"Output layout: {LAYOUTS} (default: kohya; peft for a generic pair).")
+@click.option("--task-type", type=click.Choice(TASK_TYPES, case_sensitive=False), default=None,
+              help="peft's task_type (default: from TUNED's config.json, e.g. …ForCausalLM → CAUSAL_LM).")
+@click.option("--base-model-name", default=None, metavar="NAME_OR_PATH",
+              help="peft's base_model_name_or_path (default: BASE's absolute path).")
+@click.option("--profile", is_flag=True, help="Print where the time went (start-up, plan, read, copy, compute, "
+                                              "write); always in --report.")
 @device_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (modules, shapes, ranks, size); read no tensor.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
@@ -62,30 +72,39 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @quiet_option
 @debug_option
 def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
-            niter, oversample, seed, dtype, clamp_quantile, fmt, device, dry_run, report_path, as_json, force,
-            quiet) -> None:
-    from loratool.linalg import parse_rank_mode
-    from loratool.ops.extract_plan import DEFAULT_MIN_CHANGE, ExtractOptions
+            niter, oversample, seed, dtype, clamp_quantile, fmt, task_type, base_model_name, profile, device, dry_run,
+            report_path, as_json, force, quiet) -> None:
+    import time
+    from dataclasses import replace
 
-    dev = resolve_device(device)
+    from loratool.linalg import parse_rank_mode
+    from loratool.ops.extract_plan import DEFAULT_MIN_CHANGE, ExtractOptions, plan_extract
+    from loratool.ops.extract_startup import start_device
+
+    started = time.perf_counter()
     options = ExtractOptions(
         rank=rank, conv_rank=conv_rank, rank_mode=parse_rank_mode(rank_mode), targets=targets,
         arch=arch.lower() if arch else None, min_change=DEFAULT_MIN_CHANGE if min_change is None else min_change,
         include=tuple(include), exclude=tuple(exclude), policy=policy_from(svd, niter, oversample, seed),
-        clamp_quantile=clamp_quantile, dtype=dtype, device=str(dev))
+        clamp_quantile=clamp_quantile, dtype=dtype, device=device)
     if dry_run:
         return _dry_run(base, tuned, options, as_json, quiet)
-    plan = None
-    if fmt is None:
-        fmt, plan = _default_format(base, tuned, options)
-    fmt = fmt.lower()
+    device_ready = start_device(lambda: resolve_device(device))  # torch and CUDA load while we plan
+    plan = plan_extract(base, tuned, options)
+    options = replace(options, device=str(device_ready.result()))  # before anything else imports torch
+    fmt = _layout(fmt, plan)
     output = output or default_output(tuned, rank, fmt)
     outputs = Outputs([base, tuned], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
     if report_path:
         outputs.claim(report_path, "report")
+    startup = time.perf_counter() - started
     result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json), plan=plan)
-    path = _write(result, output, fmt, outputs, _parameters(options, fmt))
+    t0 = time.perf_counter()
+    peft = _peft_settings(result, base, fmt, task_type, base_model_name)
+    path = _write(result, output, fmt, outputs, _parameters(options, fmt), peft)
+    result.profile.update(startup_s=round(startup, 4), write_s=round(time.perf_counter() - t0, 4),
+                          command_s=round(time.perf_counter() - started, 4))
     full = {"output": str(path), **result.full_report()}
     if report_path:
         outputs.write_json(report_path, full, indent=1)
@@ -93,20 +112,29 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         emit_json(full)
     elif not quiet:
         render_summary(result.summary, str(path), result.plan.arch, result.reports)
+    if profile and not as_json:
+        click.echo("profile: " + ", ".join(f"{k} {v}" for k, v in result.profile.items()), err=True)
 
 
-def _default_format(base: str, tuned: str, options):
-    """(layout, plan): kohya for a known architecture, peft for a generic pair (detected from the
-    headers when --arch is not given, so an unknown model still gets a layout that can name its
-    modules; the plan made for that is handed on to the extraction, which then does not plan again)."""
-    plan = None
-    arch = options.arch
-    if arch is None:
-        from loratool.ops.extract import plan_extract
+def _layout(fmt: str | None, plan) -> str:
+    """--to, else kohya for a known architecture and peft for a generic pair (an unknown model still
+    gets a layout that can name its modules)."""
+    if fmt is None:
+        return "peft" if plan.arch == "generic" else "kohya"
+    from loratool.formats.write import canonical_format
 
-        plan = plan_extract(base, tuned, options)
-        arch = plan.arch
-    return ("peft" if arch == "generic" else "kohya"), plan
+    return canonical_format(fmt)
+
+
+def _peft_settings(result, base: str, fmt: str, task_type: str | None, base_model_name: str | None) -> dict:
+    """write_adapter's peft arguments: embeddings in peft's embedding layout, and the adapter_config
+    fields AutoPeftModel needs (task type, base model) for a generic (LLM) pair."""
+    if fmt != "peft" or result.plan.arch != "generic":
+        return {}
+    from loratool.ops.extract_llm import peft_fields
+
+    fields = peft_fields(base, result.plan.config, task=task_type, name=base_model_name)
+    return {"peft_embeddings": result.embedding_keys, "peft_config": fields}
 
 
 def _parameters(options, fmt: str) -> dict:
@@ -118,13 +146,13 @@ def _parameters(options, fmt: str) -> dict:
             "include": list(options.include), "exclude": list(options.exclude)}
 
 
-def _write(result, output: str, fmt: str, outputs: Outputs, params: dict):
+def _write(result, output: str, fmt: str, outputs: Outputs, params: dict, peft: dict):
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys
 
     meta = {**loratool_keys("extract", {**params, "arch": result.plan.arch}),
             "loratool.extract_report": result.compact_report()}
-    return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs)
+    return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs, **peft)
 
 
 def _extract_with_progress(base: str, tuned: str, options, show: bool, plan=None):
@@ -148,7 +176,7 @@ def _extract_with_progress(base: str, tuned: str, options, show: bool, plan=None
 
 
 def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None:
-    from loratool.ops.extract import plan_extract
+    from loratool.ops.extract_plan import plan_extract
 
     plan = plan_extract(base, tuned, options)
     size = plan.output_bytes(4 if options.dtype == "fp32" else 2)

@@ -17,6 +17,7 @@ each). DoRA is peft's ``lora_magnitude_vector`` (output axis only); a LoRA bias 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -74,12 +75,15 @@ PEFT_DEFAULTS = {"peft_type": "LORA", "bias": "none", "fan_in_fan_out": False, "
                  "base_model_name_or_path": None, "layers_to_transform": None, "layers_pattern": None}
 
 
-def encode_peft_component(modules: list[Module], family: Family, clip_layout: str = "auto"
+def encode_peft_component(modules: list[Module], family: Family, clip_layout: str = "auto",
+                          embeddings: Collection[str] = (), config: Mapping[str, object] | None = None
                           ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """One peft model's tensors and config. A peft folder binds to a concrete model's module names (peft
     reports every key missing otherwise), so text-encoder keys follow ``naming.peft_text_encoder_path``
     (``clip_layout``: auto/flat/nested); kohya and diffusers files always write the wrapper. The config's
-    ``base_model_name_or_path`` names the family's model (so that a reader can tell the family)."""
+    ``base_model_name_or_path`` names the family's model (so that a reader can tell the family).
+    Modules whose key is in ``embeddings`` are embedding layers (weight ``[num, dim]``): written in
+    peft's embedding layout; ``config`` sets adapter_config fields (``task_type``, …) over the defaults."""
     out: dict[str, torch.Tensor] = {}
     loras = [_lora_only(m, "peft") for m in modules]
     paths = [m.path for m in loras]
@@ -88,19 +92,32 @@ def encode_peft_component(modules: list[Module], family: Family, clip_layout: st
         if family.is_text_encoder(m.component) and family.model_of(m.component) != "t5":
             projection = family.with_projection(m.component) or any("text_projection" in p for p in paths)
             path = naming.peft_text_encoder_path(path, projection, clip_layout)
-        _factor_keys(f"base_model.model.{path}", m, out)
-    config = {**PEFT_DEFAULTS, **build_config(loras), "base_model_name_or_path": family.hub}
-    return out, config
+        if m.key in embeddings:
+            _embedding_keys(f"base_model.model.{path}", m, out)
+        else:
+            _factor_keys(f"base_model.model.{path}", m, out)
+    return out, {**PEFT_DEFAULTS, **build_config(loras), "base_model_name_or_path": family.hub, **(config or {})}
 
 
-def encode_peft(adapter: Adapter, clip_layout: str = "auto"
+def _embedding_keys(prefix: str, m: LoraModule, out: dict[str, torch.Tensor]) -> None:
+    """peft's embedding LoRA: ``ΔW [num, dim] = (B·A)ᵀ·scale`` with ``A [r, num]``, ``B [dim, r]`` — the
+    canonical factors transposed (``A = upᵀ``, ``B = downᵀ``); no bias or DoRA there."""
+    if m.bias is not None or m.dora is not None or m.down.dim() != 2:
+        raise LoraToolError(f"{m.key}: peft's embedding layout holds a plain 2-D LoRA only")
+    out[f"{prefix}.lora_embedding_A"] = m.up.T.contiguous()
+    out[f"{prefix}.lora_embedding_B"] = m.down.T.contiguous()
+
+
+def encode_peft(adapter: Adapter, clip_layout: str = "auto", embeddings: Collection[str] = (),
+                config: Mapping[str, object] | None = None
                 ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, object]]]:
-    """component -> (tensors, adapter_config) — one peft folder per adapted model."""
+    """component -> (tensors, adapter_config) — one peft folder per adapted model (``embeddings`` and
+    ``config``: see :func:`encode_peft_component`)."""
     family = family_of(adapter)
     per: dict[str, list[Module]] = {}
     for m in adapter.modules.values():
         per.setdefault(m.component, []).append(m)
-    return {comp: encode_peft_component(mods, family, clip_layout) for comp, mods in per.items()}
+    return {comp: encode_peft_component(mods, family, clip_layout, embeddings, config) for comp, mods in per.items()}
 
 
 def encode_peft_file(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,33 +179,38 @@ def peft_config(adapter: Adapter) -> dict[str, dict[str, object]]:
 
 def write_adapter(adapter: Adapter, path: str | os.PathLike[str], fmt: str, *, force: bool = False,
                   inputs: Iterable[str | os.PathLike[str]] = (), metadata: Mapping[str, str] | None = None,
-                  peft_clip_layout: str = "auto", outputs: Outputs | None = None) -> Path:
+                  peft_clip_layout: str = "auto", outputs: Outputs | None = None,
+                  peft_embeddings: Collection[str] = (), peft_config: Mapping[str, object] | None = None) -> Path:
     """Write ``adapter`` as ``fmt`` to ``path`` (a file, or a folder for peft) and return the path.
 
     The write goes through ``outputs`` (a command's :class:`~loratool.io.output.Outputs`, which may have
     claimed ``path`` already); without one, through a fresh one of ``inputs`` and ``force``.
     ``peft_clip_layout`` (peft only): how CLIP text-encoder keys are spelt — ``auto`` follows the installed
-    transformers (``flat`` when it is not importable), see ``names.peft_text_encoder_path``."""
+    transformers (``flat`` when it is not importable), see ``names.peft_text_encoder_path``;
+    ``peft_embeddings`` (module keys written in peft's embedding layout) and ``peft_config`` (adapter_config
+    fields such as ``task_type``) likewise."""
     from loratool.io.output import Outputs
 
     outputs = outputs if outputs is not None else Outputs(inputs, force=force)
     fmt = canonical_format(fmt)
     if fmt == "peft":
         return _write_peft(adapter, Path(path), force=force, inputs=[], metadata=metadata,
-                           clip_layout=peft_clip_layout, outputs=outputs)
+                           clip_layout=peft_clip_layout, outputs=outputs, embeddings=peft_embeddings,
+                           config=peft_config)
     tensors, meta = _encode(adapter, fmt, metadata)
     return outputs.write_safetensors(path, tensors, meta, hashes=True)
 
 
 def _write_peft(adapter: Adapter, folder: Path, *, force: bool, inputs: list, metadata,
-                clip_layout: str = "auto", outputs: Outputs | None = None) -> Path:
+                clip_layout: str = "auto", outputs: Outputs | None = None, embeddings: Collection[str] = (),
+                config: Mapping[str, object] | None = None) -> Path:
     """A peft folder (one sub-folder per component when several), replacing an old one as a whole."""
     from loratool.io.output import Outputs
 
     outputs = outputs if outputs is not None else Outputs(inputs, force=force)
     if not adapter.modules:
         raise LoraToolError("the adapter has no modules to write")
-    parts = diffusers_codec.encode_peft(adapter, clip_layout)
+    parts = diffusers_codec.encode_peft(adapter, clip_layout, embeddings, config)
     base_meta = target_metadata(adapter, "peft", metadata)
     with outputs.folder(folder) as out:
         for comp, (tensors, config) in parts.items():

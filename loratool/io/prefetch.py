@@ -81,6 +81,13 @@ class StagingRing:
                 if self.closed:
                     raise RuntimeError("staging ring closed") from None
 
+    def try_take(self) -> torch.Tensor | None:
+        """A free buffer, or None at once when there is none."""
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return None
+
     def give(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
 

@@ -21,13 +21,8 @@ from collections.abc import Sequence
 import torch
 
 from loratool.linalg.orient import as_batch, finish
+from loratool.linalg.policy import sketch_width
 from loratool.linalg.seeding import gaussian_sketch
-
-
-def sketch_width(rank: int, oversample: int | None, m: int, n: int) -> int:
-    """ℓ = rank + oversampling (at least 8; default ``max(rank, 8)``), capped by the matrix size."""
-    extra = max(rank, 8) if oversample is None else max(int(oversample), 8)
-    return min(rank + extra, m, n)
 
 
 def randomized_svd(
@@ -53,7 +48,13 @@ def randomized_svd(
         x = x.transpose(-1, -2)
     k = max(0, min(rank, m, n))
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
-    u, s, vh = _range_finder_svd(x, width, niter, seed, names)
+    if x.device.type == "cpu":
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth)
+    else:  # the checks wait for the device: make them once, at the end, and redo the batch if one fails
+        checks: list[torch.Tensor] = []
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, lambda y: _orth_unchecked(y, checks))
+        if not bool(torch.stack(checks).all()):
+            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth)
     u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
     return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
@@ -66,34 +67,43 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     measured at 1 s instead of 20 ms); Householder QR when the Gram matrix is too ill-conditioned
     (exactly low-rank sketches) or the result is not orthonormal to 1e-6.
     """
-    q = _cholesky_qr2(y)
-    if q is None:
+    q, ok = _cholesky_qr2(y)
+    if not bool(ok):
         q = torch.linalg.qr(y, mode="reduced")[0]
     return q
 
 
-def _cholesky_qr2(y: torch.Tensor) -> torch.Tensor | None:
+def _orth_unchecked(y: torch.Tensor, checks: list[torch.Tensor]) -> torch.Tensor:
+    """CholeskyQR2 without waiting to learn whether it worked: whether it did is appended to ``checks``
+    (a device flag), for the caller to read once."""
+    q, ok = _cholesky_qr2(y)
+    checks.append(ok)
+    return q
+
+
+def _cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, whether both Cholesky factorisations succeeded and Q is orthonormal to 1e-6) — the flag
+    stays on the device."""
     q = y.to(torch.float64)
+    ok = torch.ones((), dtype=torch.bool, device=y.device)
     for _ in range(2):
         chol, info = torch.linalg.cholesky_ex(q.mT @ q)
-        if bool((info != 0).any()):
-            return None
+        ok = ok & (info == 0).all()
         q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT  # y · L⁻ᵀ
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    if not bool(((q.mT @ q - eye).abs().amax() < 1e-6).all()):
-        return None
-    return q.to(torch.float32)
+    ok = ok & ((q.mT @ q - eye).abs().amax() < 1e-6)  # NaN (a failed factorisation) compares False
+    return q.to(torch.float32), ok
 
 
-def _range_finder_svd(x: torch.Tensor, width: int, niter: int, seed: int, names: Sequence[str]):
+def _range_finder_svd(x: torch.Tensor, width: int, niter: int, seed: int, names: Sequence[str], orth):
     """Tall ``x [b, M, N]``: the SVD of ``x`` restricted to a ``width``-dim sketched range."""
     omega = gaussian_sketch(x.shape[-1], width, seed, names, device=x.device)
-    q = _orth(x @ omega)  # [b, M, ℓ]
+    q = orth(x @ omega)  # [b, M, ℓ]
     xt = x.transpose(-1, -2)
     for _ in range(int(niter)):
-        q = _orth(x @ _orth(xt @ q))
+        q = orth(x @ orth(xt @ q))
     bt = xt @ q  # Bᵀ = Aᵀ Q [b, N, ℓ]
-    q2 = _orth(bt)
+    q2 = orth(bt)
     r2 = q2.transpose(-1, -2) @ bt  # Bᵀ = Q2 R2, R2 [b, ℓ, ℓ] (upper triangular up to rounding)
     ur, s, vrh = torch.linalg.svd(r2.transpose(-1, -2), full_matrices=False)  # B = R2ᵀ Q2ᵀ
     u = q @ ur

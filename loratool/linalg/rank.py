@@ -14,47 +14,12 @@ randomized SVD still gives the right answer. An all-zero matrix gets rank 1.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from loratool.errors import LoraToolError
+from loratool.linalg.policy import MODES, RankMode, parse_rank_mode
 
-MODES = ("fixed", "fro", "ratio", "cumulative")
+__all__ = ["MODES", "RankMode", "numerical_rank", "parse_rank_mode", "select_rank"]
 _SLACK = 1e-12  # a target met up to float64 rounding counts as met
-
-
-@dataclass(frozen=True)
-class RankMode:
-    kind: str = "fixed"
-    value: float = 0.0
-
-    @property
-    def needs_full_spectrum(self) -> bool:
-        return self.kind == "cumulative"
-
-    def __str__(self) -> str:
-        return self.kind if self.kind == "fixed" else f"{self.kind}:{self.value:g}"
-
-
-def parse_rank_mode(text: str) -> RankMode:
-    """``fixed``, ``fro:0.9``, ``ratio:4`` or ``cumulative:0.9`` -> :class:`RankMode`."""
-    text = text.strip().lower()
-    if text == "fixed":
-        return RankMode()
-    kind, _, raw = text.partition(":")
-    if kind not in MODES or kind == "fixed" or not raw:
-        raise LoraToolError(f"rank mode {text!r}: use fixed, fro:T, ratio:T or cumulative:T")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise LoraToolError(f"rank mode {text!r}: {raw!r} is not a number") from None
-    if kind == "ratio" and not (value >= 1 and math.isfinite(value)):
-        raise LoraToolError(f"rank mode {text!r}: the ratio must be a finite number >= 1")
-    if kind in ("fro", "cumulative") and not 0 < value <= 1:
-        raise LoraToolError(f"rank mode {text!r}: the target must lie in (0, 1]")
-    return RankMode(kind, value)
 
 
 def select_rank(s: torch.Tensor, mode: RankMode, cap: int, total_sq: float | None = None,

@@ -14,11 +14,11 @@ import torch
 def split_singular(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(up, down)`` with ``up @ down = U·diag(S)·Vh``, ``√S`` on each side (negative rounding noise
-    in ``S`` counts as 0), computed in ``dtype`` (default: the inputs')."""
+    in ``S`` counts as 0), computed in ``dtype`` (default: the inputs'); batched over leading dims."""
     if dtype is not None:
         u, s, vh = u.to(dtype), s.to(dtype), vh.to(dtype)
     root = s.clamp_min(0).sqrt()
-    return u * root[None, :], root[:, None] * vh
+    return u * root.unsqueeze(-2), root.unsqueeze(-1) * vh
 
 
 def split_coefficient(coef: float, sign_on: str = "down") -> tuple[float, float]:

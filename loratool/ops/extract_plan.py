@@ -6,22 +6,29 @@ Two ways to list modules:
   found in the files as a single-file key (with or without the component prefix, e.g. bare BFL
   keys), a diffusers component key (``path.weight``) or a folder key (``component.path.weight``);
   fused weights (Flux/SD3 qkv) are read as kohya trains them, whole;
-* ``generic``: every floating tensor of two or more dims present in both files, named as it is.
+* ``generic``: every floating tensor of two or more dims present in both files, named as it is
+  (an LLM folder: its input embedding is marked as one, and a head tied to it is left out, since
+  it is the same weight — :mod:`loratool.ops.extract_llm`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from loratool.errors import LoraToolError
 from loratool.io.dtypes import FLOAT_NAMES
-from loratool.io.sources import TensorSource
+from loratool.io.sources import TensorSource, open_source
 from loratool.io.weights import Segment, WeightRef
-from loratool.linalg import RankMode, SvdPolicy
+from loratool.linalg.policy import RankMode, SvdPolicy
+from loratool.ops.extract_llm import is_embedding, tied_head
 
 TEXT_PREFIX = "text_encoder"
+GENERIC = "model"  # the component of a generic pair's modules; their keys are the file's own names
 DEFAULT_MIN_CHANGE = 2e-3  # relative Frobenius change; a bf16 round trip alone is ~1e-3
 
 
@@ -54,9 +61,17 @@ class PlannedModule:
     shape: tuple[int, ...]  # the layer weight's shape
     ref: WeightRef
     rank: int  # the cap (the rank itself in fixed mode)
+    embedding: bool = False  # an input embedding ([vocab, dim]), not a linear layer
 
     @property
     def key(self) -> str:
+        """The module's name in reports and ``--include``: ``component.path``, or a generic pair's own
+        name (``model.layers.0.mlp.up_proj``, not ``model.model.…``)."""
+        return f"{self.component}.{self.path}" if self.component and self.component != GENERIC else self.path
+
+    @property
+    def adapter_key(self) -> str:
+        """Its key in the canonical adapter (``component.path``)."""
         return f"{self.component}.{self.path}" if self.component else self.path
 
     @property
@@ -78,9 +93,43 @@ class Plan:
     modules: list[PlannedModule]
     excluded: list[str]  # by --include/--exclude
     missing: list[str]  # targets of the table that neither file holds (e.g. no text encoder in a unet file)
+    tied: dict[str, str] = field(default_factory=dict)  # head left out -> the embedding it is tied to
+    config: dict | None = None  # TUNED's config.json (an HF model folder), for the output's peft config
 
     def output_bytes(self, bytes_per_value: int) -> int:
         return sum(m.lora_params() * bytes_per_value + 4 for m in self.modules)
+
+
+@contextmanager
+def open_pair(base: str | os.PathLike[str], tuned: str | os.PathLike[str]) -> Iterator[tuple[TensorSource, TensorSource]]:
+    """Both models opened as tensor sources (headers only, no torch), closed on exit."""
+    b = _open_model(base)
+    try:
+        t = _open_model(tuned)
+    except BaseException:
+        b.close()
+        raise
+    try:
+        yield b, t
+    finally:
+        b.close()
+        t.close()
+
+
+def _open_model(path: str | os.PathLike[str]) -> TensorSource:
+    src = open_source(path)
+    if src.kind == "peft":
+        src.close()
+        raise LoraToolError("this is a LoRA adapter (peft), not a model to extract from", path)
+    return src
+
+
+def plan_extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions) -> Plan:
+    """The plan alone (``--dry-run``, or to choose an output layout): modules, shapes and ranks from
+    the headers; no tensor is read and torch is not needed. Pass it to ``ops.extract.extract`` so that
+    planning happens once."""
+    with open_pair(base, tuned) as (b, t):
+        return build_plan(b, t, options)
 
 
 def detect_arch(src: TensorSource) -> str:
@@ -94,8 +143,10 @@ def detect_arch(src: TensorSource) -> str:
 def build_plan(base: TensorSource, tuned: TensorSource, options: ExtractOptions) -> Plan:
     """The modules to extract, where each weight is in the files, and its rank; header facts only."""
     arch = options.arch or detect_arch(tuned)
+    tied: dict[str, str] = {}
     if arch == "generic":
         modules, missing = _generic_modules(base, tuned, options), []
+        modules, tied = _untie(modules, _model_config(tuned))
     else:
         modules, missing = _arch_modules(arch, tuned, options)
     keep, excluded = _filter(modules, options.include, options.exclude)
@@ -104,7 +155,7 @@ def build_plan(base: TensorSource, tuned: TensorSource, options: ExtractOptions)
     if not keep:
         raise LoraToolError(f"nothing to extract: no {options.targets} module of {arch} was found in the inputs "
                             "or every one was excluded", tuned.path)
-    return Plan(arch, keep, excluded, missing)
+    return Plan(arch, keep, excluded, missing, tied, _model_config(tuned))
 
 
 def _rank_for(shape: tuple[int, ...], options: ExtractOptions) -> int:
@@ -129,8 +180,24 @@ def _generic_modules(base: TensorSource, tuned: TensorSource, options: ExtractOp
             continue
         path = key.removesuffix(".weight")
         ref = WeightRef((Segment(key),), shape)
-        out.append(PlannedModule("model", path, shape, ref, _rank_for(shape, options)))
+        out.append(PlannedModule(GENERIC, path, shape, ref, _rank_for(shape, options),
+                                 embedding=len(shape) == 2 and is_embedding(path)))
     return out
+
+
+def _model_config(src: TensorSource) -> dict | None:
+    """An HF model folder's config.json (not a pipeline's model_index.json)."""
+    config = getattr(src, "config", None)
+    return config if getattr(src, "kind", "") == "component" and isinstance(config, dict) else None
+
+
+def _untie(modules: list[PlannedModule], config) -> tuple[list[PlannedModule], dict[str, str]]:
+    """A head tied to the input embedding is that embedding: extracted once, as the embedding."""
+    head = tied_head([m.path for m in modules], config)
+    if head is None:
+        return modules, {}
+    embedding = next(m for m in modules if m.embedding)
+    return [m for m in modules if m.path != head], {head: embedding.key}
 
 
 def _arch_modules(name: str, src: TensorSource, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:

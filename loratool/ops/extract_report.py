@@ -25,7 +25,8 @@ class ModuleReport:
         return d
 
 
-def summarize(reports: list[ModuleReport], excluded: list[str], missing: list[str]) -> dict:
+def summarize(reports: list[ModuleReport], excluded: list[str], missing: list[str],
+              tied: dict[str, str] | None = None) -> dict:
     done = [r for r in reports if r.status == "ok"]
     errors = [r.rel_error for r in done]
     worst = max(done, key=lambda r: r.rel_error, default=None)
@@ -36,6 +37,7 @@ def summarize(reports: list[ModuleReport], excluded: list[str], missing: list[st
         "skipped_below_min_change": [r.key for r in reports if r.status == "below_min_change"],
         "excluded": excluded,
         "not_in_inputs": len(missing),
+        "tied_to_embedding": dict(tied or {}),  # an output head that is the input embedding: extracted as it
         "ranks": ranks if len(ranks) <= 8 else [ranks[0], ranks[-1]],
         "mean_rel_error": sum(errors) / len(errors) if errors else 0.0,
         "worst_rel_error": worst.rel_error if worst else 0.0,
@@ -46,7 +48,7 @@ def summarize(reports: list[ModuleReport], excluded: list[str], missing: list[st
 
 def compact(reports: list[ModuleReport], summary: dict) -> str:
     """A short JSON string for the output metadata: the summary plus ``key: [rank, error, retained]``."""
-    short = {k: v for k, v in summary.items() if not isinstance(v, list) or len(v) <= 8}
+    short = {k: v for k, v in summary.items() if not isinstance(v, (list, dict)) or len(v) <= 8}
     for k in ("skipped_unchanged", "skipped_below_min_change", "excluded"):
         short[k] = len(summary[k])
     per = {r.key: [r.rank, _r(r.rel_error), _r(r.retained)] for r in reports if r.status == "ok"}

@@ -136,14 +136,16 @@ def test_exact_svd_dynamic_rank_and_dtype_options(generic_pair, tmp_path):
 def test_the_cli_plans_once(generic_pair, sd1_pair, tmp_path, monkeypatch):
     """Choosing the output layout needs the plan; the extraction reuses it instead of planning again."""
     import loratool.ops.extract as ops_extract
+    import loratool.ops.extract_plan as ops_plan
 
     calls = []
-    real = ops_extract.build_plan
+    real = ops_plan.build_plan
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
+    monkeypatch.setattr(ops_plan, "build_plan", counting)
     monkeypatch.setattr(ops_extract, "build_plan", counting)
     for pair, name in ((generic_pair, "g"), (sd1_pair, "s.safetensors")):
         calls.clear()

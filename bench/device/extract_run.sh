@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call: the GPU tests, then the extract benchmarks (SDXL, Llama-3-8B, Flux, SD3) until the
+# deadline; everything is logged under $OUT. Run from a folder holding loratool/, bench/, tests/,
+# fixtures/ and keyshapes/ (the *_full.json tables), with wheels (if any) in .whl/.
+#   bash bench/device/extract_run.sh SECONDS
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+limit=${1:-450}
+start=$(date +%s)
+left() { echo $(( limit - ($(date +%s) - start) )); }
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
+python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name(0))" | tee -a $OUT/gpu.txt
+timeout $(( $(left) < 120 ? $(left) : 120 )) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee $OUT/gpu_tests.log
+work=/root/extract-bench; mkdir -p $work
+run() {  # layout rank targets stride min_seconds_left
+  if (( $(left) < $5 )); then echo "skipped $1: $(left) s left" | tee -a $OUT/skipped.txt; return; fi
+  timeout $(( $(left) - 5 )) python3 bench/extract.py --layout $1 --rank $2 --targets $3 --stride $4 --device cuda \
+    --methods floor,loratool,command,kohya --workdir $work --keyshapes keyshapes --json-out $OUT/$1.json \
+    2>&1 | tail -30 | tee $OUT/$1.log
+  rm -rf $work/*
+}
+run sdxl 64 attn+conv 8 50
+run llama3-8b 32 attn 16 80
+run flux 32 attn 8 100
+run sd3 32 attn 8 70
+df -h /root | tail -1
+echo "total $(( $(date +%s) - start )) s"

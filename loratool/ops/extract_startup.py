@@ -1,0 +1,35 @@
+"""Start-up of an extraction, overlapped with planning: torch is imported, the device chosen and,
+on CUDA, the context created and the cuBLAS/cuSOLVER kernels extract uses loaded on a thread,
+while the caller parses headers and plans (both torch-free). Importing this module imports no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+
+def start_device(resolve: Callable[[], Any]) -> Future:
+    """A future of ``resolve()`` (which imports torch and returns a ``torch.device``), warmed up: the
+    caller must import nothing that needs torch until it has taken the result (imports that wait
+    on each other across threads can deadlock)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-startup")
+    future = pool.submit(_warm, resolve)
+    pool.shutdown(wait=False)
+    return future
+
+
+def _warm(resolve: Callable[[], Any]) -> Any:
+    device = resolve()
+    if device.type != "cuda":
+        return device
+    import torch
+
+    from loratool.linalg import randomized_svd
+
+    with torch.cuda.device(device):  # the kernels a batch runs: matmuls, Cholesky, triangular solves, a small SVD
+        randomized_svd(torch.randn(2, 96, 48, device=device), 8, names=["warm-up a", "warm-up b"])
+        torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+        torch.cuda.synchronize(device)
+    return device

@@ -1,0 +1,279 @@
+"""Streaming the weight pairs of an extraction to the compute device, batch by batch.
+
+Batches hold same-shaped modules (in plan order of first appearance, a few tens of MiB each). Several
+reader threads load batches at once (positional reads of only the rows a module needs: several
+files, shards or parts of one file in parallel), in order, a bounded number ahead of the consumer.
+
+On CUDA a reader fills a small ring of pinned staging slots (``SLOT_BYTES`` each, whatever the model:
+a weight larger than a slot — an LLM's embedding — goes through in row chunks) and issues each slot's
+host→device copy itself, on a copy stream, as soon as the slot is full; a slot goes back to the
+readers when its copy is done. The consumer gets each batch's weights on the device, in their stored
+dtype, with an event to wait on, so reading, copying and the decomposition of earlier batches overlap;
+pinned memory stays ``slots × SLOT_BYTES``.
+
+:class:`StageClock` collects where the time went (reading, copying, waiting, computing, writing).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from loratool.io.prefetch import StagingRing, prefetch
+from loratool.io.sources import TensorSource
+from loratool.io.weights import read_weight
+from loratool.ops.extract_plan import PlannedModule
+
+BATCH_BYTES = {"cuda": 128 << 20, "cpu": 64 << 20}  # stored bytes of a batch's base + tuned weights
+SLOT_BYTES = 64 << 20
+ALIGN = 64
+
+
+def reader_count(device: torch.device) -> int:
+    """Reader threads: several on a GPU host (page-cache copies run at a few GB/s a thread), two on a
+    CPU (whose cores do the math)."""
+    cores = os.cpu_count() or 2
+    return max(1, min(4, cores // 4)) if device.type == "cuda" else min(2, cores)
+
+
+@dataclass
+class StageClock:
+    """Seconds per stage, summed over threads (``read``, ``copy``) or on the consumer (``wait``:
+    for the next batch; ``compute``: decomposing), and bytes read. Thread-safe."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_read: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _copies: list = field(default_factory=list, repr=False)
+
+    def add(self, stage: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.bytes_read += nbytes
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def copy_events(self, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        with self._lock:
+            self._copies.append((start, end))
+
+    def as_dict(self) -> dict[str, float]:
+        """Stage seconds (``copy`` from the copy events, timed on the device) and ``wall_s``."""
+        out = {f"{k}_s": round(v, 4) for k, v in sorted(self.seconds.items())}
+        if self._copies:
+            self._copies[-1][1].synchronize()
+            out["copy_s"] = round(sum(a.elapsed_time(b) for a, b in self._copies) / 1000, 4)
+        out["read_gib"] = round(self.bytes_read / 2**30, 3)
+        out["wall_s"] = round(time.perf_counter() - self.started, 4)
+        return out
+
+
+@dataclass
+class PairBatch:
+    """Same-shaped modules and their stored weights (layer shape, stored dtype) on the device."""
+
+    modules: list[PlannedModule]
+    base: list[torch.Tensor]
+    tuned: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None  # CUDA: the copies are done once this has fired
+
+
+def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[PlannedModule], int] | None = None
+            ) -> list[list[PlannedModule]]:
+    """Same-shaped, same-rank modules grouped (in plan order of first appearance), each batch at most
+    ``budget`` bytes by ``nbytes(module)`` (default: the fp32 ΔW), and at least one module."""
+    nbytes = nbytes or (lambda m: 4 * math.prod(m.matrix_shape))
+    groups: dict[tuple, list[PlannedModule]] = {}
+    for m in modules:
+        groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder, m.embedding), []).append(m)
+    out = []
+    for group in groups.values():
+        per = max(1, budget // max(1, nbytes(group[0])))
+        out.extend(group[i:i + per] for i in range(0, len(group), per))
+    return out
+
+
+def pair_nbytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
+    """Stored bytes of one module's base and tuned weights."""
+    return sum(src.nbytes(seg.key, seg.rows(src)) for src in (b, t) for seg in m.ref.segments)
+
+
+@contextmanager
+def _short_switch_interval(seconds: float = 5e-4) -> Iterator[None]:
+    """Reader threads wake from each read needing the GIL: a shorter switch interval lets them have it
+    sooner while the consumer runs Python."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
+
+
+def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule], device: torch.device,
+                 clock: StageClock | None = None, readers: int | None = None) -> Iterator[PairBatch]:
+    """:class:`PairBatch` es in order, read ahead on ``readers`` threads (default :func:`reader_count`)."""
+    clock = clock or StageClock()
+    readers = readers or reader_count(device)
+    jobs = batches(modules, BATCH_BYTES["cuda" if device.type == "cuda" else "cpu"],
+                   lambda m: pair_nbytes(b, t, m))
+    with _short_switch_interval():
+        if device.type != "cuda":
+            def load_cpu(batch: list[PlannedModule]) -> PairBatch:
+                t0 = time.perf_counter()
+                out = PairBatch(batch, [read_weight(b, m.ref) for m in batch], [read_weight(t, m.ref) for m in batch])
+                clock.add("read", time.perf_counter() - t0, sum(pair_nbytes(b, t, m) for m in batch))
+                return out
+
+            for _, loaded in _timed(prefetch(jobs, load_cpu, ahead=readers + 1, workers=readers), clock):
+                yield loaded
+            return
+        uploader = Uploader(b, t, device, clock, slots=readers + 2)
+        try:
+            for _, loaded in _timed(prefetch(jobs, uploader.load, ahead=readers + 1, workers=readers), clock):
+                yield loaded
+        finally:
+            uploader.close()
+
+
+def _timed(items: Iterator, clock: StageClock) -> Iterator:
+    """``items``, with the time the consumer waited for each counted as ``wait``."""
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        clock.add("wait", time.perf_counter() - t0)
+        yield item
+
+
+class Uploader:
+    """Reads a batch into pinned slots and copies each slot to the device on a copy stream (see the
+    module docstring); called on reader threads."""
+
+    def __init__(self, b: TensorSource, t: TensorSource, device: torch.device, clock: StageClock, slots: int):
+        self.sources = (b, t)
+        self.device = device
+        self.clock = clock
+        self.ring = StagingRing(SLOT_BYTES, slots)
+        self.stream = torch.cuda.Stream(device)
+        self._in_flight: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._lock = threading.Lock()
+
+    def load(self, batch: list[PlannedModule]) -> PairBatch:
+        b, t = self.sources
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dests = [[self._empty(src, m) for m in batch] for src in (b, t)]
+            pieces = [(src, seg, rows, dest, offset)
+                      for side, src in enumerate((b, t)) for i, m in enumerate(batch)
+                      for seg, rows, offset, dest in self._segments(src, m, dests[side][i])]
+            ready = self._copy(pieces)
+        base = [_finish(d, m) for d, m in zip(dests[0], batch, strict=True)]
+        tuned = [_finish(d, m) for d, m in zip(dests[1], batch, strict=True)]
+        return PairBatch(batch, base, tuned, ready)
+
+    def _empty(self, src: TensorSource, m: PlannedModule) -> torch.Tensor:
+        """The stored rows of ``m`` (segments stacked) as one device tensor, not yet filled."""
+        first = m.ref.segments[0]
+        rows = sum(_row_range(src, seg)[1] - _row_range(src, seg)[0] for seg in m.ref.segments)
+        return torch.empty((rows, *src.shape(first.key)[1:]), dtype=src.dtype(first.key), device=self.device)
+
+    @staticmethod
+    def _segments(src: TensorSource, m: PlannedModule, dest: torch.Tensor):
+        """(segment, row range, first destination row, destination) for each stored segment of ``m``."""
+        offset = 0
+        for seg in m.ref.segments:
+            start, stop = _row_range(src, seg)
+            yield seg, (start, stop), offset, dest
+            offset += stop - start
+
+    def _copy(self, pieces: list) -> torch.cuda.Event:
+        """Read every row range into slots (splitting ranges larger than a slot) and copy each full slot
+        to its destinations; returns the event recorded after the last copy."""
+        slot, used, staged = None, 0, []
+        last = None
+        for src, seg, (start, stop), dest, first_row in pieces:
+            row_bytes = src.nbytes(seg.key, (start, start + 1)) if stop > start else 0
+            per_slot = max(1, SLOT_BYTES // max(1, row_bytes))
+            row = start
+            while row < stop:
+                n = min(stop - row, per_slot)
+                need = _aligned(n * row_bytes)
+                if slot is None or used + need > SLOT_BYTES:
+                    if slot is not None:
+                        last = self._send(slot, staged)
+                    slot, used, staged = self._take(), 0, []
+                t0 = time.perf_counter()
+                view = src.read(seg.key, (row, row + n), slot[used:])
+                self.clock.add("read", time.perf_counter() - t0, n * row_bytes)
+                staged.append((dest[first_row + row - start:first_row + row - start + n], view))
+                used += need
+                row += n
+        if slot is not None:
+            last = self._send(slot, staged)
+        if last is None:  # nothing to read (empty weights)
+            last = torch.cuda.Event()
+            last.record(self.stream)
+        return last
+
+    def _send(self, slot: torch.Tensor, staged: list) -> torch.cuda.Event:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        for dest, view in staged:
+            dest.copy_(view.reshape(dest.shape), non_blocking=True)
+        end.record(self.stream)
+        self.clock.copy_events(start, end)
+        with self._lock:
+            self._in_flight.append((end, slot))
+        return end
+
+    def _take(self) -> torch.Tensor:
+        """A free slot: one whose copy has finished, else wait for the oldest copy in flight."""
+        while True:
+            with self._lock:
+                done = [x for x in self._in_flight if x[0].query()]
+                self._in_flight = [x for x in self._in_flight if not any(x is d for d in done)]
+                for _, slot in done:
+                    self.ring.give(slot)
+                oldest = self._in_flight[0][0] if self._in_flight else None
+            slot = self.ring.try_take()
+            if slot is not None:
+                return slot
+            if oldest is not None:
+                oldest.synchronize()
+            else:  # every slot is being filled by another reader
+                return self.ring.take()
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+def _finish(dest: torch.Tensor, m: PlannedModule) -> torch.Tensor:
+    """The stored rows as the layer's weight (transposed where the checkpoint stores it so)."""
+    w = dest.transpose(0, 1) if m.ref.transpose else dest
+    return w.reshape(m.ref.shape)
+
+
+def _row_range(src: TensorSource, seg) -> tuple[int, int]:
+    rows = seg.rows(src)
+    return rows if rows is not None else (0, src.shape(seg.key)[0] if src.shape(seg.key) else 1)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
