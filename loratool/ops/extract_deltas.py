@@ -10,10 +10,13 @@ single-file key, or the diffusers path in a component file or folder).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 
 from loratool.arch.table import Arch, ModuleSpec
 from loratool.core.modules import Adapter, FullModule, LoraModule
+from loratool.errors import LoraToolError
 from loratool.io.sources import TensorSource
 
 
@@ -61,3 +64,36 @@ def add_bias_and_norm_deltas(adapter: Adapter, base: TensorSource, tuned: Tensor
                                    bias=None if bias is None else bias.to(dtype)))
             added.append(spec.key)
     return added
+
+
+_NO_FAMILY = ("--deltas needs a model family (its table says which weights are norms and where each layer's bias "
+              "is); this pair has none (--arch generic)")
+
+
+def add_deltas(adapter: Adapter, base: TensorSource, tuned: TensorSource, family: str,
+               which: Collection[str]) -> list[str]:
+    """``extract --deltas``: :func:`add_bias_and_norm_deltas` with the family's table at the checkpoint's sizes;
+    ``which`` holds ``bias`` and/or ``norm``. A generic pair has no family table to say which tensors are norms."""
+    from loratool.arch import checkpoint_table
+
+    arch = checkpoint_table(family, base.shapes())
+    if arch is None:
+        raise LoraToolError(_NO_FAMILY)
+    return add_bias_and_norm_deltas(adapter, base, tuned, arch, biases="bias" in which, norms="norm" in which)
+
+
+def check_deltas(family: str, layout: str, which: Collection[str]) -> None:
+    """Refuse before any tensor is read: a pair of no family (``generic``), or an output layout with no place for
+    the deltas asked for."""
+    from loratool.formats.layouts import writable_layout
+
+    if family in ("generic", "unknown"):
+        raise LoraToolError(_NO_FAMILY)
+    lay = writable_layout(layout)
+    where = "kohya, musubi or bfl"
+    if "bias" in which and not lay.bias:
+        raise LoraToolError(f"--deltas bias: the {lay.name} layout has no place for a bias change (.diff_b); "
+                            f"write {where}")
+    if "norm" in which and "full" not in lay.kinds:
+        raise LoraToolError(f"--deltas norm: the {lay.name} layout holds LoRA factors only, not a norm weight's "
+                            f"change (.diff); write {where}")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from loratool.arch import checkpoint_table, family, load_arch
+from loratool.arch import family, load_arch
 from loratool.arch.convert import diffusers_to_checkpoint
 from loratool.cli.main import cli
 from loratool.core.modules import Adapter, LoraModule
@@ -130,12 +130,8 @@ def test_merge_into_single_file_and_extract_back(tmp_path, hunyuan):
         assert got, key
 
 
-def test_extract_with_bias_and_norm_deltas(tmp_path):
-    """A Wan base/tuned pair in single-file names: the extracted LoRA gains its layers' bias deltas (.diff_b)
-    and the changed norm weights (.diff on original norm3 = diffusers' norm2), as the distill LoRAs carry them."""
-    from loratool.io.sources import open_source
-    from loratool.ops.extract_deltas import add_bias_and_norm_deltas
-
+def _wan_pair(tmp_path):
+    """A tiny Wan base/tuned pair in single-file names: one layer changed at rank 2 with its bias, one norm changed."""
     m = fm.model("wan")
     table = family("wan").sized({f"transformer.{k}": s for k, s in fm.linears(m).items()}).table
     state = {k: v.detach() for k, v in m.state_dict().items()}
@@ -150,16 +146,48 @@ def test_extract_with_bias_and_norm_deltas(tmp_path):
     paths = [tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"]
     for path, tensors in zip(paths, (base, tuned), strict=True):
         write_safetensors(path, {**tensors, "head.modulation": torch.zeros(1, 2, 16)})
-    out = tmp_path / "x.safetensors"
-    run("extract", *paths, "-r", "4", "--targets", "all", "--to", "bfl", "-o", out, "-q")
-    a = read_adapter(out)
-    with open_source(paths[0]) as b, open_source(paths[1]) as t:  # the family's table at the checkpoint's sizes
-        added = add_bias_and_norm_deltas(a, b, t, checkpoint_table("wan", b.shapes()))
-    assert added == ["transformer.blocks.0.ffn.net.0.proj.bias", "transformer.blocks.1.norm2"]
-    final = tmp_path / "distill.safetensors"
-    write_adapter(a, final, "bfl")
-    with SafetensorsFile(final) as f:
-        assert torch.allclose(f.get("diffusion_model.blocks.0.ffn.0.diff_b"),
-                              tuned["blocks.0.ffn.0.bias"] - base["blocks.0.ffn.0.bias"])
-        assert torch.allclose(f.get("diffusion_model.blocks.1.norm3.diff"),
-                              tuned["blocks.1.norm3.weight"] - base["blocks.1.norm3.weight"])
+    return paths, base, tuned
+
+
+@pytest.mark.parametrize("layout,bias_key,norm_key", [
+    ("bfl", "diffusion_model.blocks.0.ffn.0.diff_b", "diffusion_model.blocks.1.norm3.diff"),
+    ("kohya", "lora_unet_blocks_0_ffn_0.diff_b", "lora_unet_blocks_1_norm3.diff"),
+])
+def test_extract_with_bias_and_norm_deltas(tmp_path, layout, bias_key, norm_key):
+    """``extract --deltas both``: the LoRA gains its layers' bias deltas (.diff_b) and the changed norm weights
+    (.diff on original norm3 = diffusers' norm2), as Wan's step-distillation LoRAs carry them."""
+    (b, t), base, tuned = _wan_pair(tmp_path)
+    out = tmp_path / "distill.safetensors"
+    run("extract", b, t, "-r", "4", "--targets", "all", "--deltas", "both", "--to", layout, "-o", out, "-q")
+    with SafetensorsFile(out) as f:
+        assert torch.allclose(f.get(bias_key), tuned["blocks.0.ffn.0.bias"] - base["blocks.0.ffn.0.bias"])
+        assert torch.allclose(f.get(norm_key), tuned["blocks.1.norm3.weight"] - base["blocks.1.norm3.weight"])
+    back = read_adapter(out)
+    assert back.base_model == "wan" and not back.unknown and "transformer.blocks.1.norm2" in back.modules
+
+
+def test_extract_deltas_are_an_option(tmp_path):
+    """Without --deltas nothing but the LoRA; with --deltas bias no norm; the report lists what was added."""
+    (b, t), _, _ = _wan_pair(tmp_path)
+    plain, biased = tmp_path / "plain.safetensors", tmp_path / "biased.safetensors"
+    run("extract", b, t, "-r", "4", "--targets", "all", "--to", "bfl", "-o", plain, "-q")
+    report = tmp_path / "report.json"
+    run("extract", b, t, "-r", "4", "--targets", "all", "--deltas", "bias", "--to", "bfl", "-o", biased, "-q",
+        "--report", report)
+    with SafetensorsFile(plain) as f:
+        assert not [k for k in f.keys() if k.endswith((".diff", ".diff_b"))]
+    with SafetensorsFile(biased) as f:
+        assert [k for k in f.keys() if k.endswith((".diff", ".diff_b"))] == ["diffusion_model.blocks.0.ffn.0.diff_b"]
+    assert json.loads(report.read_text())["summary"]["deltas"] == ["transformer.blocks.0.ffn.net.0.proj.bias"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--arch", "generic", "--deltas", "norm"], "--deltas needs a model family"),
+    (["--deltas", "both", "--to", "diffusers"], "no place for a bias change"),
+    (["--deltas", "norm", "--to", "peft"], "LoRA factors only"),
+])
+def test_extract_deltas_refused_where_they_have_no_place(tmp_path, args, words):
+    (b, t), _, _ = _wan_pair(tmp_path)
+    result = CliRunner().invoke(cli, ["extract", str(b), str(t), *args, "-o", str(tmp_path / "x"), "-q"])
+    assert result.exit_code == 1 and words in result.output, result.output
+    assert not (tmp_path / "x").exists()
