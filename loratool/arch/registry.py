@@ -343,8 +343,11 @@ def family_for(adapter) -> Family:
 def retargets() -> dict[str, tuple[str, dict]]:
     """Every retargeting an entry offers (``retarget``): name -> (the family it applies to, what it says: the
     target ``family``, ``sizes`` and ``why`` a dropped module has no place there). Wan's ``wan-t2v`` drops the
-    image-to-video modules; Flux's ``chroma`` drops what Chroma does not have."""
-    return {name: (fam.name, spec) for fam in families() for name, spec in fam.entry.get("retarget", {}).items()}
+    image-to-video modules; Flux's ``chroma`` drops what Chroma does not have. Only the entry that says it offers
+    it: an entry that takes another's fields (``same_as``: Kontext) does not take over its retargetings."""
+    return {name: (fam.name, spec) for fam in families()
+            for name, spec in (fam.entry.get("retarget") or {}).items()
+            if not fam.entry.get("same_as") or name not in (entry_data(fam.entry["same_as"]).get("retarget") or {})}
 
 
 def families(include_generic: bool = False) -> list[Family]:

@@ -21,7 +21,8 @@ def retarget(adapter: Adapter, name: str) -> tuple[Adapter, list[tuple[str, str]
     if found is None:
         raise LoraToolError(f"unknown retargeting {name!r} (use one of: {', '.join(sorted(retargets()))})")
     source_name, spec = found
-    if canonical_family(adapter.base_model) != source_name:
+    own = canonical_family(adapter.base_model)
+    if own != source_name and (own is None or family(own).variant_of != source_name):  # Kontext is Flux's too
         raise LoraToolError(f"{name} retargets {family(source_name).label} adapters; this one is for "
                             f"{adapter.base_model}")
     source = family_for(adapter)
