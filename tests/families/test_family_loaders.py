@@ -114,3 +114,24 @@ def test_flux_kohya_linear1_through_diffusers_converter(fam_name):
     tensors = _tensors(a, "kohya")
     assert "lora_unet_single_blocks_7_linear1.lora_down.weight" in tensors
     _same(a, fm.oracle(_convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in tensors.items()})))
+
+
+NOT_READ = [("hunyuan-video", "kohya"), ("z-image", "kohya"), ("lumina2", "kohya"), ("sd3", "kohya"),
+            ("chroma", "bfl")]
+
+
+@pytest.mark.parametrize("name,layout", NOT_READ, ids=[f"{n}-{lay}" for n, lay in NOT_READ])
+def test_outputs_diffusers_does_not_read(tmp_path, name, layout):
+    """The cells docs/FAMILIES.md marks ✗ for diffusers: its loader refuses the file or leaves modules out (no
+    converter for kohya ids on HunyuanVideo, Lumina 2 and SD3; no q/k/v split on Z-Image; no path for BFL names
+    on Chroma), so diffusers users get --to diffusers."""
+    a = fm.adapter(name, ALL)
+    converted, _ = convert(a, layout)
+    out = tmp_path / "lora.safetensors"
+    write_adapter(converted, out, layout)
+    m = fm.model(name)
+    try:
+        messages = fm.load(name, out, m)
+    except Exception:  # noqa: BLE001 - any refusal of diffusers' is the finding
+        return
+    assert fm.cm.problems(messages) or fm.cm.lora_layers(m) != {mod.path for mod in a.modules.values()}
