@@ -135,3 +135,25 @@ def test_outputs_diffusers_does_not_read(tmp_path, name, layout):
     except Exception:  # noqa: BLE001 - any refusal of diffusers' is the finding
         return
     assert fm.cm.problems(messages) or fm.cm.lora_layers(m) != {mod.path for mod in a.modules.values()}
+
+
+@pytest.mark.parametrize("name", sorted(fm.TINY))
+def test_peft_output_loads_in_peft(tmp_path, name):
+    """``--to peft`` for every family: peft's own PeftModel.from_pretrained on the tiny transformer puts a LoRA on
+    exactly our modules (per-module alphas and ranks through alpha_pattern/rank_pattern), each with our ΔW."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    a = fm.adapter(name, ALL)
+    converted, report = convert(a, "peft")
+    assert report.exact
+    write_adapter(converted, tmp_path / "peft", "peft")
+    with fm.cm.captured() as messages:
+        model = PeftModel.from_pretrained(fm.model(name), str(tmp_path / "peft"))
+    assert fm.cm.problems(messages) == []
+    deltas = {n: m.get_delta_weight("default").double() for n, m in model.base_model.model.named_modules()
+              if isinstance(m, LoraLayer) and "default" in m.lora_A}
+    assert set(deltas) == {m.path for m in a.modules.values()}
+    for m in a.modules.values():
+        want = m.delta(torch.float64)
+        assert float((deltas[m.path] - want).norm() / want.norm()) < 1e-6, m.path
