@@ -155,7 +155,8 @@ def _wan_pair(tmp_path):
 ])
 def test_extract_with_bias_and_norm_deltas(tmp_path, layout, bias_key, norm_key):
     """``extract --deltas both``: the LoRA gains its layers' bias deltas (.diff_b) and the changed norm weights
-    (.diff on original norm3 = diffusers' norm2), as Wan's step-distillation LoRAs carry them."""
+    (.diff on original norm3 = diffusers' norm2), as Wan's step-distillation LoRAs carry them; merged into the base
+    it gives the tuned model back."""
     (b, t), base, tuned = _wan_pair(tmp_path)
     out = tmp_path / "distill.safetensors"
     run("extract", b, t, "-r", "4", "--targets", "all", "--deltas", "both", "--to", layout, "-o", out, "-q")
@@ -164,6 +165,11 @@ def test_extract_with_bias_and_norm_deltas(tmp_path, layout, bias_key, norm_key)
         assert torch.allclose(f.get(norm_key), tuned["blocks.1.norm3.weight"] - base["blocks.1.norm3.weight"])
     back = read_adapter(out)
     assert back.base_model == "wan" and not back.unknown and "transformer.blocks.1.norm2" in back.modules
+    merged = tmp_path / "merged.safetensors"  # baked back into the base: the tuned model, bias and norm included
+    run("merge", b, out, "-o", merged, "-q")
+    with SafetensorsFile(merged) as f:
+        for key in ("blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias", "blocks.1.norm3.weight"):
+            assert torch.allclose(f.get(key), tuned[key], atol=1e-5), key
 
 
 def test_extract_deltas_are_an_option(tmp_path):
