@@ -22,6 +22,7 @@ SUFFIXES: dict[str, str] = {
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
     ".lora_A": "down", ".lora_B": "up",
     ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+    ".dora_layer.weight": "magnitude",  # musubi-tuner networks with DoRA: peft's per-output-row magnitude
     ".lora.down.weight": "down", ".lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
     ".alpha": "alpha", ".dora_scale": "dora_scale",

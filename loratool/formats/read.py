@@ -51,8 +51,14 @@ def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return read_raw(raw, component, arch)
 
 
+# network-wide flags some musubi-tuner networks save beside the modules (the Blissful-tuner fork's LoRANetwork
+# buffers): rsLoRA scaling alpha/√r for every module, and whether DoRA magnitudes (``.dora_layer.weight``) are in
+NETWORK_FLAGS = ("use_rslora_flag", "use_dora_flag")
+
+
 def read_raw(raw: RawSource, component: str | None = None, arch: str | None = None) -> Adapter:
-    report = detect_keys(raw.shapes, raw.metadata)
+    flags = {k: bool(raw.get(k).reshape(-1)[0]) for k in NETWORK_FLAGS if raw.shapes.get(k, (0,)) in ((), (1,))}
+    report = detect_keys({k: s for k, s in raw.shapes.items() if k not in flags}, raw.metadata)
     if report.special:
         adapter = special.read_special(raw, report.special)
         adapter.metadata = dict(raw.metadata)
@@ -90,6 +96,8 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
             continue
         if alphas is not None and isinstance(module, LoraModule) and "alpha" not in group:
             alphas.apply(module)
+        if flags.get("use_rslora_flag") and isinstance(module, LoraModule) and module.alpha is not None:
+            module.rslora = True
         adapter.add(module)
     adapter.base_model, adapter.detection = detection.family, detection
     adapter.source_format = _source_format({layouts[k] for k in adapter.modules}, adapter, fam)

@@ -212,3 +212,30 @@ def test_key_tables(fam_name, stems, style, alpha, layout):
     assert a.base_model == fam_name and not a.unknown, a.detection
     assert a.source_format == layout
     assert set(a.modules) == {f"transformer.{v}" for v in stems.values()}
+
+
+def test_musubi_network_flags_rslora_and_dora():
+    """musubi-tuner networks that save ``use_rslora_flag``/``use_dora_flag`` beside the modules (the Blissful-tuner
+    fork's LoRANetwork) and DoRA magnitudes as ``.dora_layer.weight``: scale alpha/√r for every module, the
+    magnitude per output row as musubi merges it, m · (W + sBA) / ‖W + sBA‖ by row; the flags are not modules."""
+    stems = {"lora_unet_blocks_0_self_attn_q": "transformer.blocks.0.attn1.to_q",
+             "lora_unet_blocks_0_ffn_0": "transformer.blocks.0.ffn.net.0.proj"}
+    tensors = _file("wan", stems, "down", alpha=True, rank=4, sizes={"H": 1536, "F": 8960, "D": 30})  # 1.3B
+    g = torch.Generator().manual_seed(7)
+    tensors["lora_unet_blocks_0_self_attn_q.dora_layer.weight"] = torch.rand(1536, generator=g) + 0.5
+    tensors["use_rslora_flag"], tensors["use_dora_flag"] = torch.tensor(True), torch.tensor(True)
+    a = decode(tensors)
+    assert a.base_model == "wan" and not a.unknown and set(a.modules) == set(stems.values())
+    q, ffn = a.modules["transformer.blocks.0.attn1.to_q"], a.modules["transformer.blocks.0.ffn.net.0.proj"]
+    assert q.rslora and ffn.rslora and q.scale == float(tensors["lora_unet_blocks_0_self_attn_q.alpha"]) / 2
+    assert ffn.dora is None and q.dora is not None
+    w = torch.randn(1536, 1536, generator=g, dtype=torch.float64) * 0.02  # musubi's merge_to, by hand
+    s = float(tensors["lora_unet_blocks_0_self_attn_q.alpha"]) / 4 ** 0.5
+    merged = w + s * tensors["lora_unet_blocks_0_self_attn_q.lora_up.weight"].double() @ \
+        tensors["lora_unet_blocks_0_self_attn_q.lora_down.weight"].double()
+    want = tensors["lora_unet_blocks_0_self_attn_q.dora_layer.weight"].double()[:, None] / merged.norm(dim=1,
+                                                                                                       keepdim=True) * merged
+    got = q.dora.apply(w, q.delta(torch.float64))
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+    plain = decode({k: v for k, v in tensors.items() if k != "use_rslora_flag"}).modules["transformer.blocks.0.ffn.net.0.proj"]
+    assert not plain.rslora
