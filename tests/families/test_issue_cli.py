@@ -136,3 +136,16 @@ def test_retarget_lists_every_module_left_out(tmp_path, retarget, stems, left_ou
     assert all(r["why"] for r in report["retargeted"])
     kept = read_adapter(out)
     assert len(kept.modules) == len(stems) - len(left_out) and not set(left_out) & set(kept.modules)
+
+
+def test_unknown_family_kohya_ids_refused_as_diffusers_kept_as_kohya(tmp_path):
+    """The other direction: kohya ids of an unknown family are not split into guessed diffusers paths; --to kohya
+    keeps them verbatim and says so."""
+    stems = {"lora_unet_mystery_blocks_0_attn_q": (64, 64), "lora_unet_mystery_blocks_1_mlp_fc1": (64, 64)}
+    src = lora_file(tmp_path / "unknown.safetensors", stems)
+    result = invoke("convert", src, "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert result.exit_code == 1 and "without guessing" in result.output
+    out = tmp_path / "same.safetensors"
+    said = run("convert", src, "--to", "kohya", "-o", out)
+    assert "names are kept as the file has them" in said
+    assert {k.split(".")[0] for k in keys_of(out)} == set(stems)
