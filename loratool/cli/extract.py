@@ -120,6 +120,11 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         emit_json(full)
     elif not quiet:
         render_summary(result.summary, str(path), result.plan.arch, result.reports)
+        if options.deltas:
+            added = result.summary["deltas"]
+            biases = sum(k.endswith(".bias") for k in added)
+            click.echo(f"carried whole: {biases} bias changes (.diff_b), {len(added) - biases} norm-weight changes "
+                       "(.diff)")
     if profile and not as_json:
         click.echo("profile: " + ", ".join(f"{k} {v}" for k, v in result.profile.items()), err=True)
 

@@ -178,8 +178,9 @@ def test_extract_deltas_are_an_option(tmp_path):
     plain, biased = tmp_path / "plain.safetensors", tmp_path / "biased.safetensors"
     run("extract", b, t, "-r", "4", "--targets", "all", "--to", "bfl", "-o", plain, "-q")
     report = tmp_path / "report.json"
-    run("extract", b, t, "-r", "4", "--targets", "all", "--deltas", "bias", "--to", "bfl", "-o", biased, "-q",
-        "--report", report)
+    said = run("extract", b, t, "-r", "4", "--targets", "all", "--deltas", "bias", "--to", "bfl", "-o", biased,
+               "--report", report)
+    assert "carried whole: 1 bias changes (.diff_b), 0 norm-weight changes" in said
     with SafetensorsFile(plain) as f:
         assert not [k for k in f.keys() if k.endswith((".diff", ".diff_b"))]
     with SafetensorsFile(biased) as f:
