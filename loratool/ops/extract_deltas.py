@@ -90,6 +90,12 @@ def check_deltas(family: str, layout: str, which: Collection[str]) -> None:
 
     if family in ("generic", "unknown"):
         raise LoraToolError(_NO_FAMILY)
+    if "norm" in which:
+        from loratool.arch import load_arch
+
+        if not any(spec.group == "norm" for spec in load_arch(family).modules.values()):
+            raise LoraToolError(f"--deltas norm: the {family} table lists no norm weights (Wan's does, whose "
+                                "distill LoRAs carry them); --deltas bias adds the bias changes alone")
     lay = writable_layout(layout)
     where = "kohya, musubi or bfl"
     if "bias" in which and not lay.bias:

@@ -17,6 +17,7 @@ from loratool.arch import family, load_arch
 from loratool.arch.convert import diffusers_to_checkpoint
 from loratool.cli.main import cli
 from loratool.core.modules import Adapter, LoraModule
+from loratool.errors import LoraToolError
 from loratool.formats import read_adapter, write_adapter
 from loratool.io.safetensors import SafetensorsFile
 from loratool.io.writer import write_safetensors
@@ -198,3 +199,12 @@ def test_extract_deltas_refused_where_they_have_no_place(tmp_path, args, words):
     result = CliRunner().invoke(cli, ["extract", str(b), str(t), *args, "-o", str(tmp_path / "x"), "-q"])
     assert result.exit_code == 1 and words in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_norm_deltas_only_where_the_table_lists_norms():
+    from loratool.ops.extract_deltas import check_deltas
+
+    check_deltas("wan", "bfl", {"bias", "norm"})
+    check_deltas("flux", "kohya", {"bias"})
+    with pytest.raises(LoraToolError, match="the flux table lists no norm weights"):
+        check_deltas("flux", "kohya", {"norm"})
