@@ -137,10 +137,13 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
 
 def _layout_of(ref: KeyRef, place: Place, fam: Family) -> str:
     """The layout a module's keys are in: the key's own spelling, refined by how the family named it (single-file
-    names under a diffusers or peft scope are bfl's or fal's; a kohya id only musubi spells is musubi's)."""
+    names under a diffusers or peft scope are bfl's, or fal's for the families fal trains; a kohya id only musubi
+    spells is musubi's)."""
     layout = ref.layout
     if layout == "original" or (layout in ("diffusers", "peft") and place.original):
-        return "fal" if layout == "peft" else "bfl" if place.component == "transformer" else "ldm"
+        if layout == "peft" and "fal" in fam.layouts:
+            return "fal"
+        return "bfl" if place.component == "transformer" else "ldm"
     if layout == "kohya" and ref.scope == "lora_unet" and "musubi" in fam.layouts:
         kohya = fam.spell("kohya", place.component, place.path)
         musubi = fam.spell("musubi", place.component, place.path)

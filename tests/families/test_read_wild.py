@@ -239,3 +239,15 @@ def test_musubi_network_flags_rslora_and_dora():
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
     plain = decode({k: v for k, v in tensors.items() if k != "use_rslora_flag"}).modules["transformer.blocks.0.ffn.net.0.proj"]
     assert not plain.rslora
+
+
+@pytest.mark.parametrize("prefix,layout", [("", "bfl"), ("base_model.model.", "bfl"), ("diffusion_model.", "bfl")])
+def test_wan_original_names_bare_and_under_peft_scope(prefix, layout):
+    """Wan LoRAs in the original names with no prefix (DiffSynth-Studio) or under peft's ``base_model.model.`` (a
+    peft save of the original WanModel, as some distill LoRAs ship): Wan, read as the single-file layout they are
+    (``fal`` is the name of that spelling for Flux only)."""
+    stems = {f"{prefix}blocks.{i}.{k.replace('_attn_', '_attn.').replace('ffn_', 'ffn.')}": f"transformer.blocks.{i}.{v}"
+             for i in range(2) for k, v in WAN_BLOCK.items()}
+    a = decode(_file("wan", stems, "A", alpha=False))
+    assert a.base_model == "wan" and a.source_format == layout and not a.unknown
+    assert set(a.modules) == set(stems.values())
