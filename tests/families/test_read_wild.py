@@ -251,3 +251,18 @@ def test_wan_original_names_bare_and_under_peft_scope(prefix, layout):
     a = decode(_file("wan", stems, "A", alpha=False))
     assert a.base_model == "wan" and a.source_format == layout and not a.unknown
     assert set(a.modules) == set(stems.values())
+
+
+@pytest.mark.parametrize("width,k_img,variant", [(5120, False, "14B"), (5120, True, "14B-I2V"), (3072, False, "5B"),
+                                                 (1536, False, "1.3B")])
+def test_wan_variant_from_the_lora_itself(width, k_img, variant):
+    """The variant said is the one the LoRA's own shapes and modules fit: a 14B LoRA without k_img/v_img is the
+    text-to-video 14B (2.1 T2V, either 2.2 A14B expert), not the image-to-video model whose table also lists it."""
+    ffn = {5120: 13824, 3072: 14336, 1536: 8960}[width]
+    sizes = {"H": width, "F": ffn, "D": 30 if width < 5120 else 40}
+    stems = {"diffusion_model.blocks.0.self_attn.q": "transformer.blocks.0.attn1.to_q",
+             "diffusion_model.blocks.29.ffn.0": "transformer.blocks.29.ffn.net.0.proj"}
+    if k_img:
+        stems["diffusion_model.blocks.3.cross_attn.k_img"] = "transformer.blocks.3.attn2.add_k_proj"
+    a = decode(_file("wan", stems, "A", alpha=False, sizes={**sizes, "I": int(k_img)}))
+    assert a.base_model == "wan" and a.detection.variant == variant and not a.unknown
