@@ -214,8 +214,8 @@ def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mappin
                 fam_name, key
             break
     if chosen.family.rules and chosen.family.variant is None:
-        # chosen on its default table (or at no real variant's sizes): its variant is the one the file's shapes fit (a Wan 14B LoRA without
-        # k_img/v_img is 14B, though its modules are all in the default 14B-I2V table)
+        # chosen on its default table (or at no real variant's sizes): its variant is the one the file's shapes
+        # fit (a Wan 14B LoRA without k_img/v_img is 14B, though the default 14B-I2V table lists its modules too)
         chosen = _fit(chosen.family, names, dims)
     ordered = (chosen.family.name, *[n for n in names_of if n != chosen.family.name])
     return _detection(chosen, evidence, ordered, meta_family, meta_key), _fill(chosen, names)

@@ -75,8 +75,8 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @quiet_option
 @debug_option
 def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
-            niter, oversample, seed, dtype, clamp_quantile, fmt, deltas, task_type, base_model_name, profile, device, dry_run,
-            report_path, as_json, force, quiet) -> None:
+            niter, oversample, seed, dtype, clamp_quantile, fmt, deltas, task_type, base_model_name, profile, device,
+            dry_run, report_path, as_json, force, quiet) -> None:
     import time
     from dataclasses import replace
 

@@ -2,11 +2,11 @@
 CausVid: ``.diff_b`` for every adapted layer's bias, ``.diff`` for the norm weights).
 
 :func:`add_bias_and_norm_deltas` reads ``tuned − base`` of the biases of the modules the adapter already has
-(a LoRA's ``bias``, written ``diff_b`` by the kohya-style and single-file layouts; :func:`check_deltas` refuses
-the layouts with no place for it) and of the family's norm weights (the table's ``norm`` group: a
-:class:`FullModule`, written ``.diff``). Deltas that are exactly zero are left out, and so is the bias of a layer
-a checkpoint stores only as rows of a fused weight. Where a checkpoint keeps a tensor is the family table's business (its
-single-file key, or the diffusers path in a component file or folder).
+(a LoRA's ``bias``, written ``diff_b`` by the kohya-style and single-file layouts; :func:`check_deltas`
+refuses the layouts with no place for it) and of the family's norm weights (the table's ``norm`` group: a
+:class:`FullModule`, written ``.diff``). Deltas that are exactly zero are left out, and so is the bias of a
+layer a checkpoint stores only as rows of a fused weight. Where a checkpoint keeps a tensor is the family
+table's business (its single-file key, or the diffusers path in a component file or folder).
 """
 
 from __future__ import annotations
