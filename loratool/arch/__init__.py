@@ -40,13 +40,25 @@ from __future__ import annotations
 
 from loratool.arch.detect import (
     Detection,
+    checkpoint_family,
     detect_adapter,
     detect_arch_from_checkpoint,
     detect_checkpoint,
     family_from_metadata,
 )
 from loratool.arch.lbw import lbw_presets, lbw_slots, lbw_weights
-from loratool.arch.registry import Family, Place, Spelling, canonical_family, family, family_names
+from loratool.arch.registry import (
+    Family,
+    Place,
+    Spelling,
+    canonical_family,
+    family,
+    family_for,
+    family_names,
+    model,
+    model_names,
+    retargets,
+)
 from loratool.arch.registry import families as all_families  # ``loratool.arch.families`` is the subpackage
 from loratool.arch.table import Arch, ModuleSpec, ParamSpec
 from loratool.errors import LoraToolError
@@ -55,15 +67,31 @@ GENERIC = "generic"
 ARCH_NAMES = tuple(f.name for f in all_families() if f.entry.get("table") or f.entry.get("rules"))
 
 __all__ = [
-    "ARCH_NAMES", "GENERIC", "Arch", "Detection", "Family", "ModuleSpec", "ParamSpec", "Place", "Spelling",
+    "ARCH_NAMES", "GENERIC", "Arch", "Detection", "checkpoint_family", "checkpoint_table", "Family", "ModuleSpec", "ParamSpec", "Place", "Spelling",
     "all_families", "canonical_family", "detect_adapter", "detect_arch_from_checkpoint", "detect_checkpoint",
-    "family", "family_from_metadata", "family_names", "lbw_presets", "lbw_slots", "lbw_weights", "load_arch",
+    "family", "family_for", "family_from_metadata", "family_names", "model", "model_names", "retargets", "lbw_presets", "lbw_slots", "lbw_weights", "load_arch",
 ]
 
 
+def checkpoint_table(name: str | None, shapes) -> Arch | None:
+    """The table of the family ``name`` (``load_arch``'s names) at the sizes a checkpoint's ``{key: shape}`` show
+    (a family described by rules: Wan 1.3B or 14B); None for no family (``generic``/``unknown``)."""
+    if not name or name in ("unknown", GENERIC):
+        return None
+    load_arch(name)  # the one error for an unknown name
+    fam = model(name)
+    if fam.rules and fam.variant is None:
+        fam = checkpoint_family(fam, dict(shapes))
+    return fam.table
+
+
 def load_arch(name: str) -> Arch:
-    """The table of one family (cached). Accepts aliases (sd15, sd21, flux1, ...)."""
-    fam = family(name) if canonical_family(name) not in (None, GENERIC) else None
+    """The table of one family (cached). Accepts aliases (sd15, sd21, flux1, ...) and size variants of the families
+    described by rules (``wan-1.3b``, ``sd3.5-large``: ``registry.model``)."""
+    try:
+        fam = model(name) if canonical_family(name) != GENERIC else None
+    except LoraToolError:
+        fam = None
     if fam is None or fam.table is None:
         raise LoraToolError(f"unknown architecture {name!r}: use one of {', '.join(ARCH_NAMES)}")
     return fam.table

@@ -41,6 +41,8 @@ class Detection:
     candidates: tuple[str, ...] = ()  # families the keys could not tell apart (several only when ambiguous)
     metadata_family: str | None = None  # what the metadata says, when it names a family
     metadata_key: str | None = None
+    variant: str | None = None  # the size variant the shapes fit (``14B``), for a family described by rules
+    sizes: tuple[tuple[str, int], ...] = ()  # the sizes read off the shapes (rules families)
 
     @property
     def by(self) -> str:
@@ -52,16 +54,18 @@ class Detection:
 
     def to_json(self) -> dict:
         return {"family": self.family, "by": self.by, "candidates": list(self.candidates),
-                "metadata_family": self.metadata_family, "metadata_key": self.metadata_key}
+                "metadata_family": self.metadata_family, "metadata_key": self.metadata_key,
+                "variant": self.variant, "sizes": dict(self.sizes)}
 
     def describe(self) -> str:
         """One line: ``flux (keys+metadata: modelspec.architecture; keys fit sd1, sdxl, flux, sd3)``."""
         parts = [self.by + (f": {self.metadata_key}" if "metadata" in self.evidence and self.metadata_key else "")]
         if self.ambiguous:
-            parts.append(f"keys fit {', '.join(self.candidates)}")
+            parts.append(f"keys fit {', '.join(self.candidates)}: --arch chooses")
         if self.metadata_family and self.metadata_family != self.family and "keys" in self.evidence:
             parts.append(f"{self.metadata_key} says {self.metadata_family}")
-        return f"{self.family} ({'; '.join(parts)})"
+        name = f"{self.family} {self.variant}" if self.variant else self.family
+        return f"{name} ({'; '.join(parts)})"
 
 
 # ---------------------------------------------------------------------- metadata
@@ -90,18 +94,26 @@ def _metadata_values(metadata: Mapping[str, str], config: Mapping[str, object] |
     return out
 
 
+def _match_length(value: str, prefixes: Sequence[str]) -> int:
+    """The length of the longest prefix that names a part of ``value`` (0: none)."""
+    parts = value.strip().lower().split("/")
+    return max((len(p) for part in parts for p in prefixes if part.startswith(p)), default=0)
+
+
 def metadata_votes(metadata: Mapping[str, str] | None, config: Mapping[str, object] | None = None
                    ) -> list[tuple[str, str]]:
-    """(metadata key, family) for each key that names a family, most explicit first."""
+    """(metadata key, family) for each key that names a family, most explicit first; per key, the family with
+    the longest matching prefix (``flux.1-kontext`` is Kontext, not Flux)."""
     values = _metadata_values(metadata or {}, config)
     votes = []
     for key in _METADATA_ORDER:
         if key not in values:
             continue
-        for fam in families():
-            if _matches(values[key], fam.metadata.get(key, ())):
-                votes.append((key, fam.name))
-                break
+        scored = [(_match_length(values[key], fam.metadata.get(key, ())), -i, fam.name)
+                  for i, fam in enumerate(families())]
+        best = max(scored, default=(0, 0, ""))
+        if best[0]:
+            votes.append((key, best[2]))
     return votes
 
 
@@ -129,16 +141,21 @@ def _dims_match(shape: tuple[int, ...], dims: Dims) -> bool:
 
 
 def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims], table_only: bool = False) -> _Fit:
-    fit = _Fit(fam)
-    exact = named = 0
     resolve = fam.known_place if table_only else fam.resolve
-    for (style, scope, name), d in zip(names, dims, strict=True):
-        place = resolve(style, scope, name)
-        fit.places.append(place)
+    places = [resolve(style, scope, name) for style, scope, name in names]
+    # a family whose sizes vary: its table at the sizes the shapes show; shapes fit exactly only at the sizes of
+    # a real variant (a file at other widths, such as a tiny test model, fits by name)
+    known_size = True
+    if fam.rules and not table_only:
+        fam = fam.sized({p.key: d for p, d in zip(places, dims, strict=True) if p is not None})
+        known_size = fam.variant is not None or not fam.rules.get("variants")
+    fit = _Fit(fam, places)
+    exact = named = 0
+    for place, d in zip(places, dims, strict=True):
         if place is None:
             continue
         shape = fam.shape(place.key)
-        if shape is not None and _dims_match(shape, d):
+        if shape is not None and _dims_match(shape, d) and known_size:
             exact += 1
         elif shape is not None or pattern_of(place.key) in fam.patterns:
             named += 1
@@ -151,27 +168,37 @@ def _fit(fam: Family, names: Sequence[Name], dims: Sequence[Dims], table_only: b
     return fit
 
 
+def _detection(fit: _Fit, *args, **kwargs) -> Detection:
+    fam = fit.family
+    return Detection(fam.name, *args, variant=fam.variant_label, sizes=tuple(sorted(fam.sizes.items())), **kwargs)
+
+
 def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mapping[str, str] | None = None,
                    config: Mapping[str, object] | None = None, *, forced: str | None = None
                    ) -> tuple[Detection, list[Place | None]]:
     """The family of an adapter's modules and where each module lands in it (None: the family has no name
-    for it; the generic notion then keeps the name). ``forced``: the family the user named (``--arch``)."""
+    for it; the generic notion then keeps the name). ``forced``: the family the user named (``--arch``).
+
+    A family that only metadata tells apart from another (``variant_of``: Flux Kontext from Flux) never competes
+    on keys; it is chosen when the keys choose its base family and the metadata names it."""
     votes = metadata_votes(metadata, config)
     meta_family, meta_key = votes[0][1] if votes else None, votes[0][0] if votes else None
     if forced is not None:
-        fam = family(forced)
-        fit = _fit(fam, names, dims)
-        return Detection(fam.name, ("user",), (fam.name,), meta_family, meta_key), _fill(fit, names)
-    fits = [_fit(fam, names, dims, table_only=True) for fam in families()]  # the tables first: cheap, and ...
+        fit = _fit(family(forced), names, dims)
+        return _detection(fit, ("user",), (fit.family.name,), meta_family, meta_key), _fill(fit, names)
+    competing = [fam for fam in families() if fam.variant_of is None]
+    fits = [_fit(fam, names, dims, table_only=True) for fam in competing]  # the tables first: cheap, and ...
     best = max((f.level for f in fits), default=0)
     if best < 3:  # ... when no table lists every module at its shape, the families' rules name the rest
-        fits = [_fit(fam, names, dims) for fam in families()]
+        fits = [_fit(fam, names, dims) for fam in competing]
         best = max((f.level for f in fits), default=0)
     candidates = [f for f in fits if f.level == best and best > 0]
     if not candidates:
         fam = family(meta_family) if meta_family else family("generic")
         fit = _fit(fam, names, dims) if meta_family else _Fit(fam)
-        detection = Detection(meta_family or UNKNOWN, ("metadata",) if meta_family else (), (), meta_family, meta_key)
+        evidence = ("metadata",) if meta_family else ()
+        detection = _detection(fit, evidence, (), meta_family, meta_key) if meta_family else \
+            Detection(UNKNOWN, evidence, (), meta_family, meta_key)
         return detection, _fill(fit, names)
     names_of = [f.family.name for f in candidates]
     chosen, evidence = candidates[0], ("keys",)
@@ -181,8 +208,17 @@ def detect_adapter(names: Sequence[Name], dims: Sequence[Dims], metadata: Mappin
                 chosen, evidence, meta_family, meta_key = candidates[names_of.index(fam_name)], ("keys", "metadata"), \
                     fam_name, key
                 break
+    for key, fam_name in votes:  # a family told apart from the chosen one by metadata alone
+        if family(fam_name).variant_of == chosen.family.name:
+            chosen, evidence, meta_family, meta_key = _fit(family(fam_name), names, dims), ("keys", "metadata"), \
+                fam_name, key
+            break
+    if chosen.family.rules and chosen.family.variant is None:
+        # chosen on its default table (or at no real variant's sizes): its variant is the one the file's shapes
+        # fit (a Wan 14B LoRA without k_img/v_img is 14B, though the default 14B-I2V table lists its modules too)
+        chosen = _fit(chosen.family, names, dims)
     ordered = (chosen.family.name, *[n for n in names_of if n != chosen.family.name])
-    return Detection(chosen.family.name, evidence, ordered, meta_family, meta_key), _fill(chosen, names)
+    return _detection(chosen, evidence, ordered, meta_family, meta_key), _fill(chosen, names)
 
 
 def _fill(fit: _Fit, names: Sequence[Name]) -> list[Place | None]:
@@ -229,9 +265,34 @@ def detect_checkpoint(keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tu
                     return found(width.get(shape[1], UNKNOWN))
             continue
         for fam in families():  # each alternative: fragment lists that keys of the file must each contain
-            if any(all(has(parts) for parts in alt) for alt in fam.entry.get(stage, ())):
-                return found(fam.name)
+            if any(all(has(parts) for parts in alt) for alt in fam.entry.get(stage, ())) and \
+                    not any(has([part]) for part in fam.entry.get("checkpoint_not", ())):
+                if not fam.rules:
+                    return found(fam.name)
+                sized = checkpoint_family(fam, shapes)
+                return Detection(fam.name, ("keys",), (fam.name,), meta, key_meta, sized.variant_label,
+                                 tuple(sorted(sized.sizes.items())))
     return found(UNKNOWN)
+
+
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
+
+
+def checkpoint_family(fam: Family, shapes: Mapping[str, Sequence[int]]) -> Family:
+    """A family described by rules at the sizes a checkpoint's weights show (single-file names with or without
+    ``model.diffusion_model.``, or diffusers names); the family itself otherwise."""
+    if not fam.rules:
+        return fam
+    dims: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight"):
+            continue
+        prefix = next(p for p in _CHECKPOINT_PREFIXES if key.startswith(p))
+        name = key[len(prefix):].removesuffix(".weight")
+        place = fam.resolve("original", "diffusion_model", name) or fam.resolve("diffusers", "", name)
+        if place is not None and place.component == fam.denoiser:
+            dims[place.key] = tuple(shape)
+    return fam.sized(dims)
 
 
 def detect_embeddings(keys: Iterable[str], widths: Iterable[int], metadata: Mapping[str, str] | None = None

@@ -26,12 +26,14 @@ _INDEX = re.compile(r"\.\d+(?=\.|$)")
 class Place:
     """Where a module name lands in canonical form. ``swapped``: the name's weight holds its row halves in the
     other order (BFL/SAI final modulation ``[shift, scale]``); ``known``: the family's table lists it (else its
-    rules named it)."""
+    rules named it); ``original``: the name was a single-file name (``transformer.double_blocks.0.img_attn_qkv``
+    of diffusion-pipe's HunyuanVideo files is a single-file name under a diffusers scope)."""
 
     component: str
     path: str
     swapped: bool = False
     known: bool = True
+    original: bool = False  # the name was written in single-file names (whatever its scope)
 
     @property
     def key(self) -> str:
@@ -172,7 +174,8 @@ class FamilyNames:
             return None if found is None else Place(*found[0].split(".", 1), found[1], True)
         if style == "original":
             key = self._original_index.get(name) if scope == self.original_scope(self.denoiser or "") else None
-            return None if key is None else Place(*key.split(".", 1), self.modules[key].row_order is not None, True)
+            return None if key is None else Place(*key.split(".", 1), self.modules[key].row_order is not None, True,
+                                                  True)
         if style == "diffusers" and (not scope or scope in self.components):
             for comp in (scope,) if scope else self.components:
                 path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
@@ -180,9 +183,9 @@ class FamilyNames:
                     return Place(comp, path)
         return None
 
-    def _place(self, component: str, path: str, swapped: bool = False) -> Place:
+    def _place(self, component: str, path: str, swapped: bool = False, original: bool = False) -> Place:
         key = f"{component}.{path}"
-        return Place(component, path, swapped, key in self.modules)
+        return Place(component, path, swapped, key in self.modules, original)
 
     def _resolve_kohya(self, scope: str, name: str) -> Place | None:
         found = self._kohya_index.get(f"{scope}_{name}")
@@ -192,6 +195,9 @@ class FamilyNames:
         component = self._scope_component(scope)
         if component is None:
             return None
+        renamed = self._renamed_id(component, name)
+        if renamed is not None:
+            return renamed
         path = underscored(name)
         if self.is_text_encoder(component) and component not in DENOISERS:
             return self._place(component, naming.text_encoder_path(path))
@@ -199,18 +205,42 @@ class FamilyNames:
             component = "unet" if path.split(".", 1)[0] in generic_roots("unet") else "transformer"
         return self._denoiser_place(component, path, original_ok=True)
 
+    def _renamed_id(self, component: str, name: str) -> Place | None:
+        """A kohya-style id of a denoiser read exactly by the family's rename table at any depth: in the names
+        kohya ids carry (``KOHYA``), single-file names, or diffusers names (None: the table has no such id)."""
+        renames = getattr(self.naming, "RENAMES", None)
+        if renames is None or component not in DENOISERS:
+            return None
+        kohya = getattr(self.naming, "KOHYA", None)
+        for table, side in ((kohya, "original"), (renames, "original"), (renames, "diffusers")):
+            path = table.from_underscored(name, side) if table is not None else None
+            if path is None:
+                continue
+            if side == "original":
+                path = table.to_diffusers(path)
+            if path is not None:
+                return self._place(component, path, self._swapped(component, path), original=side == "original")
+        return None
+
+    def _swapped(self, component: str, path: str) -> bool:
+        spec = self.modules.get(f"{component}.{path}")
+        return spec.row_order is not None if spec is not None else path in getattr(self.naming, "SWAPPED", ())
+
     def _denoiser_place(self, component: str, path: str, original_ok: bool = True) -> Place | None:
         convert = getattr(self.naming, "original_to_diffusers", None)
         if convert is not None and path.split(".", 1)[0] in getattr(self.naming, "ORIGINAL_ROOTS", ()):
             if not original_ok:
                 return None
             diffusers = convert(path)
-            if diffusers is None:
+            if diffusers is not None:
+                return self._place(component, diffusers, self._swapped(component, diffusers), original=True)
+            if not self._is_diffusers_path(component, path):
                 return None
-            spec = self.modules.get(f"{component}.{diffusers}")
-            swapped = spec.row_order is not None if spec is not None else diffusers in getattr(self.naming, "SWAPPED", ())
-            return self._place(component, diffusers, swapped)
         return self._place(component, path)
+
+    def _is_diffusers_path(self, component: str, path: str) -> bool:
+        renames = getattr(self.naming, "RENAMES", None)
+        return f"{component}.{path}" in self.modules or (renames is not None and renames.knows_diffusers(path))
 
     def _resolve_diffusers(self, scope: str, name: str) -> Place | None:
         if scope:
@@ -218,11 +248,19 @@ class FamilyNames:
                 return None
             if self.is_text_encoder(scope) and scope not in DENOISERS:
                 return self._place(scope, naming.text_encoder_path(name))
+            if scope in DENOISERS and not self.is_generic and not self._is_diffusers_path(scope, name):
+                return self._denoiser_place(scope, name) or self._place(scope, name)
             return self._place(scope, name)
         for comp in self.components:  # a bare path: the component whose table holds it, else whose roots fit
             path = naming.text_encoder_path(name) if self.is_text_encoder(comp) else name
             if f"{comp}.{path}" in self.modules:
                 return Place(comp, path)
+        if self.denoiser is not None and not self.is_generic:  # single-file names, bare (fal's Kontext files)
+            if self._is_diffusers_path(self.denoiser, name):
+                return self._place(self.denoiser, name)
+            place = self._denoiser_place(self.denoiser, name)
+            if place is not None and place.original:
+                return place
         root = name.split(".", 1)[0]
         for comp in self.components:
             roots = generic_roots(comp) if self.is_generic else self.roots.get(comp, frozenset())
@@ -241,19 +279,27 @@ class FamilyNames:
         key = self._original_index.get(name)
         if key is not None:
             spec = self.modules[key]
-            return Place(spec.component, spec.path, spec.row_order is not None, True)
+            return Place(spec.component, spec.path, spec.row_order is not None, True, True)
         return self._denoiser_place(component, name, original_ok=True)
 
     def spell(self, style: str, component: str, path: str, *, single_te: bool = False) -> Spelling | None:
         """How a layout of ``style`` writes a canonical module (None: the style has no name for it).
 
-        Styles: ``kohya`` (kohya's ids), ``onetrainer`` (diffusers names under kohya-style scopes),
-        ``lycoris`` (the LyCORIS wrapper's ``lycoris_`` ids, denoisers only), ``diffusers`` and ``original``
-        (single-file names under ``diffusion_model``, denoisers only). A part of a fused weight has no kohya or
-        original name; a fused weight has no diffusers name."""
+        Styles: ``kohya`` (kohya's ids: what ComfyUI reads), ``musubi`` (musubi-tuner's ids: single-file or
+        diffusers names as the family's ``musubi_names`` says), ``onetrainer`` (diffusers names under
+        kohya-style scopes), ``lycoris`` (the LyCORIS wrapper's ``lycoris_`` ids, denoisers only), ``diffusers``
+        and ``original`` (single-file names under ``diffusion_model``, denoisers only). A part of a fused weight
+        has no kohya or original name; a fused weight has no diffusers name."""
         key = f"{component}.{path}"
         spec = self.modules.get(key)
         te = self.is_text_encoder(component) and component not in DENOISERS
+        if style == "musubi":
+            if te or self.musubi_names != "diffusers":
+                style = "kohya" if te else "musubi-original"
+            elif key in self.fused:
+                return None
+            else:
+                return Spelling(self._kohya_scope(component), naming.path_to_underscore(path))
         if style in ("diffusers", "onetrainer", "lycoris") and key in self.fused:
             return None
         if style == "diffusers":
@@ -289,6 +335,10 @@ class FamilyNames:
                 return None
             original = self._to_original(component, path)
             return None if original is None else Spelling(scope, original[0], original[1])
+        if style == "musubi-original":
+            original = self._to_original(component, path)
+            return None if original is None else Spelling(self._kohya_scope(component),
+                                                          naming.path_to_underscore(original[0]), original[1])
         raise LoraToolError(f"unknown naming style {style!r}")
 
     def _kohya_scope(self, component: str) -> str:
@@ -311,14 +361,16 @@ class FamilyNames:
 
 @cache
 def vocabulary() -> frozenset[str]:
-    """Every name with an ``_`` in it that some family's adaptable components use (parameters and single-file
-    keys), plus the generic entry's words: what kohya's underscored ids need to be read back."""
+    """Every name with an ``_`` in it that some family with a generated table uses (parameters and single-file
+    keys), plus the generic entry's words: what kohya's underscored ids need to be read back. (A family described
+    by rules reads its ids exactly by its rename table; its words would mislead others: HunyuanVideo's
+    ``img_attn_qkv`` is one name where Flux's ``img_attn_qkv`` is two.)"""
     from loratool.arch.registry import families, family
 
     words: set[str] = set(family("generic").entry.get("words", ()))
     for fam in families():
         t = fam.table
-        if t is None:
+        if t is None or not fam.entry.get("table"):  # a family of rules reads its ids by its rename table
             continue
         for (component, name), p in t.params.items():
             if component not in t.components:  # the VAE: never adapted

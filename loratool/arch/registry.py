@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from functools import cache, cached_property
 from importlib import resources
 from types import SimpleNamespace
@@ -46,7 +47,7 @@ from loratool.errors import LoraToolError
 class Family(FamilyNames):
     """One model family: its entry, its table, and its naming in every layout."""
 
-    def __init__(self, entry: dict, table: dict | None = None):
+    def __init__(self, entry: dict, table: dict | None = None, variant: str | None = None):
         self.entry = entry
         self.name: str = entry["name"]
         self.label: str = entry.get("label", self.name)
@@ -57,46 +58,104 @@ class Family(FamilyNames):
         self.default_targets: str = entry.get("default_targets", "attn")
         self.metadata: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in entry.get("metadata", {}).items()}
         self.kohya_names: str = entry.get("kohya_names", "diffusers")
+        self.musubi_names: str = entry.get("musubi_names", self.kohya_names)
+        self.variant_of: str | None = entry.get("variant_of")  # a family told apart by metadata alone (Kontext)
+        self.variant = variant  # the size variant this instance was built at (``14B``), None: the defaults
         self._components: dict[str, dict] = entry.get("components", {})
         self._table_data = table
+        self._sized: dict[tuple, Family] = {}
 
     def __repr__(self) -> str:
-        return f"Family({self.name!r})"
+        return f"Family({self.name!r})" if self.variant is None else f"Family({self.name!r}, {self.variant!r})"
 
     # ------------------------------------------------------------------ data
+    @property
+    def rules(self) -> dict | None:
+        return self.entry.get("rules")
+
     @cached_property
     def table(self) -> Arch | None:
-        if self._table_data is not None:
-            return Arch(self._table_data)
-        if self.entry.get("rules"):
-            from loratool.arch.rules import build_table
+        return Arch(self._table_data) if self._table_data is not None else self._build_table(None)
 
-            return Arch(build_table(self.name, self.entry["rules"]))
-        if self.entry.get("table"):
-            return Arch(read_json(f"tables/{self.entry['table']}.json"))
+    def _build_table(self, sizes: dict[str, int] | None) -> Arch | None:
+        from loratool.arch.rules import build_table, merge_tables
+
+        data = read_json(f"tables/{self.entry['table']}.json") if self.entry.get("table") else None
+        at_defaults = not sizes or (self.rules is not None and dict(sizes) == dict(self.rules.get("sizes", {})))
+        if self.rules and (data is None or not at_defaults):  # a generated table is the defaults' own
+            ruled = build_table(self.name, self.rules, sizes)
+            data = merge_tables(data, ruled) if data is not None else ruled
+        return Arch(data) if data is not None else None
+
+    def sized(self, dims: Mapping[str, tuple[int, ...] | None]) -> Family:
+        """This family at the sizes a file's modules show (canonical key -> weight dims), for a family described
+        by rules (Wan 1.3B or 14B, SD3.5 Medium or Large): the variant they fit, else the sizes they show. A
+        family with an enumerated table is itself."""
+        if not self.rules:
+            return self
+        from loratool.arch.rules import fit_sizes
+
+        variant, sizes = fit_sizes(self.rules, dims)
+        return self.at(sizes, variant)
+
+    def at(self, sizes: Mapping[str, int], variant: str | None = None) -> Family:
+        """This family built at ``sizes`` (cached per sizes)."""
+        key = tuple(sorted(sizes.items()))
+        found = self._sized.get(key)
+        if found is None:
+            found = Family(self.entry, None, variant)
+            found.table = self._build_table(dict(sizes))
+            found.sizes = dict(sizes)
+            self._sized[key] = found
+        return found
+
+    @cached_property
+    def variant_label(self) -> str | None:
+        """The size variant this instance is (its own label, or the variant whose sizes the defaults are)."""
+        if self.variant is not None or not self.rules:
+            return self.variant
+        for name, sizes in self.rules.get("variants", {}).items():
+            if all(self.sizes.get(k) == v for k, v in sizes.items()):
+                return name
         return None
 
-    def sized(self, dims: dict[str, tuple[int, ...]]) -> Family:
-        """This family at the sizes a file's modules show (canonical key -> weight dims), for a family described
-        by rules (Wan 1.3B or 14B, SD3.5 Medium or Large); a family with an enumerated table is itself."""
-        rules = self.entry.get("rules")
-        if not rules:
-            return self
-        from loratool.arch.rules import build_table, infer_sizes
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        """The sizes this instance's table is built at (the defaults for the registry's own)."""
+        return dict(self.rules.get("sizes", {})) if self.rules else {}
 
-        return Family(self.entry, build_table(self.name, rules, infer_sizes(rules, dims)))
+    def variant_sizes(self, label: str) -> dict[str, int] | None:
+        """The sizes of a named variant (``14B``; ``large`` for SD3's ``3.5-large``), or None."""
+        variants = self.rules.get("variants", {}) if self.rules else {}
+        want = label.lower()
+        found = [n for n in variants if n.lower() == want] or [n for n in variants if n.lower().endswith("-" + want)]
+        return {**self.rules.get("sizes", {}), **variants[found[0]]} if len(found) == 1 else None
 
     @cached_property
     def naming(self) -> SimpleNamespace | None:
-        """The family's name mappings: its ``renames`` (data) and its ``naming`` module of
+        """The family's name mappings: its ``renames`` (data: the entry's, or its rules'), its ``naming`` module of
         ``loratool.arch.families`` (functions), as ``original_to_diffusers``, ``diffusers_to_original``,
-        ``ORIGINAL_ROOTS``, ``SWAPPED`` and ``<layout>_to_diffusers``; None when it has neither."""
+        ``ORIGINAL_ROOTS``, ``SWAPPED``, ``RENAMES`` (the table itself), ``KOHYA`` (the names kohya-style ids
+        carry where they are neither) and ``<layout>_to_diffusers``; None when it has none of these."""
         found: dict[str, object] = {}
         renames = self.entry.get("renames")
+        table = None
         if renames:
             table = Renames.from_entry(renames)
+            found["SWAPPED"] = frozenset(renames.get("swapped", ()))
+        elif self.rules:
+            groups = [g for spec in self.rules["components"].values() for g in spec["groups"]
+                      if spec.get("kohya_prefix") == "lora_unet"]
+            table = Renames.from_rules(groups)
+            found["SWAPPED"] = frozenset(
+                f"{g['diffusers']}.{lin[0]}" if g.get("diffusers") else lin[0] for g in groups
+                if "{i}" not in g.get("diffusers", "") for lin in g["linears"]
+                if len(lin) > 3 and isinstance(lin[3][0], list))
+            if any(g.get("kohya") for g in groups):
+                found["KOHYA"] = Renames.from_rules(groups, naming="kohya")
+        if table is not None:
             found.update(original_to_diffusers=table.to_diffusers, diffusers_to_original=table.to_original,
-                         ORIGINAL_ROOTS=table.roots, SWAPPED=frozenset(renames.get("swapped", ())))
+                         ORIGINAL_ROOTS=table.roots, RENAMES=table)
         name = self.entry.get("naming")
         if name:
             module = importlib.import_module(f"loratool.arch.families.{name}")
@@ -202,7 +261,15 @@ def family_names() -> tuple[str, ...]:
 
 @cache
 def _entry(name: str) -> Family:
-    return Family(read_json(f"{name}.json"))
+    return Family(entry_data(name))
+
+
+def entry_data(name: str) -> dict:
+    """An entry's data; ``same_as`` names an entry whose fields it takes where it has none (Flux Kontext is
+    Flux's table and names with its own name, label and metadata)."""
+    data = read_json(f"{name}.json")
+    base = data.get("same_as")
+    return {**entry_data(base), **data} if base else data
 
 
 @cache
@@ -220,12 +287,67 @@ def canonical_family(name: str) -> str | None:
     return _aliases().get(name.lower().strip()) if isinstance(name, str) else None
 
 
+def model(name: str) -> Family:
+    """A family, or one of its size variants by ``<family>-<variant>`` (``wan-14b``, ``wan2.1-1.3b``,
+    ``sd3.5-large``: an alias may name a variant's prefix, ``variant_prefixes``): the family built at that
+    variant's sizes (``LoraToolError`` when unknown)."""
+    if canonical_family(name) is not None:
+        return family(name)
+    head, _, label = name.strip().rpartition("-")
+    while head:
+        found = canonical_family(head)
+        prefix = family(found).entry.get("variant_prefixes", {}).get(head.lower()) if found else None
+        sizes = (prefix and family(found).variant_sizes(f"{prefix}-{label}")) or (
+            family(found).variant_sizes(label) if found else None)
+        if sizes is not None:
+            fam = family(found)
+            return fam.at(sizes, next(v for v in fam.rules["variants"] if fam.variant_sizes(v) == sizes))
+        head, _, more = head.rpartition("-")
+        label = f"{more}-{label}"
+    raise LoraToolError(f"unknown model {name!r}: use one of {', '.join(model_names())}")
+
+
+@cache
+def model_names() -> tuple[str, ...]:
+    """Every family name and ``<family>-<variant>`` of the families described by rules (for ``--model``)."""
+    out = []
+    for fam in families():
+        out.append(fam.name)
+        out += [f"{fam.name}-{v.lower()}" for v in (fam.rules or {}).get("variants", {})]
+    return tuple(out)
+
+
 def family(name: str) -> Family:
     """The family of a name or alias (``LoraToolError`` when unknown)."""
     key = canonical_family(name)
     if key is None:
         raise LoraToolError(f"unknown model family {name!r}: use one of {', '.join(family_names())}")
     return _entry(key)
+
+
+def family_for(adapter) -> Family:
+    """The family an adapter's names are spelt in, at the sizes its modules show (a family described by rules:
+    Wan 14B, a tiny test model); the generic notion when its base model is unknown. ``adapter`` is any object
+    with ``base_model``, ``modules`` (canonical key -> module with ``weight_shape``) and ``detection``."""
+    name = canonical_family(adapter.base_model) or "generic"
+    fam = family(name)
+    if not fam.rules:
+        return fam
+    found = getattr(adapter, "detection", None)
+    if found is not None and found.family == name and found.sizes:
+        return fam.at(dict(found.sizes), found.variant)
+    return fam.sized({key: tuple(m.weight_shape) for key, m in adapter.modules.items()})
+
+
+@cache
+def retargets() -> dict[str, tuple[str, dict]]:
+    """Every retargeting an entry offers (``retarget``): name -> (the family it applies to, what it says: the
+    target ``family``, ``sizes`` and ``why`` a dropped module has no place there). Wan's ``wan-t2v`` drops the
+    image-to-video modules; Flux's ``chroma`` drops what Chroma does not have. Only the entry that says it offers
+    it: an entry that takes another's fields (``same_as``: Kontext) does not take over its retargetings."""
+    return {name: (fam.name, spec) for fam in families()
+            for name, spec in (fam.entry.get("retarget") or {}).items()
+            if not fam.entry.get("same_as") or name not in (entry_data(fam.entry["same_as"]).get("retarget") or {})}
 
 
 def families(include_generic: bool = False) -> list[Family]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from loratool.arch import family_names, retargets
 from loratool.cli.options import debug_option, emit_json, force_option, json_option, quiet_option
 from loratool.core.dtypes import DTYPES
 from loratool.errors import LoraToolError, ModulesSkipped
@@ -34,12 +35,18 @@ from loratool.ops.convert_targets import FORMAT_CHOICES
 @click.option("--drop-unknown", is_flag=True, help="Convert what can be and list what was dropped.")
 @click.option("--dry-run", is_flag=True, help="Print the mapping and what would be lost; write nothing.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Cast tensors (default: keep).")
+@click.option("--arch", default=None, type=click.Choice(family_names(), case_sensitive=False),
+              help="The model family, when the keys fit several (Flux or Chroma) or none.")
+@click.option("--retarget", default=None, type=click.Choice(sorted(retargets()), case_sensitive=False),
+              help="Leave out, and list, the modules a sibling model lacks (wan-t2v: Wan's image-to-video layers; "
+                   "chroma: Flux's modulation).")
 @json_option
 @force_option
 @quiet_option
 @debug_option
 def command(input_path: str, to: str, output: str | None, rank: int | None, lossy: bool, rank_cap: int,
-            drop_unknown: bool, dry_run: bool, dtype: str | None, as_json: bool, force: bool, quiet: bool) -> None:
+            drop_unknown: bool, dry_run: bool, dtype: str | None, arch: str | None, retarget: str | None,
+            as_json: bool, force: bool, quiet: bool) -> None:
     from loratool.formats import canonical_format, read_adapter, write_adapter
     from loratool.ops.convert import convert
     from loratool.ops.convert_meta import target_metadata
@@ -50,15 +57,15 @@ def command(input_path: str, to: str, output: str | None, rank: int | None, loss
     outputs = Outputs([input_path], force=force)
     if not dry_run:
         outputs.claim(output, "adapter", folder=canonical_format(to) == "peft")
-    source = read_adapter(input_path)
+    source = read_adapter(input_path, arch=arch)
     if not source.modules and not source.unknown:  # broken modules: convert names them (or drops them)
         raise LoraToolError("holds no adapter modules: nothing to convert", input_path)
     token_files = {} if dry_run else embedding_paths(Path(output), sorted(source.embeddings))
     for token, path in token_files.items():
         outputs.claim(path, f"embedding of {token}")
     try:
-        result, report = convert(source, to, rank=rank, lossy=lossy, rank_cap=rank_cap,
-                                 drop_unknown=drop_unknown, dtype=DTYPES[dtype] if dtype else None)
+        result, report = convert(source, to, rank=rank, lossy=lossy, rank_cap=rank_cap, drop_unknown=drop_unknown,
+                                 dtype=DTYPES[dtype] if dtype else None, retarget=retarget)
     except LoraToolError as e:
         raise LoraToolError(e.message, input_path) from None
     params = {"to": report.target, "rank": rank, "lossy": lossy, "rank_cap": rank_cap, "dtype": dtype,
@@ -126,6 +133,10 @@ def _render(report, mapping, output, embeddings, *, as_json: bool, quiet: bool, 
     if dry_run:  # a real run lists them on stderr (ModulesSkipped)
         for key, why in report.dropped:
             console.print(f"[yellow]would drop[/] {key}: {why}")
+    for key, why in report.retargeted:
+        console.print(f"[yellow]left out[/] {key}: {why}")
+    for note in report.notes:
+        console.print(note)
     if mapping is not None:
         actions = {c.key: c.action for c in report.changes}
         for key, keys in mapping.items():

@@ -57,6 +57,9 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
               help="Clamp factors at this quantile of their entries (kohya's 0.99; off by default).")
 @click.option("--to", "fmt", default=None, metavar="LAYOUT",
               help=f"Output layout: {LAYOUTS} (default: kohya; peft for a generic pair).")
+@click.option("--deltas", type=click.Choice(("bias", "norm", "both"), case_sensitive=False), default=None,
+              help="Also carry whole changes the LoRA cannot hold: bias = each extracted layer's bias change "
+                   "(.diff_b), norm = the norm weights' changes (.diff), both (as Wan's distill LoRAs do).")
 @click.option("--task-type", type=click.Choice(TASK_TYPES, case_sensitive=False), default=None,
               help="peft's task_type (default: from TUNED's config.json, e.g. …ForCausalLM → CAUSAL_LM).")
 @click.option("--base-model-name", default=None, metavar="NAME_OR_PATH",
@@ -72,8 +75,8 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @quiet_option
 @debug_option
 def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
-            niter, oversample, seed, dtype, clamp_quantile, fmt, task_type, base_model_name, profile, device, dry_run,
-            report_path, as_json, force, quiet) -> None:
+            niter, oversample, seed, dtype, clamp_quantile, fmt, deltas, task_type, base_model_name, profile, device,
+            dry_run, report_path, as_json, force, quiet) -> None:
     import time
     from dataclasses import replace
 
@@ -86,13 +89,18 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         rank=rank, conv_rank=conv_rank, rank_mode=parse_rank_mode(rank_mode), targets=targets,
         arch=arch.lower() if arch else None, min_change=DEFAULT_MIN_CHANGE if min_change is None else min_change,
         include=tuple(include), exclude=tuple(exclude), policy=policy_from(svd, niter, oversample, seed),
-        clamp_quantile=clamp_quantile, dtype=dtype, device=device)
+        clamp_quantile=clamp_quantile, dtype=dtype, device=device,
+        deltas=frozenset(("bias", "norm") if deltas == "both" else (deltas,) if deltas else ()))
     if dry_run:
         return _dry_run(base, tuned, options, as_json, quiet)
     device_ready = start_device(lambda: resolve_device(device))  # torch and CUDA load while we plan
     plan = plan_extract(base, tuned, options)
     options = replace(options, device=str(device_ready.result()))  # before anything else imports torch
     fmt = _layout(fmt, plan)
+    if options.deltas:
+        from loratool.ops.extract_deltas import check_deltas
+
+        check_deltas(plan.arch, fmt, options.deltas)
     output = output or default_output(tuned, rank, fmt)
     outputs = Outputs([base, tuned], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
@@ -112,6 +120,11 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
         emit_json(full)
     elif not quiet:
         render_summary(result.summary, str(path), result.plan.arch, result.reports)
+        if options.deltas:
+            added = result.summary["deltas"]
+            biases = sum(k.endswith(".bias") for k in added)
+            click.echo(f"carried whole: {biases} bias changes (.diff_b), {len(added) - biases} norm-weight changes "
+                       "(.diff)")
     if profile and not as_json:
         click.echo("profile: " + ", ".join(f"{k} {v}" for k, v in result.profile.items()), err=True)
 
@@ -143,7 +156,7 @@ def _parameters(options, fmt: str) -> dict:
             "oversample": options.policy.oversample, "seed": options.policy.seed,
             "clamp_quantile": options.clamp_quantile, "min_change": options.min_change, "to": fmt,
             "dtype": options.dtype,
-            "include": list(options.include), "exclude": list(options.exclude)}
+            "include": list(options.include), "exclude": list(options.exclude), "deltas": sorted(options.deltas)}
 
 
 def _write(result, output: str, fmt: str, outputs: Outputs, params: dict, peft: dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from loratool.arch import model_names
 from loratool.cli import render as rd
 from loratool.cli.options import debug_option, emit_json, force_option, json_option
 from loratool.errors import LoraToolError
@@ -11,7 +12,7 @@ from loratool.io.output import Outputs
 from loratool.ops import ratio as R
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64, 128)
-MODELS = ("sd15", "sd1", "sd2", "sdxl", "flux", "sd3")
+MODELS = ("sd15", *model_names())  # families and their size variants (wan-14b, sd3.5-large, ...)
 GIB = 1 << 30
 
 HELP = """Reduction ratio of LoRA against full fine-tuning: d·k / (r·(d+k)).

@@ -70,9 +70,11 @@ _UNSUPPORTED = [
 ]
 
 
+def unsupported_reason(key: str) -> str | None:
+    """What a key is when it is a kind or family we recognise but do not read; None otherwise."""
+    return next((reason for pattern, reason in _UNSUPPORTED if pattern.search(key)), None)
+
+
 def unknown_reason(key: str) -> str:
     """Why a key that no codec placed is left out: a known but unsupported kind, or no known layout."""
-    for pattern, reason in _UNSUPPORTED:
-        if pattern.search(key):
-            return reason
-    return "matches no known adapter key layout"
+    return unsupported_reason(key) or "matches no known adapter key layout"

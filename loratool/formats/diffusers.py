@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from loratool.arch import Family, canonical_family, family, naming
+from loratool.arch import Family, family_for, naming
 from loratool.arch.registry import DENOISERS
 from loratool.core.modules import Adapter, LoraModule, Module
 from loratool.errors import LoraToolError
@@ -137,7 +137,7 @@ def encode_aitoolkit(adapter: Adapter, family: Family) -> tuple[dict[str, torch.
     return out, {LAYOUT_KEY: "aitoolkit"}
 
 
-LAYOUT_KEY = "loratool.layout"  # the one layout whose keys are spelt as another's (diffusers) says so here
+LAYOUT_KEY = "loratool.layout"  # a layout whose keys may be spelt as another's (aitoolkit, musubi) says so here
 
 
 def _plain_folded(module: Module, fmt: str) -> LoraModule:
@@ -189,5 +189,5 @@ def encode_attnproc(adapter: Adapter, family: Family) -> tuple[dict[str, torch.T
 
 
 def family_of(adapter: Adapter) -> Family:
-    """The family an adapter's names are spelt in (the generic notion when its base model is unknown)."""
-    return family(canonical_family(adapter.base_model) or "generic")
+    """The family an adapter's names are spelt in, at its sizes (``arch.family_for``)."""
+    return family_for(adapter)

@@ -22,6 +22,7 @@ SUFFIXES: dict[str, str] = {
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
     ".lora_A": "down", ".lora_B": "up",
     ".lora_magnitude_vector": "magnitude", ".lora_magnitude_vector.weight": "magnitude",
+    ".dora_layer.weight": "magnitude",  # musubi-tuner networks with DoRA: peft's per-output-row magnitude
     ".lora.down.weight": "down", ".lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
     ".alpha": "alpha", ".dora_scale": "dora_scale",
@@ -91,10 +92,8 @@ def _processor(key: str) -> KeyRef | None:
 
 def _named(module_id: str, role: str, key: str) -> KeyRef | None:
     m = _KOHYA_ID.match(module_id)
-    if m:
-        return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2), role)
-    if "." not in module_id:
-        return None
+    if m:  # Wan-Fun writes lora_unet__blocks_…: one underscore too many
+        return KeyRef(KOHYA_SCOPES[m.group(1)], "kohya", m.group(1), m.group(2).lstrip("_"), role)
     head, _, rest = module_id.partition(".")
     if module_id.startswith(PEFT_SCOPE + "."):
         return KeyRef("peft", "diffusers", "", module_id[len(PEFT_SCOPE) + 1:], role)

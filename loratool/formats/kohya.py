@@ -1,5 +1,6 @@
 """The layouts with kohya-style ids: ``kohya`` (``lora_unet_…``/``lora_te*_…``), ``lycoris`` (the LyCORIS
-wrapper's ``lycoris_…``) and ``onetrainer`` (``lora_transformer_…``), with ``lora_down``/``lora_up``/``alpha``.
+wrapper's ``lycoris_…``), ``onetrainer`` (``lora_transformer_…``) and ``musubi`` (musubi-tuner's ``lora_unet_…``
+in the names the trainer uses), with ``lora_down``/``lora_up``/``alpha``.
 
 Which names the ids carry (diffusers or single-file block names, fused or split projections, the text
 encoders' prefixes) is the family's spelling (``loratool.arch.Family.spell``); this codec only knows the
@@ -89,6 +90,12 @@ def encode_lycoris(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Te
 
 def encode_onetrainer(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return encode_named(adapter, family, "onetrainer"), {}
+
+
+def encode_musubi(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from loratool.formats.diffusers import LAYOUT_KEY
+
+    return encode_named(adapter, family, "musubi"), {LAYOUT_KEY: "musubi"}
 
 
 def network_module(adapter: Adapter) -> str:

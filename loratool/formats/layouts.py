@@ -12,6 +12,11 @@ kohya                  ``lora_unet_…``/``lora_te*_…`` ids, ``lora_down``/``l
 lycoris                the LyCORIS wrapper's ``lycoris_<diffusers path>`` ids (SimpleTuner), denoiser only.
 onetrainer             ``lora_transformer_<diffusers path>`` (transformers; UNets keep ``lora_unet_``) and TEs
                        numbered as diffusers numbers them (Flux T5: ``lora_te2``).
+musubi                 musubi-tuner's own ``lora_unet_…`` ids with ``alpha``: single-file names where the trainer
+                       keeps them (Wan, HunyuanVideo's Tencent names), diffusers names where it wraps a diffusers
+                       model (Qwen-Image, Z-Image: q/k/v apart); the family's ``musubi_names`` says which. kohya is
+                       what ComfyUI loads; musubi is what the trainer resumes from (they differ for HunyuanVideo
+                       and Z-Image).
 diffusers              ``<component>.<path>.lora_A/lora_B.weight``, alphas in ``lora_adapter_metadata``.
 diffusers-old          diffusers 0.21's ``unet.<path>.lora.down.weight`` and
                        ``text_encoder.<path>.lora_linear_layer.down.weight`` (scale folded: no alpha there).
@@ -20,11 +25,14 @@ diffusers-attnproc     diffusers <= 0.20's ``unet.<path>.processor.to_q_lora.dow
                        prefix, which is how it is written.
 peft                   a peft folder (``base_model.model.<path>``, ``adapter_config.json``), one per component.
 aitoolkit              ai-toolkit's Flux files: ``transformer.<diffusers path>``, scale folded, no alpha.
-bfl                    ``diffusion_model.<single-file path>`` of a DiT (BFL Flux, SAI SD3): ``lora_A``/``lora_B``
-                       with the scale folded; LyCORIS kinds with their own suffixes and alpha.
+bfl                    ``diffusion_model.<single-file path>`` of a DiT (BFL Flux, SAI SD3, Wan, HunyuanVideo, …):
+                       ``lora_A``/``lora_B`` with the scale folded (diffusion-pipe, ai-toolkit, lightx2v); LyCORIS
+                       kinds with their own suffixes and alpha. Read also under ``transformer.`` or bare, and with
+                       ``lora_down``/``lora_up``/``alpha``, ``.diff``, ``.diff_b``.
 ldm                    ``diffusion_model.<LDM/SGM path>`` of an SD UNet, ``lora_down``/``lora_up``/``alpha``
                        (ComfyUI's own naming).
 xlabs                  XLabs' Flux ``<block>.processor.qkv_lora1`` (read only).
+fal                    fal's Flux Kontext trainer: ``base_model.model.<BFL path>.lora_A.weight`` (read only).
 cloneofsimo            ``lora_diffusion``'s ``unet:N:up`` (read only).
 textual-inversion      token embeddings: ``emb_params`` (SD1/SD2), ``clip_l``/``clip_g`` (SDXL).
 =====================  =====================================================================================
@@ -61,7 +69,9 @@ class Layout:
     rslora: bool = False  # rsLoRA (alpha/√r) can be flagged
     dora_axes: frozenset[str] = frozenset()  # DoRA magnitude conventions the layout holds
     tucker: bool = False  # a LoCon Tucker core (lora_mid) is kept
-    fused: bool = False  # fused projections as single-file checkpoints store them (else split, diffusers)
+    fused: bool | None = False  # fused projections as single-file checkpoints store them (else split, diffusers);
+    # None: as the family's trainer names them (``names``)
+    names: str | None = None  # the entry field that says which names this layout's ids carry (``musubi_names``)
     components: frozenset[str] | None = None  # None: every component
     bias: bool = False  # a bias change (LyCORIS diff_b) has a place
     kohya_metadata: bool = False  # ss_network_module describes the file
@@ -75,6 +85,13 @@ class Layout:
 
     def holds_component(self, component: str) -> bool:
         return self.components is None or component in self.components
+
+    def fused_for(self, family) -> bool:
+        """Whether this layout stores a family's fused projections fused (kohya: yes; musubi: where the
+        trainer keeps single-file names)."""
+        if self.fused is not None:
+            return self.fused
+        return getattr(family, self.names or "", "diffusers") == "original"
 
     def encode(self, adapter: Adapter, metadata: Mapping[str, str] | None = None):
         """The tensors and metadata of ``adapter`` in this layout (see ``formats.write.encode``)."""
@@ -106,6 +123,8 @@ LAYOUTS: tuple[Layout, ...] = (
            components=_DENOISERS, bias=True, kohya_metadata=True),
     Layout("onetrainer", ("one-trainer",), "kohya:encode_onetrainer", kinds=ALL_KINDS, dora_axes=_BOTH_AXES,
            tucker=True, bias=True, kohya_metadata=True),
+    Layout("musubi", ("musubi-tuner",), "kohya:encode_musubi", kinds=ALL_KINDS, dora_axes=_BOTH_AXES, tucker=True,
+           fused=None, names="musubi_names", components=_DENOISERS, bias=True, kohya_metadata=True),
     Layout("diffusers", (), "diffusers:encode_diffusers", rslora=True, dora_axes=frozenset({"out"}),
            components=_DENOISERS | _TEXT),
     Layout("diffusers-old", ("diffusers-0.21",), "diffusers:encode_diffusers_old", alpha=False,
@@ -115,11 +134,13 @@ LAYOUTS: tuple[Layout, ...] = (
     Layout("peft", (), "diffusers:encode_peft_file", rslora=True, dora_axes=frozenset({"out"}), folder=True),
     Layout("aitoolkit", ("ai-toolkit",), "diffusers:encode_aitoolkit", alpha=False, components=_DENOISERS | _TEXT),
     Layout("bfl", (), "original:encode_bfl", kinds=ALL_KINDS, alpha=False, fused=True,
-           components=frozenset({"transformer"})),
+           components=frozenset({"transformer"}), bias=True),
     Layout("ldm", ("comfy-ldm",), "original:encode_ldm", kinds=ALL_KINDS, dora_axes=_BOTH_AXES, tucker=True,
            fused=True, components=frozenset({"unet"}), bias=True, kohya_metadata=True),
     Layout("xlabs", read_only="only XLabs' own nodes load it; ComfyUI and diffusers read kohya, bfl or diffusers "
            "Flux LoRAs (--to one of those)", fused=True),
+    Layout("fal", read_only="only diffusers' fal-Kontext converter reads it (and only with every module of every "
+           "block); ComfyUI maps no base_model.model. names for Flux (--to kohya, bfl or diffusers)", fused=True),
     Layout("cloneofsimo", read_only="only lora_diffusion's own loader (unmaintained) reads it; diffusers and the web "
            "UIs read diffusers or kohya (--to one of those)"),
     Layout("textual-inversion", ("embedding", "ti"), "special:encode_embeddings", kinds=frozenset()),

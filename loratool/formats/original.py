@@ -1,7 +1,8 @@
 """Layouts in single-file (original checkpoint) names under ``diffusion_model.``, as ComfyUI names a model's
 weights: ``bfl`` for DiTs (BFL Flux, SAI SD3) and ``ldm`` for SD UNets (LDM/SGM block names).
 
-* bfl: a LoRA as ``lora_A``/``lora_B`` with the scale folded in (ai-toolkit's and ComfyUI's Flux files);
+* bfl: a LoRA as ``lora_A``/``lora_B`` with the scale folded in (ai-toolkit's and ComfyUI's Flux files, diffusion-pipe's
+  and the distill LoRAs' Wan files), a bias change as ``diff_b``;
   LyCORIS kinds (LoKr, LoHa, full, norm) with their own suffixes and alpha, as ComfyUI reads them;
 * ldm: ``lora_down``/``lora_up``/``alpha`` and the LyCORIS suffixes, as ComfyUI saves SD LoRAs.
 Which single-file name a module has (fused q/k/v, rows swapped) is the family's spelling.
@@ -58,8 +59,8 @@ def encode_bfl(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor
         if swapped:
             up, bias = swap_halves(up), None if bias is None else swap_halves(bias)
         out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = m.down, up
-        if bias is not None:
-            out[f"{prefix}.lora_B.bias"] = bias
+        if bias is not None:  # the whole bias change (scale folded): what ComfyUI and diffusers' converters read
+            out[f"{prefix}.diff_b"] = bias
         if m.dora is not None:
             raise LoraToolError(f"{module.key}: the bfl layout has no place for a DoRA magnitude")
     return out, {}

@@ -156,6 +156,13 @@ def _most_common(counts: Counter):
     return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
 
+def _anchored(path: str, paths: Mapping[str, object]) -> str:
+    """A module's pattern: its path, with ``^`` when it would also match another module whose path ends with it
+    (peft matches ``(.*\\.)?(pattern)$``: Flux's top-level ``proj_out`` would set every single block's
+    ``proj_out`` too)."""
+    return f"^{path}" if any(p.endswith("." + path) for p in paths) else path
+
+
 def build_config(modules: list[LoraModule]) -> dict[str, object]:
     """``r``, ``lora_alpha``, patterns and ``target_modules`` that reproduce every module's scale."""
     rslora = bool(modules) and all(m.rslora for m in modules)
@@ -166,8 +173,8 @@ def build_config(modules: list[LoraModule]) -> dict[str, object]:
     return {
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+        "rank_pattern": {_anchored(p, ranks): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {_anchored(p, alphas): v for p, v in alphas.items() if v != alpha},
         "target_modules": sorted(ranks),
         "use_rslora": rslora,
         "use_dora": any(m.dora is not None for m in modules),

@@ -23,7 +23,7 @@ from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, M
 from loratool.errors import LoraToolError, examples
 from loratool.formats import special
 from loratool.formats.build import Group, GroupError, build_module, swap_halves
-from loratool.formats.detect import detect_keys, unknown_reason
+from loratool.formats.detect import detect_keys, unknown_reason, unsupported_reason
 from loratool.formats.diffusers import LAYOUT_KEY
 from loratool.formats.fuse import split_lora
 from loratool.formats.keys import KeyRef
@@ -68,8 +68,14 @@ def decode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | No
     return read_raw(raw, component, arch)
 
 
+# network-wide flags some musubi-tuner networks save beside the modules (the Blissful-tuner fork's LoRANetwork
+# buffers): rsLoRA scaling alpha/√r for every module, and whether DoRA magnitudes (``.dora_layer.weight``) are in
+NETWORK_FLAGS = ("use_rslora_flag", "use_dora_flag")
+
+
 def read_raw(raw: RawSource, component: str | None = None, arch: str | None = None) -> Adapter:
-    report = detect_keys(raw.shapes, raw.metadata)
+    flags = {k: bool(raw.get(k).reshape(-1)[0]) for k in NETWORK_FLAGS if raw.shapes.get(k, (0,)) in ((), (1,))}
+    report = detect_keys({k: s for k, s in raw.shapes.items() if k not in flags}, raw.metadata)
     if report.special:
         adapter = special.read_special(raw, report.special)
         adapter.metadata = dict(raw.metadata)
@@ -94,7 +100,9 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
     dims = [weight_dims({role: raw.shapes[k] for role, k in written[i].items()}) for i in ids]
     detection, places = detect_adapter(ids, dims, raw.metadata, raw.config, forced=arch)
     fam = family(detection.family if detection.family != "unknown" else "generic")
-    groups, origin, layouts = _group(raw, refs, written, places, adapter)
+    if detection.sizes:
+        fam = fam.at(dict(detection.sizes), detection.variant)
+    groups, origin, layouts = _group(raw, refs, written, places, adapter, fam)
     alphas = _alpha_source(raw)
     for key, group in groups.items():
         comp, _, path = key.partition(".")
@@ -105,6 +113,8 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
             continue
         if alphas is not None and isinstance(module, LoraModule) and "alpha" not in group:
             alphas.apply(module)
+        if flags.get("use_rslora_flag") and isinstance(module, LoraModule) and module.alpha is not None:
+            module.rslora = True
         adapter.add(module)
     adapter.base_model, adapter.detection = detection.family, detection
     adapter.source_format = _source_format({layouts[k] for k in adapter.modules}, adapter, fam)
@@ -112,7 +122,8 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
     return adapter
 
 
-def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[Place | None], adapter: Adapter):
+def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[Place | None], adapter: Adapter,
+           fam: Family):
     groups: dict[str, Group] = {}
     origin: dict[str, list[str]] = {}
     layouts: dict[str, str] = {}
@@ -122,7 +133,9 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
         if place is None and first.layout == "peft":  # a bare peft folder of a model no family knows
             place = Place("model", first.name, False, False)
         if place is None:
-            _note_unknown(adapter, list(keys.values()), f"{first.name}: no known model family has this module")
+            key = next(iter(keys.values()))  # a kind we know we do not read says so; else no family has it
+            _note_unknown(adapter, list(keys.values()),
+                          unsupported_reason(key) or f"{first.name}: no known model family has this module")
             continue
         group = groups.setdefault(place.key, {})
         for role, key in keys.items():
@@ -135,11 +148,25 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
                 tensor = swap_halves(tensor)
             group[role] = tensor
             origin.setdefault(place.key, []).append(key)
-        layout = first.layout
-        if layout == "original":
-            layout = "bfl" if place.component == "transformer" else "ldm"
-        layouts.setdefault(place.key, layout)
+        layouts.setdefault(place.key, _layout_of(first, place, fam))
     return groups, origin, layouts
+
+
+def _layout_of(ref: KeyRef, place: Place, fam: Family) -> str:
+    """The layout a module's keys are in: the key's own spelling, refined by how the family named it (single-file
+    names under a diffusers or peft scope are bfl's, or fal's for the families fal trains; a kohya id only musubi
+    spells is musubi's)."""
+    layout = ref.layout
+    if layout == "original" or (layout in ("diffusers", "peft") and place.original):
+        if layout == "peft" and "fal" in fam.layouts:
+            return "fal"
+        return "bfl" if place.component == "transformer" else "ldm"
+    if layout == "kohya" and ref.scope == "lora_unet" and "musubi" in fam.layouts:
+        kohya = fam.spell("kohya", place.component, place.path)
+        musubi = fam.spell("musubi", place.component, place.path)
+        if musubi is not None and musubi.name == ref.name and (kohya is None or kohya.name != ref.name):
+            return "musubi"
+    return layout
 
 
 def _alpha_source(raw: RawSource) -> AlphaSource | None:
@@ -195,6 +222,8 @@ def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...]) -> None:
 def _source_format(found: set[str], adapter: Adapter, fam: Family) -> str | list[str]:
     if found == {"diffusers"} and "aitoolkit" in fam.layouts and _made_by_aitoolkit(adapter.metadata):
         found = {"aitoolkit"}
+    if "musubi" in found or (found == {"kohya"} and adapter.metadata.get(LAYOUT_KEY) == "musubi"):
+        found = (found - {"kohya"}) | {"musubi"}  # ids both spell alike are musubi's too
     if found & {"lycoris", "onetrainer"}:
         found.discard("kohya")  # their text-encoder keys are spelled like kohya's
     if not found:

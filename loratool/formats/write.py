@@ -94,11 +94,28 @@ def modelspec_metadata(base_model: str, title: str, date: str | None, *, v_predi
     from loratool.io.metadata import BASE_MODELS, modelspec
 
     if base_model not in BASE_MODELS:
-        return {}
+        return _family_modelspec(base_model, title, date)
     spec = modelspec(base_model, title, date=date or "1970-01-01T00:00:00", v_prediction=v_prediction)
     if not date:
         del spec["modelspec.date"]
     return spec
+
+
+def _family_modelspec(base_model: str, title: str, date: str | None) -> dict[str, str]:
+    """The ``modelspec.architecture`` a family's entry names (``modelspec``), so that a file says which family it
+    is for where its keys cannot (a Flux Kontext LoRA is spelt as a Flux one); {} for a family without one."""
+    from loratool.arch import canonical_family, family
+    from loratool.io.metadata import SAI_MODEL_SPEC_VERSION
+
+    name = canonical_family(base_model)
+    architecture = family(name).entry.get("modelspec") if name else None
+    if not architecture:
+        return {}
+    out = {"modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION, "modelspec.architecture": f"{architecture}/lora",
+           "modelspec.title": title}
+    if date:
+        out["modelspec.date"] = date
+    return out
 
 
 def most_common(counts: Counter):

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loratool.arch import canonical_family, family
+from loratool.arch import canonical_family, family, family_names
 from loratool.core.modules import Adapter, LoraModule, Module
 from loratool.errors import LoraToolError
 from loratool.formats.diffusers import is_attention_projection
+from loratool.formats.layouts import find_layout
 from loratool.ops.convert_fused import regroup_fused
 from loratool.ops.convert_math import (
     DEFAULT_ENERGY,
@@ -74,6 +75,8 @@ class ConvertReport:
     changes: list[ModuleChange] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
     embeddings: list[str] = field(default_factory=list)
+    retargeted: list[tuple[str, str]] = field(default_factory=list)  # (key, why): left out for --retarget
+    notes: list[str] = field(default_factory=list)
 
     @property
     def lossy(self) -> list[ModuleChange]:
@@ -101,6 +104,8 @@ class ConvertReport:
             "counts": self.counts(), "max_rel_error": self.max_rel_error,
             "modules": [c.to_json() for c in self.changes],
             "dropped": [{"key": k, "why": w} for k, w in self.dropped],
+            "retargeted": [{"key": k, "why": w} for k, w in self.retargeted],
+            "notes": self.notes,
             "embeddings": self.embeddings,
         }
 
@@ -121,21 +126,30 @@ class ConvertOptions:
 
 def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool = False,
             energy: float = DEFAULT_ENERGY, rank_cap: int = DEFAULT_RANK_CAP, drop_unknown: bool = False,
-            dtype: torch.dtype | None = None) -> tuple[Adapter, ConvertReport]:
+            dtype: torch.dtype | None = None, retarget: str | None = None) -> tuple[Adapter, ConvertReport]:
     """The adapter as ``to`` will hold it, and what was done to each module.
 
     Raises :class:`LoraToolError` naming every module (or unknown key) the target cannot hold,
-    unless ``drop_unknown``. Metadata is left to :func:`loratool.ops.convert_meta.target_metadata`.
+    unless ``drop_unknown``. ``retarget`` (``arch.retargets()``: ``wan-t2v``, ``chroma``) first leaves out the
+    modules the sibling model lacks, each listed in ``report.retargeted``. Metadata is left to
+    :func:`loratool.ops.convert_meta.target_metadata`.
     """
     if rank is not None and rank < 1:
         raise LoraToolError(f"--rank must be at least 1 (got {rank})")
     spec = resolve_target(to)
+    left_out: list[tuple[str, str]] = []
+    if retarget is not None:
+        from loratool.ops.retarget import retarget as retarget_adapter
+
+        adapter, left_out = retarget_adapter(adapter, retarget)
     fam = family(canonical_family(adapter.base_model) or "generic")
     if spec.name not in fam.layouts:
         raise LoraToolError(f"the {spec.name} layout has no place for a {fam.name} adapter "
                             f"(it takes {', '.join(fam.layouts)})")
     opts = ConvertOptions(rank, lossy, energy, rank_cap, drop_unknown, dtype)
-    report = ConvertReport(adapter.source_format or "unknown", spec.name)
+    report = ConvertReport(adapter.source_format or "unknown", spec.name, retargeted=left_out)
+    if fam.is_generic:
+        report.notes.append(_names_kept(adapter, spec))
     problems: list[tuple[str, str]] = [(k, adapter.unknown_reasons.get(k, "no format recognises this key"))
                                        for k in adapter.unknown]
     result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
@@ -159,6 +173,25 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
     if dtype is not None:
         result = cast_adapter(result, dtype)
     return result, report
+
+
+# layouts that spell a module of an unknown family alike (kohya-style ids are family-specific: a scope token
+# and which names the ids carry; dotted diffusers paths are the model's own module names)
+_SAME_NAMES = ({"diffusers", "peft", "aitoolkit", "diffusers-old"},)
+
+
+def _names_kept(adapter: Adapter, spec: TargetSpec) -> str:
+    """For a family no entry knows: the target must spell names as the source did, so that they are kept as
+    they are; anything else would be a guess that looks valid (a Wan file's ``lora_unet_blocks_0_self_attn_q``
+    is no ``transformer.blocks.0.self_attn.q`` any loader reads). Refused otherwise."""
+    sources = adapter.source_format if isinstance(adapter.source_format, list) else [adapter.source_format]
+    sources = [s for s in sources if find_layout(s or "") is not None]  # read from a file (not built in memory)
+    group = next((g for g in _SAME_NAMES if spec.name in g), {spec.name})
+    if not all(s in group for s in sources):
+        raise LoraToolError(f"the model family of this {'/'.join(sources)} adapter is unknown, so its module "
+                            f"names cannot be spelt as {spec.name} names without guessing; --arch names the family "
+                            f"(one of {', '.join(family_names())}), or --to {sources[0]} keeps the names as they are")
+    return "the model family is unknown: module names are kept as the file has them"
 
 
 def _refusal(problems: list[tuple[str, str]], spec: TargetSpec) -> str:

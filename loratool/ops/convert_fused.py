@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loratool.arch import canonical_family, family
+from loratool.arch import family_for
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.formats.fuse import fuse_lora, split_lora
@@ -31,23 +31,21 @@ if TYPE_CHECKING:
 Parts = list[tuple[str, tuple[int, int]]]
 
 
-def fused_groups(base_model: str) -> dict[str, Parts]:
-    """The family's fused weights with their parts in row order ({} for a family without any)."""
-    name = canonical_family(base_model)
-    if name is None:
-        return {}
-    return {key: sorted(parts, key=lambda p: p[1][0]) for key, parts in family(name).fused.items()}
+def fused_groups(adapter: Adapter) -> dict[str, Parts]:
+    """The fused weights of the adapter's family at its sizes, with their parts in row order ({} for a family
+    without any)."""
+    return {key: sorted(parts, key=lambda p: p[1][0]) for key, parts in family_for(adapter).fused.items()}
 
 
 def regroup_fused(adapter: Adapter, spec: Layout, report: ConvertReport) -> Adapter:
     """The adapter with fused projections fused or split as ``spec`` needs (unchanged otherwise)."""
-    fused = fused_groups(adapter.base_model)
+    fused = fused_groups(adapter)
     if not fused:
         return adapter
     changes = {c.targets[0]: c for c in report.changes if c.targets}
     out = Adapter(metadata=adapter.metadata, base_model=adapter.base_model, source_format=adapter.source_format,
                   embeddings=adapter.embeddings, unknown=list(adapter.unknown), detection=adapter.detection)
-    if spec.fused:
+    if spec.fused_for(family_for(adapter)):
         owner = {part: key for key, parts in fused.items() for part, _ in parts}
         done: set[str] = set()
         for key, module in adapter.modules.items():

@@ -22,6 +22,7 @@ from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.io.sources import TensorSource
 from loratool.ops.extract_batch import extract_batch
+from loratool.ops.extract_deltas import add_deltas
 from loratool.ops.extract_plan import ExtractOptions, Plan, build_plan, open_pair, plan_extract
 from loratool.ops.extract_report import ModuleReport, compact, summarize
 from loratool.ops.extract_stream import StageClock, batches, stream_pairs
@@ -64,12 +65,15 @@ def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options
             plan = plan or build_plan(b, t, options)
         dtype = output_dtype(options.dtype, t, plan)
         reports, modules = _run(b, t, plan, options, dtype, progress, clock)
-    adapter = Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
-    for m in modules:
-        adapter.add(m)
+        adapter = Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
+        for m in modules:
+            adapter.add(m)
+        deltas = add_deltas(adapter, b, t, plan.arch, options.deltas) if options.deltas else []
     order = {m.key: i for i, m in enumerate(plan.modules)}
     reports.sort(key=lambda r: order[r.key])
     summary = summarize(reports, plan.excluded, plan.missing, plan.tied)
+    if options.deltas:
+        summary["deltas"] = deltas  # the bias and norm-weight changes carried whole beside the LoRA
     return ExtractResult(adapter, plan, reports, summary, dtype, clock.as_dict())
 
 

@@ -46,10 +46,13 @@ class ExtractOptions:
     clamp_quantile: float | None = None
     dtype: str | None = None  # fp16 | bf16 | fp32; None: the inputs'
     device: str = "cpu"
+    deltas: frozenset[str] = frozenset()  # "bias" (.diff_b of the extracted layers), "norm" (.diff of norm weights)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
             raise LoraToolError("ranks must be at least 1")
+        if not self.deltas <= {"bias", "norm"}:
+            raise LoraToolError(f"deltas {sorted(self.deltas)}: use bias and/or norm")
         if self.clamp_quantile is not None and not 0 < self.clamp_quantile <= 1:
             raise LoraToolError(f"--clamp-quantile {self.clamp_quantile}: use a value in (0, 1]")
 
@@ -204,9 +207,9 @@ def _untie(modules: list[PlannedModule], config) -> tuple[list[PlannedModule], d
 
 
 def _arch_modules(name: str, src: TensorSource, options: ExtractOptions) -> tuple[list[PlannedModule], list[str]]:
-    from loratool.arch import load_arch
+    from loratool.arch import checkpoint_table
 
-    arch = load_arch(name)
+    arch = checkpoint_table(name, src.shapes())  # a family described by rules at the checkpoint's sizes
     keys = set(src.keys())
     out, missing = [], []
     for spec in arch.targets(options.targets, fused=True):

@@ -72,14 +72,15 @@ class BlockWeights:
     blocks: dict[str, float] = field(default_factory=dict)  # block -> weight, as resolved
 
 
-def _arch_tables(arch_name: str, spec: str, path: str | None):
+def _arch_tables(arch_name: str, spec: str, path: str | None, adapter: Adapter | None = None):
     try:
-        from loratool.arch import lbw_weights, load_arch
+        from loratool.arch import canonical_family, family_for, lbw_weights, load_arch
     except ImportError:
         raise LoraToolError("block weights need the architecture tables, which this build lacks", path) from None
     try:
-        arch = load_arch(arch_name)
-        table = lbw_weights(arch_name, spec)
+        same = adapter is not None and canonical_family(arch_name) == canonical_family(adapter.base_model)
+        arch = family_for(adapter).table if same else load_arch(arch_name)  # a rules family at the file's sizes
+        table = lbw_weights(arch_name, spec, arch)
     except LoraToolError:
         raise
     except (KeyError, ValueError) as e:
@@ -105,7 +106,7 @@ def module_weights(adapter: Adapter, weight: float, lbw: str | None = None, *,
     name = arch_name or adapter.base_model
     if not name or name == "unknown":
         raise LoraToolError("block weights need to know the base model (sd1, sdxl, ...); pass --arch", path)
-    arch, table = _arch_tables(name, lbw, path)
+    arch, table = _arch_tables(name, lbw, path, adapter)
     out = BlockWeights({})
     for key in adapter.modules:
         spec = arch.modules.get(key)

@@ -193,13 +193,14 @@ def _folder_placements(arch, key: str, part: str, files: dict[str, set[str]]) ->
 
 
 def plan_merge(inputs: list[MixInput], file_keys: dict[str, set[str]], arch_name: str,
-               *, folder: bool) -> MergePlan:
+               *, folder: bool, table=None) -> MergePlan:
     """Match every module of every input to the checkpoint's tensors.
 
     ``file_keys`` maps each checkpoint file (``""`` for a single file, ``component/name`` inside a
-    folder) to its tensor names.
+    folder) to its tensor names. ``table``: the family's table at the checkpoint's sizes
+    (``arch.checkpoint_table``; a family described by rules differs per size), else ``arch_name``'s.
     """
-    arch = load_arch_or_none(arch_name)
+    arch = table if table is not None else load_arch_or_none(arch_name)
     plan = MergePlan(arch=arch_name)
     for n, item in enumerate(inputs):
         name = item.name or f"input {n + 1}"

@@ -207,11 +207,14 @@ def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],
     may have claimed it already); without one, through a fresh one of the checkpoint, the inputs' names
     and ``force``. Returns a report: arch, matched/unmatched module counts, tensors changed, output path.
     """
+    from loratool.arch import checkpoint_table
+
     src = Path(checkpoint)
     with open_checkpoint(src) as source:
         keys = file_keys(source, src)
         arch_name = arch or _detect_arch(source)
-    plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir())
+        table = checkpoint_table(arch_name, source.shapes())  # a family of rules at the checkpoint's sizes
+    plan = plan_merge(inputs, keys, arch_name, folder=src.is_dir(), table=table)
     report = plan.summary()
     _check_matches(plan, arch_name, allow_unmatched, src)
     skipped = [(entry, "matches no weight of the checkpoint") for entry in plan.unmatched]

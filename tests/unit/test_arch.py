@@ -200,8 +200,8 @@ def test_detect_from_diffusers_and_lora_free_keys():
 def test_tables_are_consistent(arch_name):
     arch = load_arch(arch_name)
     for key, spec in arch.modules.items():
-        assert key == spec.key and spec.group in ("attn", "conv", "other")
-        assert len(spec.shape) in (2, 4) and spec.kohya.startswith("lora_")
+        assert key == spec.key and spec.group in ("attn", "conv", "other", "norm")
+        assert len(spec.shape) in ((1,) if spec.group == "norm" else (2, 4)) and spec.kohya.startswith("lora_")
         if not spec.is_fused:
             assert arch.params[(spec.component, spec.path + ".weight")].shape == spec.shape
         assert family(arch.name).from_kohya(spec.kohya) == (spec.fused_in or key)
