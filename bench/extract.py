@@ -105,7 +105,7 @@ def run_kohya(base: Path, tuned: Path, args) -> dict:
             u, s, vh = torch.linalg.svd(mat)  # full_matrices=True, as kohya calls it
             up, down = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
             pooled = torch.cat([up.flatten(), down.flatten()])
-            hi = torch.kthvalue(pooled.cpu(), max(1, int(0.99 * pooled.numel()))).values
+            hi = float(torch.kthvalue(pooled.cpu(), max(1, int(0.99 * pooled.numel()))).values)
             up, down = up.clamp(-hi, hi).cpu(), down.clamp(-hi, hi).cpu()
             spent += time.perf_counter() - t0
     scale = len(plan.modules) / max(1, len(subset))
