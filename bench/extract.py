@@ -264,7 +264,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=LAYOUTS, default="sd1")
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--targets", default="attn")
+    p.add_argument("--targets", default="transformer")  # kohya's LoRA set (the old "attn")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--niter", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)

@@ -25,7 +25,7 @@ run() {  # layout rank targets stride min_seconds_left
 }
 run sdxl 64 attn+conv 8 50
 run llama3-8b 32 attn 16 80
-run flux 32 attn 8 100
-run sd3 32 attn 8 70
+run flux 32 transformer 8 100
+run sd3 32 transformer 8 70
 df -h /root | tail -1
 echo "total $(( $(date +%s) - start )) s"

@@ -14,7 +14,35 @@ from functools import cached_property
 from loratool.errors import LoraToolError
 
 Rows = tuple[int, int]
-TARGET_KINDS = {"attn": ("attn",), "attn+conv": ("attn", "conv"), "all": ("attn", "conv", "other")}
+# The one --targets vocabulary (extract, ratio, train): name -> what it covers. Every command lists it in its
+# --help and writes the name into its output's metadata as given here.
+TARGET_SETS: dict[str, str] = {
+    "attn": "attention projections only (q, k, v, out; diffusers' default)",
+    "transformer": "every linear layer of the transformer blocks and the text encoders' attention and MLP "
+                   "(kohya's LoRA)",
+    "transformer+conv": "transformer plus the ResNet blocks' convs and time projections and the samplers "
+                        "(kohya's LoCon)",
+    "all": "every linear and conv layer (embedders, conv_in/conv_out, projections too)",
+}
+TARGET_ALIASES = {"attn+conv": "transformer+conv"}  # the name extract and ratio used before
+# the table groups each set takes ("attn" is the transformer blocks' group; the attn set keeps its projections)
+TARGET_KINDS = {"attn": ("attn",), "transformer": ("attn",), "transformer+conv": ("attn", "conv"),
+                "all": ("attn", "conv", "other")}
+_PROJECTION = re.compile(r"(^|\.)(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out|to_qkv|to_added_qkv|[qkvo]_proj|"
+                         r"out_proj|(Self|EncDec)Attention\.[qkvo])$")
+
+
+def target_set(name: str) -> str:
+    """The vocabulary's name for a ``--targets`` value (an old spelling gives its new name)."""
+    found = TARGET_ALIASES.get(name, name)
+    if found not in TARGET_SETS:
+        raise LoraToolError(f"unknown target set {name!r}: use one of {', '.join(TARGET_SETS)}")
+    return found
+
+
+def is_attention_projection(path: str) -> bool:
+    """A q/k/v/out projection of an attention layer, by its diffusers/transformers name."""
+    return bool(_PROJECTION.search(path))
 
 
 @dataclass(frozen=True)
@@ -123,18 +151,21 @@ class Arch:
     # ------------------------------------------------------------------ targets and kohya names
     def targets(self, kind: str = "attn", fused: bool = True,
                 components: tuple[str, ...] | None = None) -> list[ModuleSpec]:
-        """Modules for --targets attn | attn+conv | all, in table order.
+        """Modules for ``--targets`` (``TARGET_SETS``), in table order.
 
         With fused=True (kohya's granularity) a fused pseudo-module stands for its parts; with False
-        the parts (diffusers' granularity) are listed instead."""
-        if kind not in TARGET_KINDS:
-            raise LoraToolError(f"unknown target set {kind!r}: use one of {', '.join(TARGET_KINDS)}")
+        the parts (diffusers' granularity) are listed instead. A fused module is an attention projection
+        when one of its parts is (Flux's single-block linear1 holds q, k, v and the MLP's input)."""
+        kind = target_set(kind)
         groups = TARGET_KINDS[kind]
         out = []
         for spec in self.modules.values():
             if spec.group not in groups or (components and spec.component not in components):
                 continue
             if (spec.is_fused and not fused) or (spec.fused_in and fused):
+                continue
+            if kind == "attn" and not any(is_attention_projection(p.split(".", 1)[1])
+                                          for p in ([k for k, _ in spec.parts] or [spec.key])):
                 continue
             out.append(spec)
         return out

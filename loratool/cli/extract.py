@@ -5,11 +5,15 @@ Thin: parse options, call :mod:`loratool.ops.extract`, write through :mod:`lorat
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
 from loratool.cli.options import (
+    LayoutChoice,
+    adapter_output,
+    arch_option,
     debug_option,
     device_option,
     emit_json,
@@ -19,15 +23,13 @@ from loratool.cli.options import (
     quiet_option,
     resolve_device,
     svd_options,
+    targets_option,
+    verbose_option,
 )
 from loratool.cli.render import render_summary
 from loratool.io.output import Outputs
 
-# --to's values, spelt here so that the command loads without torch (formats.write checks them)
-LAYOUTS = "kohya|diffusers|peft|aitoolkit|bfl (kohya aliases: webui, comfyui, a1111, forge, lycoris)"
 TASK_TYPES = ("CAUSAL_LM", "FEATURE_EXTRACTION", "QUESTION_ANS", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS")
-
-TARGETS = ("attn", "attn+conv", "all")
 
 
 def default_output(tuned: str, rank: int, fmt: str) -> str:
@@ -37,16 +39,20 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 
 @click.command(help="Extract a LoRA from BASE and TUNED (single-file checkpoints, diffusers folders or "
                     "component files, Hugging Face model folders; --arch generic: any two models with the "
-                    "same keys, e.g. two LLM folders).")
+                    "same keys, e.g. two LLM folders).\n\n"
+                    "The output: a diffusion model's LoRA is one kohya .safetensors file (what ComfyUI, "
+                    "A1111 and Forge load); a generic or LLM pair's is a peft folder (what peft and "
+                    "transformers load). --to chooses another layout.")
 @click.argument("base", type=click.Path(exists=True, dir_okay=True))
 @click.argument("tuned", type=click.Path(exists=True, dir_okay=True))
 @click.option("-r", "--rank", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Rank (the cap with a dynamic --rank-mode).")
+              help="Rank (the cap with a dynamic --rank-mode); a layer narrower than it gets min(out, in).")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), default=None,
-              help="Output file (a folder for --to peft). Default: <TUNED>-lora-r<RANK>.safetensors here.")
-@click.option("--arch", default=None, metavar="sd1|sd2|sdxl|flux|sd3|generic", help="Override detection.")
-@click.option("--targets", type=click.Choice(TARGETS), default="attn", show_default=True,
-              help="attn: transformer blocks (kohya's default); attn+conv: LoCon; all: every layer.")
+              help="Output file, or folder for peft (default: <TUNED>-lora-r<RANK>.safetensors here for a "
+                   "diffusion model, the folder <TUNED>-lora-r<RANK> for a generic pair).")
+@arch_option("The model family (default: detected from the headers).")
+@targets_option("transformer", "Which layers of a known model (a generic pair: every weight; --include/"
+                               "--exclude choose): ")
 @click.option("--conv-rank", type=click.IntRange(min=1), default=None, help="Rank of k×k convs (default: -r).")
 @click.option("--min-change", type=click.FloatRange(min=0), default=None,
               help="Text-encoder modules whose ‖ΔW‖/‖W‖ is below this are skipped (default 2e-3).")
@@ -55,8 +61,8 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @svd_options
 @click.option("--clamp-quantile", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Clamp factors at this quantile of their entries (kohya's 0.99; off by default).")
-@click.option("--to", "fmt", default=None, metavar="LAYOUT",
-              help=f"Output layout: {LAYOUTS} (default: kohya; peft for a generic pair).")
+@click.option("--to", "fmt", type=LayoutChoice(), default=None,
+              help="Output layout (default: kohya for a diffusion model, peft for a generic pair).")
 @click.option("--deltas", type=click.Choice(("bias", "norm", "both"), case_sensitive=False), default=None,
               help="Also carry whole changes the LoRA cannot hold: bias = each extracted layer's bias change "
                    "(.diff_b), norm = the norm weights' changes (.diff), both (as Wan's distill LoRAs do).")
@@ -71,12 +77,14 @@ def default_output(tuned: str, rank: int, fmt: str) -> str:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write the full per-module report as JSON here.")
 @json_option
+@verbose_option
 @force_option
 @quiet_option
 @debug_option
-def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
+@click.pass_context
+def command(ctx, base, tuned, rank, output, arch, targets, conv_rank, min_change, include, exclude, rank_mode, svd,
             niter, oversample, seed, dtype, clamp_quantile, fmt, deltas, task_type, base_model_name, profile, device,
-            dry_run, report_path, as_json, force, quiet) -> None:
+            dry_run, report_path, as_json, verbose, force, quiet) -> None:
     import time
     from dataclasses import replace
 
@@ -87,21 +95,25 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
     started = time.perf_counter()
     options = ExtractOptions(
         rank=rank, conv_rank=conv_rank, rank_mode=parse_rank_mode(rank_mode), targets=targets,
-        arch=arch.lower() if arch else None, min_change=DEFAULT_MIN_CHANGE if min_change is None else min_change,
+        arch=arch, min_change=DEFAULT_MIN_CHANGE if min_change is None else min_change,
         include=tuple(include), exclude=tuple(exclude), policy=policy_from(svd, niter, oversample, seed),
         clamp_quantile=clamp_quantile, dtype=dtype, device=device,
         deltas=frozenset(("bias", "norm") if deltas == "both" else (deltas,) if deltas else ()))
+    device_ready = None if dry_run else start_device(lambda: resolve_device(device))  # torch loads while we plan
+    plan = plan_extract(base, tuned, options)  # headers only; the extraction takes this plan
+    if not quiet:  # stderr: --json keeps stdout clean
+        for note in _notes(ctx, plan, options):
+            click.echo(f"loratool: note: {note}", err=True)
     if dry_run:
-        return _dry_run(base, tuned, options, as_json, quiet)
-    device_ready = start_device(lambda: resolve_device(device))  # torch and CUDA load while we plan
-    plan = plan_extract(base, tuned, options)
+        return _dry_run(plan, options, as_json, quiet, verbose)
+    fmt = fmt or ("peft" if plan.arch == "generic" else "kohya")  # --to is a layout's name already
+    _check_layout_holds(fmt, plan)
+    output = adapter_output(output or default_output(tuned, rank, fmt), fmt)
     options = replace(options, device=str(device_ready.result()))  # before anything else imports torch
-    fmt = _layout(fmt, plan)
     if options.deltas:
         from loratool.ops.extract_deltas import check_deltas
 
         check_deltas(plan.arch, fmt, options.deltas)
-    output = output or default_output(tuned, rank, fmt)
     outputs = Outputs([base, tuned], force=force)
     outputs.claim(output, "adapter", folder=fmt == "peft")
     if report_path:
@@ -110,7 +122,7 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
     result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json), plan=plan)
     t0 = time.perf_counter()
     peft = _peft_settings(result, base, fmt, task_type, base_model_name)
-    path = _write(result, output, fmt, outputs, _parameters(options, fmt), peft)
+    path = _write(result, output, fmt, outputs, _parameters(options, fmt, plan.arch), peft)
     result.profile.update(startup_s=round(startup, 4), write_s=round(time.perf_counter() - t0, 4),
                           command_s=round(time.perf_counter() - started, 4))
     full = {"output": str(path), **result.full_report()}
@@ -119,7 +131,7 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
     if as_json:
         emit_json(full)
     elif not quiet:
-        render_summary(result.summary, str(path), result.plan.arch, result.reports)
+        render_summary(result.summary, str(path), result.plan.arch, result.reports, verbose=verbose)
         if options.deltas:
             added = result.summary["deltas"]
             biases = sum(k.endswith(".bias") for k in added)
@@ -127,16 +139,7 @@ def command(base, tuned, rank, output, arch, targets, conv_rank, min_change, inc
                        "(.diff)")
     if profile and not as_json:
         click.echo("profile: " + ", ".join(f"{k} {v}" for k, v in result.profile.items()), err=True)
-
-
-def _layout(fmt: str | None, plan) -> str:
-    """--to, else kohya for a known architecture and peft for a generic pair (an unknown model still
-    gets a layout that can name its modules)."""
-    if fmt is None:
-        return "peft" if plan.arch == "generic" else "kohya"
-    from loratool.formats.write import canonical_format
-
-    return canonical_format(fmt)
+    return None
 
 
 def _peft_settings(result, base: str, fmt: str, task_type: str | None, base_model_name: str | None) -> dict:
@@ -150,13 +153,53 @@ def _peft_settings(result, base: str, fmt: str, task_type: str | None, base_mode
     return {"peft_embeddings": result.embedding_keys, "peft_config": fields}
 
 
-def _parameters(options, fmt: str) -> dict:
+def _notes(ctx: click.Context, plan, options) -> list[str]:
+    """What a careful user should know before the work starts: layers narrower than the rank asked for (they
+    get their full rank), and --targets on a generic pair (every weight is taken)."""
+    notes = []
+    narrow = [m for m in plan.modules if m.rank < _asked(m, options)]
+    if narrow:
+        example = min(narrow, key=lambda m: m.rank)
+        ranks = sorted({m.rank for m in narrow})
+        notes.append(f"{len(narrow)} of {len(plan.modules)} layers are narrower than the rank asked for: each "
+                     f"gets its full rank min(out, in) ({', '.join(map(str, ranks[:6]))}{' …' if len(ranks) > 6 else ''}"
+                     f"; e.g. {example.key} {'×'.join(map(str, example.shape))} -> rank {example.rank}), which "
+                     "stores more than the layer's own weights")
+    given = ctx.get_parameter_source("targets") not in (None, click.core.ParameterSource.DEFAULT)
+    if plan.arch == "generic" and given:
+        notes.append(f"--targets {options.targets} names layers of a known model family; a generic pair gives "
+                     "every weight both files hold (--include/--exclude choose)")
+    return notes
+
+
+def _check_layout_holds(fmt: str, plan) -> None:
+    """--to names a layout that cannot hold every planned module: say so before any work (the writer would
+    refuse it at the end)."""
+    from loratool.errors import LoraToolError
+    from loratool.formats.layouts import layout
+
+    spec = layout(fmt)
+    outside = sorted({m.component for m in plan.modules if not spec.holds_component(m.component)})
+    if outside:
+        hint = f", or --exclude {outside[0]} leaves them out" if plan.arch != "generic" else ""
+        raise LoraToolError(f"the {spec.name} layout holds {', '.join(sorted(spec.components or ()))} modules only, "
+                            f"not {', '.join(outside)}: --to kohya or peft holds every component{hint}")
+
+
+def _asked(module, options) -> int:
+    kxk = len(module.shape) == 4 and math.prod(module.shape[2:]) > 1
+    return options.conv_rank if (kxk and options.conv_rank) else options.rank
+
+
+def _parameters(options, fmt: str, arch: str) -> dict:
+    """``loratool.parameters`` of the output: the settings as they took effect (a generic pair takes every
+    weight: its targets are ``all``)."""
     return {"rank": options.rank, "conv_rank": options.conv_rank, "rank_mode": str(options.rank_mode),
-            "targets": options.targets, "svd": options.policy.method, "niter": options.policy.niter,
-            "oversample": options.policy.oversample, "seed": options.policy.seed,
+            "targets": "all" if arch == "generic" else options.targets, "svd": options.policy.method,
+            "niter": options.policy.niter, "oversample": options.policy.oversample, "seed": options.policy.seed,
             "clamp_quantile": options.clamp_quantile, "min_change": options.min_change, "to": fmt,
-            "dtype": options.dtype,
-            "include": list(options.include), "exclude": list(options.exclude), "deltas": sorted(options.deltas)}
+            "dtype": options.dtype, "include": list(options.include), "exclude": list(options.exclude),
+            "deltas": sorted(options.deltas)}
 
 
 def _write(result, output: str, fmt: str, outputs: Outputs, params: dict, peft: dict):
@@ -168,30 +211,17 @@ def _write(result, output: str, fmt: str, outputs: Outputs, params: dict, peft: 
     return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs, **peft)
 
 
-def _extract_with_progress(base: str, tuned: str, options, show: bool, plan=None):
-    from loratool.cli.render import console
+def _extract_with_progress(base: str, tuned: str, options, show: bool, plan):
+    from loratool.cli.render import progress
     from loratool.ops.extract import extract
 
-    if not show or not console(stderr=True).is_terminal:
-        return extract(base, tuned, options, plan=plan)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeRemainingColumn())
-    with Progress(*columns, console=console(stderr=True), transient=True) as bar:
-        task = bar.add_task("extract", total=None, rate="")
-
-        def update(done: int, total: int, _key: str) -> None:
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, total=total, rate=f"{speed:.1f} mod/s" if speed else "")
-
-        return extract(base, tuned, options, progress=update, plan=plan)
+    with progress("extract", len(plan.modules), show=show) as bar:
+        return extract(base, tuned, options, progress=lambda done, total, _key: bar.update(done, total), plan=plan)
 
 
-def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None:
-    from loratool.ops.extract_plan import plan_extract
+def _dry_run(plan, options, as_json: bool, quiet: bool, verbose: bool) -> None:
+    from collections import Counter
 
-    plan = plan_extract(base, tuned, options)
     size = plan.output_bytes(4 if options.dtype == "fp32" else 2)
     data = {"arch": plan.arch, "modules": [{"key": m.key, "shape": list(m.shape), "rank": m.rank}
                                            for m in plan.modules],
@@ -202,17 +232,21 @@ def _dry_run(base: str, tuned: str, options, as_json: bool, quiet: bool) -> None
         return emit_json(data)
     if quiet:
         return None
-    from rich.table import Table
+    from loratool.cli import render as rd
 
-    from loratool.cli.render import console, fmt_bytes
-
-    table = Table(title=f"extract plan: {plan.arch}, {len(plan.modules)} modules, rank mode {options.rank_mode}")
-    for col in ("module", "shape", "rank"):
-        table.add_column(col)
-    for m in plan.modules:
-        table.add_row(m.key, "×".join(map(str, m.shape)), str(m.rank))
-    con = console()
-    con.print(table)
-    con.print(f"output ≤ {fmt_bytes(size)}; excluded {len(plan.excluded)}; table modules not in the inputs "
-              f"{len(plan.missing)}; {data['note']}")
+    con = rd.console()
+    if verbose:
+        table = rd.make_table(None, ["module", "shape", "rank"], ("rank",))
+        for m in plan.modules:
+            table.add_row(m.key, "×".join(map(str, m.shape)), str(m.rank))
+        con.print(table)
+    comps = Counter(m.component if m.component != "model" else "model" for m in plan.modules)
+    ranks = Counter(m.rank for m in plan.modules)
+    rows = [("modules", f"{len(plan.modules)} ({', '.join(f'{c} {n}' for c, n in comps.items())})"),
+            ("ranks", ", ".join(f"{r} ×{n}" for r, n in sorted(ranks.items())) if len(ranks) > 1
+             else str(next(iter(ranks)))),
+            ("rank mode", str(options.rank_mode)), ("output", f"≤ {rd.fmt_bytes(size)}"),
+            ("excluded", str(len(plan.excluded))), ("table modules not in the inputs", str(len(plan.missing)))]
+    con.print(rd.key_value_table(rows, title=f"extract plan: {plan.arch}, targets {options.targets}"))
+    con.print(data["note"] + ("" if verbose else "; -v lists every module"))
     return None

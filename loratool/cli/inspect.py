@@ -100,18 +100,34 @@ def _ranks_line(rep: dict) -> str:
     return ", ".join(f"{r} ×{n}" for r, n in hist.items())
 
 
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # SHA-256 of no bytes
+
+
 def _hash_line(rep: dict) -> str:
+    stored = (rep["metadata"].get("hashes", {}).get("sshs_model_hash") or "").strip().lower().removeprefix("0x")
     if not rep["hash_checked"]:
-        stored = rep["metadata"].get("hashes", {}).get("sshs_model_hash")
         return "stored, not checked (--hash checks it)" if stored else "none stored"
-    return "sshs_model_hash matches the data" if rep["hash_ok"] else "[bold red]sshs_model_hash is WRONG[/]"
+    if rep["hash_ok"]:
+        return "sshs_model_hash matches the data"
+    why = ("it is the SHA-256 of no data at all: the tool that wrote the file hashed it before the tensors "
+           "were there (ai-toolkit does)") if stored == EMPTY_SHA256 else \
+        "the tensors changed after it was stored (a tool rewrote them and kept the old metadata; rarely, damage)"
+    layout = rep["format"] if isinstance(rep["format"], str) else "kohya"
+    return (f"[yellow]sshs_model_hash does not match the data[/]: {why}. The file is still usable: every tensor is "
+            "present and well formed, and loaders do not check this hash; only look-ups by it (A1111's and "
+            f"Civitai's) will not find the file. `loratool convert {rep['path']} --to {layout} -o fixed`"
+            " writes it with the right hash")
 
 
 def _decided_by(rep: dict) -> str:
     found = rep.get("base_model_detection") or {}
     if not found:
         return ""
-    ambiguous = f"; keys fit {', '.join(found['candidates'])}" if len(found["candidates"]) > 1 else ""
+    fits = found["candidates"]
+    if found["by"] == "nothing":  # no evidence: say which, not "by nothing"
+        return (f" (the keys fit {', '.join(fits)}, and no metadata says which)" if len(fits) > 1 else
+                " (neither the keys nor the metadata name a model family)")
+    ambiguous = f"; keys fit {', '.join(fits)}" if len(fits) > 1 else ""
     return f" (by {found['by']}{ambiguous})"
 
 
@@ -123,8 +139,9 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
         ("kinds", ", ".join(rep["kinds"]) or "—"),
         ("modules", f"{rep['modules']} ({comps})"),
         ("rank", _ranks_line(rep)),
-        ("alpha", rd.fmt_list(rep["alphas"])),
-        ("scale", rd.fmt_list(rep["scales"])),
+        ("alpha", rd.fmt_list(rep["alphas"]) + ("   (none stored: loaders apply scale 1, as alpha = rank)"
+                                                 if None in rep["alphas"] else "")),
+        ("scale", rd.fmt_list(rep["scales"]) + "   (what each ΔW is multiplied by: alpha / rank)"),
         ("dtypes", ", ".join(f"{d} ×{n}" for d, n in rep["dtypes"].items()) or "—"),
         ("parameters", f"{rd.fmt_int(rep['params'])}   (adapted weights: {rd.fmt_int(rep['full_params'])}, "
                        f"reduction ratio {rd.fmt_ratio(rep['reduction_ratio'])})"),
@@ -141,6 +158,12 @@ def summary_rows(rep: dict) -> list[tuple[str, str]]:
         rows.append(("unknown keys", f"[yellow]{len(unknown)}[/]: {shown}"))
     rows.append(("hash", _hash_line(rep)))
     return rows
+
+
+def _short(value: str, limit: int = 100) -> str:
+    """A metadata value on one line: long ones (a per-module report, a thumbnail) are cut; --json has them."""
+    value = str(value)
+    return value if len(value) <= limit else f"{value[:limit - 1]}… ({len(value):,} characters; --json shows all)"
 
 
 def metadata_rows(meta: dict, rep: dict | None = None) -> list[tuple[str, str]]:
@@ -160,10 +183,9 @@ def metadata_rows(meta: dict, rep: dict | None = None) -> list[tuple[str, str]]:
     if meta.get("top_tags"):
         rows.append(("top tags", ", ".join(f"{t} ({n})" for t, n in meta["top_tags"])))
     for k, v in (meta.get("modelspec") or {}).items():
-        text = v if len(v) <= 100 else v[:97] + "…"
-        rows.append((f"modelspec.{k}", text))
+        rows.append((f"modelspec.{k}", _short(v)))
     for k, v in (meta.get("loratool") or {}).items():
-        rows.append((f"loratool.{k}", v))
+        rows.append((f"loratool.{k}", _short(v)))
     other = meta.get("other_keys") or []
     if other:
         shown = ", ".join(other[:10]) + (f", … and {len(other) - 10} more" if len(other) > 10 else "")

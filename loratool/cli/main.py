@@ -28,7 +28,7 @@ MAX_SKIPPED_LINES = 50  # skipped modules listed on stderr; all of them are in t
 # name -> (module, one-line example shown in --help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("loratool.cli.inspect", "loratool inspect my_lora.safetensors"),
-    "ratio": ("loratool.cli.ratio", "loratool ratio --model sdxl --targets attn -r 8 16 32"),
+    "ratio": ("loratool.cli.ratio", "loratool ratio --model sdxl --targets transformer -r 8 16 32"),
     "convert": ("loratool.cli.convert", "loratool convert in.safetensors --to kohya -o out.safetensors"),
     "extract": ("loratool.cli.extract", "loratool extract base.safetensors tuned.safetensors -r 32 -o lora.safetensors"),
     "resize": ("loratool.cli.resize", "loratool resize lora.safetensors -r 16 -o small.safetensors"),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from loratool.cli.options import (
     SPEC_HELP,
+    arch_option,
     debug_option,
     device_option,
     emit_json,
@@ -16,6 +16,7 @@ from loratool.cli.options import (
     json_option,
     quiet_option,
     resolve_device,
+    verbose_option,
 )
 from loratool.errors import ModulesSkipped
 
@@ -32,16 +33,18 @@ def _total_bytes(path: Path) -> int:
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:W][:lbw=…] …")
 @click.option("-o", "--output", type=click.Path(dir_okay=True), default=None,
               help="Output file (a folder for a diffusers input).")
-@click.option("--arch", default=None, help="Override the detected architecture (sd1, sd2, sdxl, flux, sd3, generic).")
+@arch_option("The checkpoint's model family (default: detected from its keys).")
 @click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules that match no checkpoint weight.")
 @click.option("--dry-run", is_flag=True, help="Show matched/unmatched counts; write nothing.")
 @json_option
+@verbose_option
 @quiet_option
 @force_option
 @device_option
 @debug_option
 def command(checkpoint: str, loras: tuple[str, ...], output: str | None, arch: str | None, allow_unmatched: bool,
-            dry_run: bool, as_json: bool, quiet: bool, force: bool, device: str) -> None:
+            dry_run: bool, as_json: bool, verbose: bool, quiet: bool, force: bool, device: str) -> None:
+    from loratool.cli.render import progress
     from loratool.io.output import Outputs
     from loratool.ops.inputs import parse_inputs, read_inputs
     from loratool.ops.merge_stream import merge_checkpoint
@@ -56,29 +59,27 @@ def command(checkpoint: str, loras: tuple[str, ...], output: str | None, arch: s
     dev = resolve_device(device)
     kwargs = dict(arch=arch, allow_unmatched=allow_unmatched, dry_run=dry_run, outputs=outputs,
                   device=None if dev.type == "cpu" else dev)
-    if dry_run or as_json or quiet or not os.isatty(2):
-        report = merge_checkpoint(checkpoint, items, output, **kwargs)
-    else:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        with Progress("merging", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True) as bar:
-            task = bar.add_task("merge", total=_total_bytes(Path(checkpoint)))
-            report = merge_checkpoint(checkpoint, items, output, progress=lambda n: bar.advance(task, n), **kwargs)
+    with progress("merge", _total_bytes(Path(checkpoint)), in_bytes=True,
+                  show=not (dry_run or as_json or quiet)) as bar:
+        report = merge_checkpoint(checkpoint, items, output, progress=bar.advance, **kwargs)
     report["dry_run"] = dry_run
     if as_json:
         emit_json(report)
     elif not quiet:
-        _render(report, dry_run)
+        _render(report, dry_run, verbose)
     if report["unmatched"] and not dry_run:  # written without them, as --allow-unmatched allowed: exit 3
         raise ModulesSkipped([(n, "matches no weight of the checkpoint") for n in report["unmatched"]],
                              "--allow-unmatched")
 
 
-def _render(report: dict, dry_run: bool) -> None:
+def _render(report: dict, dry_run: bool, verbose: bool) -> None:
     click.echo(f"arch {report['arch']}: {report['matched_modules']} LoRA modules matched, "
                f"{report['unmatched_modules']} unmatched, {report['tensors_changed']} checkpoint tensors to change")
-    if dry_run:
-        for name in report["unmatched"][:20]:
+    if dry_run:  # a real run lists them on stderr (ModulesSkipped)
+        unmatched = report["unmatched"]
+        for name in unmatched if verbose else unmatched[:2]:
             click.echo(f"  unmatched: {name}")
+        if len(unmatched) > 2 and not verbose:
+            click.echo(f"  … and {len(unmatched) - 2} more (-v lists them)")
     else:
         click.echo(f"wrote {report['output']}")

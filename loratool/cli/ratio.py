@@ -6,7 +6,7 @@ import click
 
 from loratool.arch import model_names
 from loratool.cli import render as rd
-from loratool.cli.options import debug_option, emit_json, force_option, json_option
+from loratool.cli.options import debug_option, emit_json, force_option, json_option, targets_option
 from loratool.errors import LoraToolError
 from loratool.io.output import Outputs
 from loratool.ops import ratio as R
@@ -26,7 +26,8 @@ Exactly one of:
   --shape 1280x1280 -r 8 16 32        one layer (conv: OUTxINxKHxKW), per rank
   FILE [-r ...]                       an adapter as it is, per component and in total
                                       (with -r: its layers at each of those ranks too)
-  --model sdxl --targets attn -r ...  a model's targeted layers, per rank: LoRA parameters,
+  --model sdxl --targets transformer -r ...
+                                      a model's targeted layers, per rank: LoRA parameters,
                                       file size, ratio and a training-memory estimate
 
 \b
@@ -73,8 +74,7 @@ def _split_args(args: tuple[str, ...], ranks_given: bool) -> tuple[list[str], li
 @click.argument("args", nargs=-1, metavar="[FILE]")
 @click.option("--shape", "shapes", multiple=True, metavar="DxK", help="A layer's weight shape (repeatable).")
 @click.option("--model", type=click.Choice(MODELS), help="An architecture's targeted layers.")
-@click.option("--targets", type=click.Choice(["attn", "attn+conv", "all"]), default="attn", show_default=True,
-              help="Which layers of --model a LoRA covers.")
+@targets_option("transformer", "Which layers of --model a LoRA covers: ")
 @click.option("--components", default="default", show_default=True, metavar="default|all|A,B",
               help="Which components of --model a LoRA covers (and a full fine-tune trains).")
 @click.option("-r", "--rank", "rank_opts", multiple=True, metavar="R...", help="Ranks (default 4 8 16 32 64 128).")
@@ -130,9 +130,9 @@ def _model_mode(model: str, targets: str, components: str, ranks: list[int]) -> 
 
 
 def _file_mode(path: str, ranks: list[int]) -> dict:
-    from loratool.formats import read_adapter
+    from loratool.formats.shapes import read_summary
 
-    adapter = read_adapter(path)
+    adapter = read_summary(path)  # the header alone where it tells everything: no torch
     if not adapter.modules:
         raise LoraToolError("no adapter modules in this file (nothing to compare)", path)
     return R.file_report(adapter, path, ranks)

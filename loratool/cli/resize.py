@@ -10,20 +10,22 @@ import json
 import click
 
 from loratool.cli.options import (
+    claim_adapter_output,
     debug_option,
     device_option,
     emit_json,
     force_option,
     json_option,
+    output_option,
     policy_from,
     quiet_option,
     resolve_device,
     svd_options,
+    to_option,
+    verbose_option,
 )
-from loratool.cli.render import render_summary
+from loratool.cli.render import progress, render_summary
 from loratool.errors import LoraToolError, about
-from loratool.formats.write import FORMATS
-from loratool.io.output import Outputs
 
 
 @click.command(help="Resize an adapter's ranks: QR of each factor and an SVD of the small core, so the dense "
@@ -31,20 +33,20 @@ from loratool.io.output import Outputs
 @click.argument("input_path", metavar="IN", type=click.Path(exists=True, dir_okay=True))
 @click.option("-r", "--rank", type=click.IntRange(min=1), required=True, help="New rank (the cap with --rank-mode).")
 @click.option("--conv-rank", type=click.IntRange(min=1), default=None, help="Rank of k×k convs (default: -r).")
-@click.option("-o", "--output", type=click.Path(dir_okay=True), required=True, help="Output file (a folder for peft).")
+@output_option()
 @svd_options
-@click.option("--to", "fmt", type=click.Choice(FORMATS, case_sensitive=False), default=None,
-              help="Output layout (default: the input's own).")
+@to_option
 @device_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write the per-module report as JSON here.")
 @json_option
+@verbose_option
 @force_option
 @quiet_option
 @debug_option
-def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversample, seed, dtype, fmt, device,
-            report_path, as_json, force, quiet) -> None:
-    from loratool.formats import output_layout, read_adapter, require_complete
+def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversample, seed, dtype, to, device,
+            report_path, as_json, verbose, force, quiet) -> None:
+    from loratool.formats import read_adapter, require_complete
     from loratool.formats.write import write_adapter
     from loratool.io.metadata import loratool_keys
     from loratool.linalg import parse_rank_mode
@@ -57,16 +59,12 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
     require_complete(source, input_path)
     if not source.modules:
         raise LoraToolError("holds no adapter modules: nothing to resize", input_path)
-    choice = output_layout(source, fmt)  # the input's own layout unless --to says otherwise
-    fmt = choice.name
-    if choice.note and not quiet:
-        click.echo(f"loratool: note: {choice.note}", err=True)
-    outputs = Outputs([input_path], force=force)
-    outputs.claim(output, "adapter", folder=fmt == "peft")
+    fmt, output, outputs = claim_adapter_output(source, to, output, [input_path], force=force, quiet=quiet)
     if report_path:
         outputs.claim(report_path, "report")
-    with about(input_path):  # a module's math fails naming the module: add the file
-        result = resize(source, options)
+    with about(input_path), progress("resize", len(source.modules), show=not (quiet or as_json)) as bar:
+        # a module's math fails naming the module: about() adds the file
+        result = resize(source, options, progress=lambda done, total, _key: bar.update(done, total))
     params = {"rank": rank, "conv_rank": conv_rank, "rank_mode": str(options.rank_mode), "dtype": dtype,
               "to": fmt.lower()}
     per = {r.key: [r.old_rank, r.rank, round(r.retained, 6)] for r in result.reports}
@@ -83,4 +81,4 @@ def command(input_path, rank, conv_rank, output, rank_mode, svd, niter, oversamp
         emit_json(full)
     elif not quiet:
         summary = {**result.summary, "skipped_unchanged": [], "skipped_below_min_change": [], "excluded": []}
-        render_summary(summary, str(path), source.base_model, result.reports)
+        render_summary(summary, str(path), source.base_model, result.reports, verbose=verbose)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 
@@ -16,11 +17,55 @@ from loratool.cli.options import (
     json_option,
     quiet_option,
     resolve_device,
+    targets_help,
 )
+from loratool.errors import LoraToolError
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+EXTRA = "pip install 'loratool[train]'"
+NEEDS = ("diffusers", "transformers", "PIL")  # what the [train] extra installs (PIL: pillow)
 
 
-def _targets(_ctx, _param, value: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in value.split(",") if t.strip())
+def _components(_ctx, _param, value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def _targets(_ctx, _param, value: str | None) -> str | tuple[str, ...] | None:
+    """A layer set of the one vocabulary, or (the old meaning of train's --targets) a comma list of
+    components, kept working."""
+    if value is None:
+        return None
+    from loratool.arch.table import TARGET_ALIASES, TARGET_SETS
+
+    name = TARGET_ALIASES.get(value.strip(), value.strip())
+    if name in TARGET_SETS:
+        return name
+    parts = tuple(t.strip() for t in value.split(",") if t.strip())
+    if parts and all(p in COMPONENTS for p in parts):
+        return parts
+    raise click.BadParameter(f"{value!r}: use one of {', '.join(TARGET_SETS)} (which layers), and --components "
+                             f"for {', '.join(COMPONENTS)}", param_hint="--targets")
+
+
+def layer_and_components(targets, components, unet_layers) -> tuple[str, tuple[str, ...]]:
+    """(layer set, components) from --targets, --components and the old --unet-layers."""
+    from loratool.train.layers import OLD_UNET_LAYERS
+
+    legacy = targets if isinstance(targets, tuple) else None
+    if legacy is not None and components is not None:
+        raise click.UsageError("--targets unet,text_encoder is the old spelling of --components: give one of them")
+    if unet_layers is not None and isinstance(targets, str):
+        raise click.UsageError("--unet-layers is the old spelling of --targets: give one of them")
+    layers = targets if isinstance(targets, str) else OLD_UNET_LAYERS[unet_layers] if unet_layers else "attn"
+    return layers, components or legacy or ("unet",)
+
+
+def check_extra() -> None:
+    """One line naming the install when the [train] extra is missing (diffusers is not a core dependency)."""
+    missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        names = ", ".join("pillow" if m == "PIL" else m for m in missing)
+        raise LoraToolError(f"train needs the [train] extra, which is not installed ({names} missing): {EXTRA}")
 
 
 def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
@@ -49,12 +94,12 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--trilora-init", type=click.Choice(["svd", "orthogonal"]), default="svd", show_default=True)
 @click.option("--fold", type=click.Choice(["balanced", "bc"]), default="balanced", show_default=True,
               help="How TriLoRA's B·C·A is exported as up/down.")
-@click.option("--targets", default="unet", show_default=True, callback=_targets,
-              help="Comma list of unet, text_encoder, vae (decoder).")
-@click.option("--unet-layers", type=click.Choice(["attn", "transformer", "all"]), default="attn", show_default=True,
-              help="UNet layers to adapt: attn = attention projections (diffusers' default); transformer = every "
-                   "linear/1x1 layer of the transformer blocks (kohya's LoRA); all = those plus the ResNet and "
-                   "up/downsampler convs (kohya's LoCon).")
+@click.option("--targets", default=None, callback=_targets, metavar="attn|transformer|transformer+conv|all",
+              help=targets_help("Which layers of the UNet and text encoders get an adapter [default: attn]: "))
+@click.option("--components", default=None, callback=_components, metavar="unet,text_encoder,vae",
+              help="Comma list of what to adapt: unet, text_encoder, vae (its decoder)  [default: unet]")
+@click.option("--unet-layers", type=click.Choice(["attn", "transformer", "all"]), default=None, hidden=True,
+              help="The old spelling of --targets (all = transformer+conv).")
 @click.option("--new-tokens", callback=_tokens, help='Comma list of new tokens to learn, e.g. "<sks>".')
 @click.option("--init-token", help="Existing word whose embedding starts the new tokens.")
 @click.option("--steps", default=500, show_default=True)
@@ -88,16 +133,24 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @json_option
 @quiet_option
 @debug_option
-def command(device: str, force: bool, as_json: bool, quiet: bool, dry_run: bool, **options) -> None:
+def command(device: str, force: bool, as_json: bool, quiet: bool, dry_run: bool, targets, components, unet_layers,
+            **options) -> None:
     """Train a DreamBooth LoRA or TriLoRA adapter and write it for web UIs and diffusers.
+
+    Needs the [train] extra (diffusers, transformers, pillow): pip install 'loratool[train]'
 
     Launched by torchrun or accelerate launch, the processes train data parallel (one GPU each): every step
     takes --batch-size examples per process, and process 0 writes the outputs."""
+    layers, comps = layer_and_components(targets, components, unet_layers)
+    if isinstance(targets, tuple) and not quiet:
+        click.echo(f"loratool: note: --targets {','.join(targets)} names components: --components says that now "
+                   f"(--targets takes the layer set, here {layers})", err=True)
+    check_extra()
     from loratool.train.config import TrainConfig
     from loratool.train.export import run_outputs, write_outputs
     from loratool.train.loop import Trainer
 
-    cfg = TrainConfig(**options)
+    cfg = TrainConfig(**options, targets=comps, unet_layers=layers)
     cfg.check()
     if not debugging():
         _hush_libraries()
@@ -128,9 +181,9 @@ def command(device: str, force: bool, as_json: bool, quiet: bool, dry_run: bool,
 
 
 def _print_prediction(cfg, as_json: bool) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from loratool.cli.render import console
     from loratool.train.memory import GIB, estimate, needed_card_bytes
 
     est = estimate(cfg)
@@ -149,7 +202,7 @@ def _print_prediction(cfg, as_json: bool) -> None:
     for label, n in rows:
         table.add_row(label, f"{n / GIB:.2f} GiB")
     table.add_row("fits", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in cards.items()))
-    Console().print(table)
+    console().print(table)
 
 
 def _hush_libraries() -> None:
@@ -165,31 +218,31 @@ def _hush_libraries() -> None:
 
 
 def _run_with_progress(trainer) -> dict:
+    """The run with the one progress display: a bar on a terminal, ten plain lines on stderr off one (under
+    nohup, in a notebook, piped to a log)."""
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from loratool.cli.render import progress
 
     cuda = trainer.device.type == "cuda"
-    cols = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[mem]}")]
-    with Progress(*cols, transient=False) as progress:
-        task = progress.add_task("train", total=trainer.cfg.steps, completed=trainer.step_no, loss="-",
-                                 speed="-", mem="")
+    with progress("train", trainer.cfg.steps, unit="steps", lines=10) as bar:
+        bar.update(trainer.step_no)
 
         def update(step: int, loss: float, info: dict) -> None:
             speed = info["done"] / info["elapsed"] if info["elapsed"] else 0.0
-            mem = f"GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
-            progress.update(task, completed=step, loss=f"{loss:.4f}", speed=f"{speed:.2f}", mem=mem)
+            mem = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if cuda else ""
+            bar.update(step, note=f"loss {loss:.4f}, {speed:.2f} it/s{mem}")
             for key in ("checkpoint", "samples"):
                 if key in info:
-                    progress.console.print(f"{key}: {info[key]}")
+                    bar.print(f"{key}: {info[key]}")
 
         return trainer.run(update)
 
 
 def _print_summary(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from loratool.cli.render import console
 
     table = Table(title=f"{result['adapter']} rank {result['rank']}: {result['steps']} steps", show_header=False)
     rows = {"final_loss": ("final loss", "{:.4f}"), "mean_loss_last_10": ("mean loss, last 10 steps", "{:.4f}"),
@@ -201,4 +254,4 @@ def _print_summary(result: dict) -> None:
             table.add_row(label, fmt.format(result[key]))
     for name, path in result["files"].items():
         table.add_row(name, path)
-    Console().print(table)
+    console().print(table)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from loratool.core.module_set import ModuleSet
+
 if TYPE_CHECKING:
     from loratool.arch.detect import Detection
 
@@ -365,7 +367,7 @@ _TENSOR_FIELDS = ("down", "up", "mid", "w1a", "w1b", "w2a", "w2b", "t1", "t2", "
 
 
 @dataclass
-class Adapter:
+class Adapter(ModuleSet):
     """A whole adapter file in canonical form.
 
     ``modules`` is keyed by ``module.key`` (``component.path``). ``embeddings`` holds token
@@ -389,13 +391,3 @@ class Adapter:
         if module.key in self.modules:
             raise ValueError(f"module {module.key} appears twice")
         self.modules[module.key] = module
-
-    def components(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for m in self.modules.values():
-            counts[m.component] = counts.get(m.component, 0) + 1
-        return counts
-
-    @property
-    def kinds(self) -> list[str]:
-        return sorted({m.kind for m in self.modules.values()})

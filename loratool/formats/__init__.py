@@ -1,6 +1,7 @@
 """Adapter file layouts (codecs) and their detection.
 
 ``read_adapter(path)`` reads any recognised input into the canonical :class:`~loratool.core.modules.Adapter`;
+``read_shapes(path)`` the same from the header alone, without torch (``shapes.py``: modules as shapes, no tensors);
 ``decode(tensors, metadata, config)`` does the same for in-memory tensors. ``encode(adapter, layout)`` gives the
 tensors and metadata of a layout, ``write_adapter`` writes them (atomically; peft as a folder).
 ``output_layout(adapter, requested)`` is the one rule for which layout an operation writes.
@@ -26,7 +27,8 @@ _EXPORTS = {
     "detect_keys": "detect", "decode": "read", "read_adapter": "read", "require_complete": "read", "encode": "write",
     "write_adapter": "write", "peft_config": "write", "canonical_format": "write", "FORMATS": "layouts",
     "fold_scale": "fuse", "fuse_lora": "fuse", "split_lora": "fuse", "output_layout": "layouts",
-    "layout": "layouts", "LAYOUTS": "layouts", "OutputChoice": "layouts",
+    "layout": "layouts", "LAYOUTS": "layouts", "OutputChoice": "layouts", "read_shapes": "shapes",
+    "read_summary": "shapes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -28,6 +28,7 @@ from loratool.errors import LoraToolError
 from loratool.formats.build import peft_magnitude
 from loratool.formats.fuse import fold_scale
 from loratool.formats.keys import ATTNPROC_TEXT, ATTNPROC_UNET
+from loratool.formats.layouts import LAYOUT_KEY
 from loratool.formats.peftcfg import METADATA_KEY, build_config
 
 
@@ -137,7 +138,6 @@ def encode_aitoolkit(adapter: Adapter, family: Family) -> tuple[dict[str, torch.
     return out, {LAYOUT_KEY: "aitoolkit"}
 
 
-LAYOUT_KEY = "loratool.layout"  # a layout whose keys may be spelt as another's (aitoolkit, musubi) says so here
 
 
 def _plain_folded(module: Module, fmt: str) -> LoraModule:

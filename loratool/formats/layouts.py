@@ -50,6 +50,7 @@ from loratool.errors import LoraToolError
 if TYPE_CHECKING:
     from loratool.core.modules import Adapter
 
+LAYOUT_KEY = "loratool.layout"  # the one layout whose keys are spelt as another's (diffusers) says so here
 ALL_KINDS = frozenset({"lora", "loha", "lokr", "full", "norm"})
 _DENOISERS = frozenset({"unet", "transformer"})
 _TEXT = frozenset({"text_encoder", "text_encoder_2", "text_encoder_3"})

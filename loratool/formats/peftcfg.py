@@ -14,12 +14,15 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loratool.arch import naming
-from loratool.core.modules import LoraModule, Module
 from loratool.errors import LoraToolError
 from loratool.formats.peftpattern import PatternError, compile_peft_pattern
 from loratool.io.jsontext import JsonLimit, NonFinite, parse_json
+
+if TYPE_CHECKING:
+    from loratool.core.modules import LoraModule, Module
 
 METADATA_KEY = "lora_adapter_metadata"
 

@@ -23,11 +23,11 @@ from loratool.core.modules import Adapter, LohaModule, LokrModule, LoraModule, M
 from loratool.errors import LoraToolError, examples
 from loratool.formats import special
 from loratool.formats.build import Group, GroupError, build_module, swap_halves
-from loratool.formats.detect import detect_keys, unknown_reason, unsupported_reason
-from loratool.formats.diffusers import LAYOUT_KEY
+from loratool.formats.detect import detect_keys, unknown_reason
 from loratool.formats.fuse import split_lora
 from loratool.formats.keys import KeyRef
 from loratool.formats.peftcfg import AlphaSource, alpha_source_from_config, alpha_source_from_metadata
+from loratool.formats.shapes import placed_modules, source_format, stored_layout
 from loratool.formats.source import RawSource, open_raw
 
 _SWAPPED_ROLES = ("up", "bias", "diff_b")
@@ -117,7 +117,7 @@ def read_raw(raw: RawSource, component: str | None = None, arch: str | None = No
             module.rslora = True
         adapter.add(module)
     adapter.base_model, adapter.detection = detection.family, detection
-    adapter.source_format = _source_format({layouts[k] for k in adapter.modules}, adapter, fam)
+    adapter.source_format = source_format({layouts[k] for k in adapter.modules}, adapter, fam)
     family_shapes(adapter, fam)
     return adapter
 
@@ -127,16 +127,7 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
     groups: dict[str, Group] = {}
     origin: dict[str, list[str]] = {}
     layouts: dict[str, str] = {}
-    for mid, place in zip(written, places, strict=True):
-        keys = written[mid]
-        first = refs[next(iter(keys.values()))]
-        if place is None and first.layout == "peft":  # a bare peft folder of a model no family knows
-            place = Place("model", first.name, False, False)
-        if place is None:
-            key = next(iter(keys.values()))  # a kind we know we do not read says so; else no family has it
-            _note_unknown(adapter, list(keys.values()),
-                          unsupported_reason(key) or f"{first.name}: no known model family has this module")
-            continue
+    for place, keys, first in placed_modules(refs, written, places, lambda k, why: _note_unknown(adapter, k, why)):
         group = groups.setdefault(place.key, {})
         for role, key in keys.items():
             if role in group:
@@ -148,25 +139,8 @@ def _group(raw: RawSource, refs: dict[str, KeyRef], written: dict, places: list[
                 tensor = swap_halves(tensor)
             group[role] = tensor
             origin.setdefault(place.key, []).append(key)
-        layouts.setdefault(place.key, _layout_of(first, place, fam))
+        layouts.setdefault(place.key, stored_layout(first, place, fam))
     return groups, origin, layouts
-
-
-def _layout_of(ref: KeyRef, place: Place, fam: Family) -> str:
-    """The layout a module's keys are in: the key's own spelling, refined by how the family named it (single-file
-    names under a diffusers or peft scope are bfl's, or fal's for the families fal trains; a kohya id only musubi
-    spells is musubi's)."""
-    layout = ref.layout
-    if layout == "original" or (layout in ("diffusers", "peft") and place.original):
-        if layout == "peft" and "fal" in fam.layouts:
-            return "fal"
-        return "bfl" if place.component == "transformer" else "ldm"
-    if layout == "kohya" and ref.scope == "lora_unet" and "musubi" in fam.layouts:
-        kohya = fam.spell("kohya", place.component, place.path)
-        musubi = fam.spell("musubi", place.component, place.path)
-        if musubi is not None and musubi.name == ref.name and (kohya is None or kohya.name != ref.name):
-            return "musubi"
-    return layout
 
 
 def _alpha_source(raw: RawSource) -> AlphaSource | None:
@@ -217,24 +191,6 @@ def _as_1x1_conv(m: LoraModule, shape: tuple[int, ...]) -> None:
     m.up = m.up.reshape(*m.up.shape, 1, 1)
     if m.dora is not None:
         m.dora.magnitude = m.dora.magnitude.reshape(*m.dora.magnitude.shape, 1, 1)
-
-
-def _source_format(found: set[str], adapter: Adapter, fam: Family) -> str | list[str]:
-    if found == {"diffusers"} and "aitoolkit" in fam.layouts and _made_by_aitoolkit(adapter.metadata):
-        found = {"aitoolkit"}
-    if "musubi" in found or (found == {"kohya"} and adapter.metadata.get(LAYOUT_KEY) == "musubi"):
-        found = (found - {"kohya"}) | {"musubi"}  # ids both spell alike are musubi's too
-    if found & {"lycoris", "onetrainer"}:
-        found.discard("kohya")  # their text-encoder keys are spelled like kohya's
-    if not found:
-        return "unknown" if adapter.unknown else "empty"
-    return found.pop() if len(found) == 1 else sorted(found)
-
-
-def _made_by_aitoolkit(metadata: Mapping[str, str]) -> bool:
-    """ai-toolkit's own files say so in ``software``; ours written in its layout in ``loratool.layout``."""
-    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "") \
-        or metadata.get(LAYOUT_KEY) == "aitoolkit"
 
 
 def _read_parts(raw: RawSource, arch: str | None) -> Adapter:

@@ -168,6 +168,14 @@ def _encode(adapter: Adapter, fmt: str, metadata: Mapping[str, str] | None
     if layout.name not in family.layouts:
         raise LoraToolError(f"the {layout.name} layout has no place for a {family.name} adapter "
                             f"(it takes {', '.join(family.layouts)})")
+    denoiser_only = layout.components is not None and layout.components <= {"unet", "transformer"}
+    outside = sorted({m.component for m in adapter.modules.values() if not layout.holds_component(m.component)}
+                     if denoiser_only else ())
+    if outside:  # written as asked or refused: a text encoder or generic module never under a denoiser's name
+        n = sum(not layout.holds_component(m.component) for m in adapter.modules.values())
+        raise LoraToolError(f"the {layout.name} layout holds {', '.join(sorted(layout.components or ()))} modules "
+                            f"only, not {', '.join(outside)} ({n} of {len(adapter.modules)} modules): --to kohya "
+                            "or peft holds every component")
     tensors, own = layout.encoder_function()(adapter, family)
     meta = {} if layout.name == "textual-inversion" else target_metadata(adapter, layout.name, None)
     meta.update(own)

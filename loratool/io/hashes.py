@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from loratool.io.safetensors import SafetensorsFile, TensorInfo
 from loratool.io.writer import build_header, header_bytes, ordered_names, reference_order, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 LEGACY_OFFSET = 0x100000
 LEGACY_LENGTH = 0x10000

@@ -12,14 +12,15 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoraToolError
 from loratool.io.hashes import tensor_hashes
 from loratool.io.jsontext import parse_json
 from loratool.io.writer import check_metadata
+
+if TYPE_CHECKING:
+    import torch
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 IMPL_DIFFUSERS = "diffusers"

@@ -22,12 +22,13 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from loratool.errors import LoraToolError
-from loratool.io.safetensors import TORCH_TO_NAME
+from loratool.io.dtypes import names_by_torch
+
+if TYPE_CHECKING:  # torch is imported when a tensor is written (checking a file's hash needs none)
+    import torch
 
 # the order of the reference writer's dtype enum; tensors are written largest first
 _DTYPE_ORDER = [
@@ -39,7 +40,7 @@ _RANK = {name: i for i, name in enumerate(_DTYPE_ORDER)}
 
 def dtype_name(t: torch.Tensor) -> str:
     try:
-        return TORCH_TO_NAME[t.dtype]
+        return names_by_torch()[t.dtype]
     except KeyError:
         raise LoraToolError(f"tensors of dtype {t.dtype} cannot be stored in safetensors") from None
 
@@ -57,6 +58,8 @@ def ordered_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes of a tensor (a contiguous CPU copy when needed)."""
+    import torch
+
     if t.layout != torch.strided:
         raise LoraToolError(f"a {t.layout} tensor cannot be stored in safetensors (make it dense first)")
     if t.device.type == "meta":
@@ -134,6 +137,8 @@ FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded temporary memory)
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a floating-point tensor holding NaN or ±inf, naming it (every tensor the tool writes)."""
+    import torch
+
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.layout != torch.strided \
             or t.device.type == "meta":
         return  # nothing to check (or tensor_bytes refuses it)

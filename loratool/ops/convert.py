@@ -18,6 +18,7 @@ Per module, in order of preference:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -126,8 +127,10 @@ class ConvertOptions:
 
 def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool = False,
             energy: float = DEFAULT_ENERGY, rank_cap: int = DEFAULT_RANK_CAP, drop_unknown: bool = False,
-            dtype: torch.dtype | None = None, retarget: str | None = None) -> tuple[Adapter, ConvertReport]:
-    """The adapter as ``to`` will hold it, and what was done to each module.
+            dtype: torch.dtype | None = None, retarget: str | None = None,
+            progress: Callable[[int, int, str], None] | None = None) -> tuple[Adapter, ConvertReport]:
+    """The adapter as ``to`` will hold it, and what was done to each module (``progress(done, total, key)``
+    after each).
 
     Raises :class:`LoraToolError` naming every module (or unknown key) the target cannot hold,
     unless ``drop_unknown``. ``retarget`` (``arch.retargets()``: ``wan-t2v``, ``chroma``) first leaves out the
@@ -155,14 +158,15 @@ def convert(adapter: Adapter, to: str, *, rank: int | None = None, lossy: bool =
     result = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model, source_format=spec.name,
                      embeddings=dict(adapter.embeddings), detection=adapter.detection)
     report.embeddings = sorted(adapter.embeddings)
-    for key, module in adapter.modules.items():
+    for done, (key, module) in enumerate(adapter.modules.items(), 1):
         try:
             new, change = convert_module(module, spec, opts)
+            report.changes.append(change)
+            result.add(new)
         except Unexpressible as e:
             problems.append((key, str(e)))
-            continue
-        report.changes.append(change)
-        result.add(new)
+        if progress:
+            progress(done, len(adapter.modules), key)
     problems += _partial_dora(result, spec)
     if problems and not drop_unknown:
         raise LoraToolError(_refusal(problems, spec))

@@ -25,9 +25,8 @@ from loratool.linalg import (
     top_singular,
 )
 from loratool.linalg.structured import structured_factors
+from loratool.ops.convert_targets import DEFAULT_ENERGY, DEFAULT_RANK_CAP
 
-DEFAULT_ENERGY = 0.999  # keep this fraction of ‖ΔW‖_F when no rank is given
-DEFAULT_RANK_CAP = 128
 NEGLIGIBLE = 1e-12  # singular values below this × σ₁ of an exact factorisation carry no rank
 
 

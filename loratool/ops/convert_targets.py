@@ -1,12 +1,15 @@
 """What each output layout can hold lives with its codec (``loratool.formats.layouts.Layout``: kinds, alpha,
 rsLoRA, DoRA axes, Tucker cores, fused projections, components); the conversion decides per module from it.
-This module keeps the names ``convert`` and the CLI use for it."""
+This module keeps the names ``convert`` and the CLI use for it, and the
+lossy lowering's defaults (torch-free, so that ``--help`` can show them)."""
 
 from __future__ import annotations
 
 from loratool.formats.layouts import FORMATS, Layout, writable_layout
 
 TargetSpec = Layout
+DEFAULT_ENERGY = 0.999  # lossy lowering without --rank: keep this fraction of ‖ΔW‖_F
+DEFAULT_RANK_CAP = 128  # ... at no more than this rank
 FORMAT_CHOICES: tuple[str, ...] = FORMATS
 
 

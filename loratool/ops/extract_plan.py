@@ -37,7 +37,7 @@ class ExtractOptions:
     rank: int = 32
     conv_rank: int | None = None  # k×k convs; None: same as rank
     rank_mode: RankMode = field(default_factory=RankMode)
-    targets: str = "attn"
+    targets: str = "transformer"  # loratool.arch.table.TARGET_SETS
     arch: str | None = None  # None: detect; "generic": keep names
     min_change: float = DEFAULT_MIN_CHANGE
     include: tuple[str, ...] = ()
@@ -49,6 +49,9 @@ class ExtractOptions:
     deltas: frozenset[str] = frozenset()  # "bias" (.diff_b of the extracted layers), "norm" (.diff of norm weights)
 
     def __post_init__(self) -> None:
+        from loratool.arch.table import target_set
+
+        object.__setattr__(self, "targets", target_set(self.targets))  # an old spelling gets its name
         if self.rank < 1 or (self.conv_rank is not None and self.conv_rank < 1):
             raise LoraToolError("ranks must be at least 1")
         if not self.deltas <= {"bias", "norm"}:

@@ -1,9 +1,11 @@
 """What ``loratool inspect`` reports about an adapter file, as plain JSON-ready data.
 
-:func:`build_report` is pure: an :class:`~loratool.core.modules.Adapter` plus the facts read
-from the file's header (:class:`FileFacts`) in, a dict out. It touches tensor shapes and dtypes
-only, never tensor values, unless ``modules=True`` asks for each module's ‖ΔW‖_F.
-:func:`inspect_file` is the thin I/O wrapper the CLI and benchmarks use.
+:func:`build_report` is pure: an adapter plus the facts read from the file's header (:class:`FileFacts`) in,
+a dict out. The adapter is the canonical :class:`~loratool.core.modules.Adapter` or its header-only form
+(:class:`~loratool.formats.shapes.AdapterShapes`: the same fields, shapes without tensors); the report reads
+shapes, dtypes and alphas only, unless ``modules=True`` asks for each module's ‖ΔW‖_F (tensors, then torch).
+:func:`inspect_file` is the thin I/O wrapper the CLI and benchmarks use: without ``modules`` it reads the
+header alone (``formats.read_summary``), so that ``inspect`` does not import torch.
 
 ‖ΔW‖_F of a LoRA is computed on the factors, never on the dense product:
 ``‖up·down‖_F² = tr((upᵀup)(down downᵀ))``, two ``r×r`` Gram matrices (float64).
@@ -18,15 +20,17 @@ from collections import Counter
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from loratool.arch import canonical_family, family, family_from_metadata, naming
-from loratool.core.modules import Adapter, LoraModule, flat2d
 from loratool.errors import LoraToolError
-from loratool.linalg import product_norm
 from loratool.ops.ratio import adapter_ratio, module_trained_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from loratool.core.modules import Adapter, LoraModule
+    from loratool.formats.shapes import AdapterShapes
 
 SCHEMA_VERSION = 1
 
@@ -48,10 +52,15 @@ class FileFacts:
 # -- ΔW norms on factors -----------------------------------------------------------------------
 
 
-def lora_delta_norm(module: LoraModule, dtype: torch.dtype = torch.float32) -> float:
+def lora_delta_norm(module: LoraModule, dtype: torch.dtype | None = None) -> float:
     """‖ΔW‖_F of a LoRA/LoCon module on its factors (the scale included), through ``r×r`` Gram
-    matrices computed in ``dtype`` (:func:`loratool.linalg.product_norm`)."""
-    norm = product_norm(flat2d(module.up), flat2d(module.down), module.mid, dtype)
+    matrices computed in ``dtype`` (default float32; :func:`loratool.linalg.product_norm`)."""
+    import torch
+
+    from loratool.core.modules import flat2d
+    from loratool.linalg import product_norm
+
+    norm = product_norm(flat2d(module.up), flat2d(module.down), module.mid, dtype or torch.float32)
     return abs(module.scale) * norm
 
 
@@ -60,6 +69,8 @@ def _one_thread():
     """Run per-module math on one intra-op thread. The products are small and many (one set per
     module); each multi-threaded op pays a fork/join, which on a busy 2-core machine measured
     ~12 ms per op against ~50 µs on one thread."""
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -70,6 +81,10 @@ def _one_thread():
 
 def delta_norm(module) -> float:
     """‖ΔW‖_F of any module; LoRA on its factors, other kinds on their (small) dense ΔW."""
+    import torch
+
+    from loratool.core.modules import LoraModule
+
     if isinstance(module, LoraModule):
         return lora_delta_norm(module)
     return float(module.delta(torch.float64).norm())
@@ -88,10 +103,13 @@ def block_sort_key(label: str, base_model: str = "generic") -> tuple:
 # -- the report --------------------------------------------------------------------------------
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    from loratool.io.safetensors import TORCH_TO_NAME
+def _dtype_name(t) -> str:
+    """The safetensors name of a tensor's dtype (a header-only record carries the name itself)."""
+    if isinstance(t.dtype, str):
+        return t.dtype
+    from loratool.io.dtypes import names_by_torch
 
-    return TORCH_TO_NAME.get(t.dtype, str(t.dtype).removeprefix("torch."))
+    return names_by_torch().get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 
 def _num(x: float) -> float | int:
@@ -136,7 +154,7 @@ def _rank_summary(mods: list) -> dict[str, Any]:
     }
 
 
-def _adapter_dtypes(adapter: Adapter) -> dict[str, int]:
+def _adapter_dtypes(adapter: Adapter | AdapterShapes) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for m in adapter.modules.values():
         for t in m.tensors():
@@ -163,7 +181,7 @@ def describe(metadata: Mapping[str, str], top_tags: int = 10) -> dict[str, Any]:
     return out
 
 
-def build_report(adapter: Adapter, facts: FileFacts, *, modules: bool = False, top_tags: int = 10) -> dict[str, Any]:
+def build_report(adapter: Adapter | AdapterShapes, facts: FileFacts, *, modules: bool = False, top_tags: int = 10) -> dict[str, Any]:
     """The inspect report of one file (JSON-ready; the schema is documented in the CLI help).
 
     With ``modules=True`` it adds ``module_details`` (one row per module, with ‖ΔW‖_F) and
@@ -282,14 +300,20 @@ def read_facts(path: str | os.PathLike[str], *, check_hash: bool | None = None,
 
 def inspect_file(path: str | os.PathLike[str], *, modules: bool = False,
                  check_hash: bool | None = None, top_tags: int = 10) -> dict[str, Any]:
-    """Read one adapter (lazily: header, then tensors on demand) and build its report.
+    """Read one adapter and build its report: from the header alone (no torch) unless ``modules`` asks for
+    ‖ΔW‖_F or the layout needs its tensors read (``formats.read_summary``).
 
     The strict reader goes first, so a bad file is refused with its message before anything else."""
-    from loratool.formats import read_adapter
+    from loratool.formats.shapes import read_summary
 
     p = os.fspath(path)
     if not os.path.exists(p):
         raise LoraToolError("no such file", p)
-    adapter = read_adapter(p)
+    if modules:
+        from loratool.formats.read import read_adapter
+
+        adapter = read_adapter(p)
+    else:
+        adapter = read_summary(p)
     facts = read_facts(p, check_hash=check_hash, validated=True)
     return build_report(adapter, facts, modules=modules, top_tags=top_tags)

@@ -188,12 +188,12 @@ def _check_matches(plan: MergePlan, arch_name: str, allow_unmatched: bool, src: 
     hint = "" if arch_name not in ("unknown", "generic") else " (architecture not recognised: --arch sets it)"
     names = [entry.rsplit(": ", 1)[-1] for entry in plan.unmatched]
     total = len(plan.matched) + len(plan.unmatched)
+    counted = f"{len(plan.unmatched)} of {total} LoRA modules match no {what} weight{hint} (e.g. {examples(names)})"
     if not plan.matched:
-        raise LoraToolError(f"none of the {total} LoRA module(s) matches a weight of this {what}{hint} (e.g. "
-                            f"{examples(names)}): nothing to merge; is the LoRA for another model?", src)
+        raise LoraToolError(f"{counted}: nothing to merge; is the LoRA for another model?", src)
     if plan.unmatched and not allow_unmatched:
-        raise LoraToolError(f"{len(plan.unmatched)} LoRA module(s) match no {what} weight{hint} ({len(plan.unmatched)} "
-                            f"of {total}, e.g. {examples(names)}); --allow-unmatched merges the rest", src)
+        raise LoraToolError(f"{counted}; is the LoRA for this model? --allow-unmatched skips them "
+                            "(--dry-run --allow-unmatched -v lists them)", src)
 
 
 def merge_checkpoint(checkpoint: str | os.PathLike[str], inputs: list[MixInput],

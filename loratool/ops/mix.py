@@ -5,11 +5,14 @@ Three modes, all defined on the weighted sum ``ΔW = Σ w_i ΔW_i`` (ΔW_i with 
 * ``concat`` (default) — exact. The factors are stacked along the rank, each input's ``w_i·s_i``
   folded in as ``√|w_i·s_i|`` on both factors with the sign on ``down``; rank ``Σ r_i`` and
   ``alpha = rank`` (scale 1: every loader computes ``alpha/rank``, while a missing alpha is read as
-  1 by some tools and as the rank by others). LoHa/LoKr/full inputs have no LoRA factors: their
-  ΔW is decomposed by SVD at its numerical rank (reported).
+  1 by some tools and as the rank by others). LoHa and LoKr have no LoRA factors but an exact
+  factorisation of inner size ``r1·r2`` (:mod:`loratool.linalg.structured`): its SVD, taken on those
+  factors, gives LoRA factors at the numerical rank (reported). Only a full diff (and a Tucker LoHa)
+  is decomposed from its dense ΔW, which it stores anyway.
 * ``svd`` — the exact sum, then its optimal rank-``rank`` approximation, computed on the stacked
-  factors (QR of each side, SVD of the small core, :mod:`loratool.linalg.factored`). A module is
-  densified only when one of its inputs is LoHa/LoKr/full. The Eckart–Young error is reported.
+  factors (QR of each side, SVD of the small core, :mod:`loratool.linalg.factored`), LoHa/LoKr by
+  their structured factors. A module is densified only when one of its inputs is a full diff.
+  The Eckart–Young error is reported.
 * ``linear`` — factor averaging as peft's ``linear`` / kohya's merge do it (equal ranks only,
   ``√|w·s|`` on each factor, each weight applied once). It is NOT the weighted sum (the product has
   cross terms ``up_i·down_j``); the error against the sum is reported per module.
@@ -17,6 +20,7 @@ Three modes, all defined on the weighted sum ``ΔW = Σ w_i ΔW_i`` (ΔW_i with 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +38,14 @@ from loratool.linalg import (
     tail_energy,
     thin_svd,
 )
+from loratool.linalg.structured import structured_factors
 from loratool.ops.lbw import module_weights
 
 MODES = ("concat", "svd", "linear")
 NUMERICAL_RANK_RTOL = 1e-6  # singular values below this × σ1 are float32 noise in a dense ΔW
+STRUCTURED_RTOL = 1e-12  # ... and below this × σ1 of an exact (float64) factorisation
+LARGE_RESIDUAL = 0.1  # svd mode: warn when a module keeps less than 90 % of its ‖ΔW‖_F
+Progress = Callable[[int, int, str], None]  # (modules done, modules in all, the last one's key)
 
 
 @dataclass
@@ -66,13 +74,15 @@ class MixResult:
 
 @dataclass
 class _Term:
-    """One input's contribution to a module: LoRA factors with a coefficient, or a dense ΔW."""
+    """One input's contribution to a module: LoRA factors with a coefficient, or a dense ΔW.
+    ``structured``: the factors are a LoHa/LoKr's exact factorisation (inner size r1·r2, not a rank)."""
 
     coef: float = 0.0
     up: torch.Tensor | None = None  # [out, r]
     down: torch.Tensor | None = None  # [r, in(, kh, kw)]
     dense: torch.Tensor | None = None  # weighted ΔW in the weight's shape
     bias: torch.Tensor | None = None  # weighted bias change
+    structured: bool = False
 
 
 def lora_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +94,16 @@ def lora_factors(m: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
     return up, fold_core(m.mid.float(), flat2d(m.down).float())
 
 
-def _term(m: Module, w: float) -> _Term:
+def _term(m: Module, w: float, factored: bool = True) -> _Term:
     bias = None if m.bias is None else w * m.bias.float()
     if m.dora is not None:
         raise LoraToolError(f"{m.key} is a DoRA module; mixing DoRA magnitudes has no exact meaning")
     if isinstance(m, LoraModule):
         up, down = lora_factors(m)
         return _Term(coef=w * m.scale, up=up, down=down, bias=bias)
+    factors = structured_factors(m) if factored else None  # LoHa/LoKr: exact, scale included, float64
+    if factors is not None:
+        return _Term(coef=w, up=factors[0], down=factors[1], bias=bias, structured=True)
     return _Term(dense=w * m.delta(torch.float32), bias=bias)
 
 
@@ -145,13 +158,29 @@ def _dense_factors(dense: torch.Tensor, rank: int | None, key: str) -> tuple[tor
     return up, down, tail_energy(s, keep)[1]
 
 
+def _structured_lora(key: str, t: _Term, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors of a LoHa/LoKr term at the numerical rank of its exact factorisation (capped by
+    ``rank``), from the SVD of those factors, and the relative error (0 up to rounding without a cap)."""
+    u, s, vh = factored_svd(t.up, t.down, dtype=torch.float64, name=key)
+    keep = numerical_rank(s, STRUCTURED_RTOL)
+    keep = max(1, min(keep, rank or keep))
+    on_up, on_down = split_coefficient(t.coef)
+    up, down = split_singular(u[:, :keep], s[:keep], vh[:keep])
+    return (up * on_up).float(), (down * on_down).float(), tail_energy(s, keep)[1]
+
+
 def _concat(key: str, terms: list[_Term], rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float, str]:
     ups, downs, err2, total2, method = [], [], 0.0, 0.0, "concat"
     for t in terms:
-        if t.dense is not None:
-            up, down, rel = _dense_factors(t.dense, rank, key)
-            norm2 = float(t.dense.double().square().sum())
-            err2, total2, method = err2 + rel**2 * norm2, total2 + norm2, "concat+svd"
+        if t.dense is not None or t.structured:
+            if t.dense is not None:
+                up, down, rel = _dense_factors(t.dense, rank, key)
+                norm2, method = float(t.dense.double().square().sum()), "concat+svd"
+            else:
+                up, down, rel = _structured_lora(key, t, rank)
+                norm2 = t.coef**2 * product_sq_norm(t.up, t.down)
+                method = method if method == "concat+svd" else "concat+factored"
+            err2, total2 = err2 + rel**2 * norm2, total2 + norm2
         else:
             on_up, on_down = split_coefficient(t.coef)
             up, down = t.up * on_up, flat2d(t.down) * on_down
@@ -165,12 +194,15 @@ def _svd(key: str, terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.T
     lora = [(t.up * t.coef, flat2d(t.down)) for t in terms if t.dense is None]
     dense = [flat2d(t.dense) for t in terms if t.dense is not None]
     if not dense:
-        u, s, vh = factored_svd(*stack_factors(lora), name=key)
-        method = "svd"
+        structured = any(t.structured for t in terms)
+        dtype = torch.float64 if structured else torch.float32
+        u, s, vh = factored_svd(*stack_factors(lora, dtype), dtype=dtype, name=key)
+        u, s, vh = u.float(), s.float(), vh.float()
+        method = "factored-svd" if structured else "svd"
     else:
         total = torch.stack(dense).sum(0)
         for up, down in lora:
-            total.addmm_(up, down)
+            total.addmm_(up.to(total.dtype), down.to(total.dtype))
         u, s, vh = thin_svd(total, key)
         method = "dense-svd"
     k = max(1, min(rank, int(s.shape[0])))
@@ -179,7 +211,7 @@ def _svd(key: str, terms: list[_Term], rank: int) -> tuple[torch.Tensor, torch.T
 
 
 def _linear(key: str, terms: list[_Term]) -> tuple[torch.Tensor, torch.Tensor, float, str]:
-    if any(t.dense is not None for t in terms):
+    if any(t.dense is not None or t.structured for t in terms):
         raise LoraToolError(f"{key}: linear mode needs LoRA inputs; LoHa/LoKr/full modules cannot be averaged")
     ranks = {int(t.up.shape[1]) for t in terms}
     if len(ranks) > 1:
@@ -202,14 +234,25 @@ def _mix_norm(key: str, mods: list[Module], weights: list[float]) -> Module:
                       bias=sum(biases) if biases else None)
 
 
-def _output_dtype(inputs: list[MixInput]) -> torch.dtype:
-    dtypes = {t.dtype for i in inputs for m in i.adapter.modules.values() for t in m.tensors()}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+def input_dtypes(inputs: list[MixInput]) -> list[torch.dtype]:
+    """The dtypes the inputs store their tensors in, in input order (each once)."""
+    found: dict[torch.dtype, None] = {}
+    for i in inputs:
+        for m in i.adapter.modules.values():
+            for t in m.tensors():
+                found.setdefault(t.dtype)
+    return list(found)
 
 
 def mix(inputs: list[MixInput], mode: str = "concat", rank: int | None = None, *,
-        dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> MixResult:
-    """Mix ``inputs`` into one adapter (see the module docstring for the modes)."""
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None, factored: bool = True,
+        progress: Progress | None = None) -> MixResult:
+    """Mix ``inputs`` into one adapter (see the module docstring for the modes).
+
+    The output keeps the inputs' dtype (the first input's when they differ) unless ``dtype`` says
+    otherwise. ``factored=False`` takes LoHa/LoKr through their dense ΔW instead of their exact
+    factors (the old way: a reference for tests and benchmarks). ``progress(done, total, key)`` is
+    called after each module."""
     if mode not in MODES:
         raise LoraToolError(f"unknown mix mode {mode!r} (use {', '.join(MODES)})")
     if not inputs:
@@ -220,25 +263,31 @@ def mix(inputs: list[MixInput], mode: str = "concat", rank: int | None = None, *
     names = [i.name or f"input {n + 1}" for n, i in enumerate(inputs)]
     per_input = [module_weights(i.adapter, i.weight, i.lbw, path=i.name or None).weights for i in inputs]
     out = Adapter(base_model=base, source_format="mix")
-    out_dtype = dtype or _output_dtype(inputs)
+    stored = input_dtypes(inputs)
+    out_dtype = dtype or (stored[0] if stored else torch.float32)
     if mode == "svd" and rank is None:
         rank = max((m.rank or 0 for i in inputs for m in i.adapter.modules.values()), default=0) or 1
     reports: list[ModuleReport] = []
     keys = sorted({k for i in inputs for k in i.adapter.modules})
-    for key in keys:
+    for done, key in enumerate(keys, 1):
         present = [(i, n) for n, i in enumerate(inputs) if key in i.adapter.modules]
         mods = [i.adapter.modules[key] for i, _ in present]
         ws = [per_input[n][key] for _, n in present]
         if any(isinstance(m, NormModule) for m in mods):
             out.add(NormModule(**_norm_fields(_mix_norm(key, mods, ws), out_dtype)))
             reports.append(ModuleReport(key, len(mods), None, "sum"))
-            continue
-        shape = _weight_shape(key, mods, [names[n] for _, n in present])
-        terms = [_to_device(_term(m, w), device) for m, w in zip(mods, ws, strict=True)]
-        up2d, down2d, err, method = _combine(key, terms, mode, rank)
-        out.add(_lora_out(mods[0], shape, up2d.cpu(), down2d.cpu(), _cpu(_sum_bias(terms)), out_dtype))
-        reports.append(ModuleReport(key, len(mods), int(up2d.shape[1]), method, err))
-    warnings = _warnings(inputs, mode, reports)
+        else:
+            shape = _weight_shape(key, mods, [names[n] for _, n in present])
+            terms = [_to_device(_term(m, w, factored), device) for m, w in zip(mods, ws, strict=True)]
+            up2d, down2d, err, method = _combine(key, terms, mode, rank)
+            out.add(_lora_out(mods[0], shape, up2d.cpu(), down2d.cpu(), _cpu(_sum_bias(terms)), out_dtype))
+            reports.append(ModuleReport(key, len(mods), int(up2d.shape[1]), method, err))
+        if progress:
+            progress(done, len(keys), key)
+    warnings = _warnings(inputs, mode, reports, rank)
+    if len(stored) > 1 and dtype is None:
+        warnings.append(f"the inputs store {', '.join(_dtype_label(d) for d in stored)}: written as "
+                        f"{_dtype_label(out_dtype)}, the first input's (--dtype chooses)")
     out.metadata = {"loratool_mix": _describe(inputs, mode, rank)}
     return MixResult(out, reports, warnings)
 
@@ -266,18 +315,27 @@ def _to_device(t: _Term, device: torch.device | str | None) -> _Term:
     def move(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(device)
 
-    return _Term(t.coef, move(t.up), move(t.down), move(t.dense), move(t.bias))
+    return _Term(t.coef, move(t.up), move(t.down), move(t.dense), move(t.bias), t.structured)
 
 
-def _warnings(inputs: list[MixInput], mode: str, reports: list[ModuleReport]) -> list[str]:
+def _dtype_label(d: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(d, str(d).removeprefix("torch."))
+
+
+def _warnings(inputs: list[MixInput], mode: str, reports: list[ModuleReport], rank: int | None) -> list[str]:
     out = []
+    worst = max(reports, key=lambda r: r.rel_error, default=None)
     if mode == "linear":
-        worst = max((r.rel_error for r in reports), default=0.0)
         out.append("linear mode averages factors: the result is not the weighted sum of the inputs "
-                   f"(largest relative error {worst:.3g}); use concat for an exact mix")
+                   f"(largest relative error {worst.rel_error if worst else 0.0:.3g}); use concat for an exact mix")
+    if mode == "svd" and worst is not None and worst.rel_error > LARGE_RESIDUAL:
+        large = sum(r.rel_error > LARGE_RESIDUAL for r in reports)
+        out.append(f"rank {rank} leaves a large residual: ‖ΔW' − ΔW‖/‖ΔW‖ up to {worst.rel_error:.0%} "
+                   f"({worst.key}); {large} of {len(reports)} modules lose more than {LARGE_RESIDUAL:.0%}. "
+                   "--mode concat is exact (rank Σr); or raise -r")
     dense = sum(r.method in ("concat+svd", "dense-svd") for r in reports)
     if dense:
-        out.append(f"{dense} module(s) had LoHa/LoKr/full inputs and were decomposed by a dense SVD")
+        out.append(f"{dense} module(s) were decomposed by a dense SVD of their ΔW (a full diff stores no factors)")
     if sum(bool(i.adapter.embeddings) for i in inputs) > 0:
         out.append("token embeddings in the inputs are not mixed and are left out")
     return out

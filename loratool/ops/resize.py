@@ -5,15 +5,17 @@ SVD of the small core; :func:`loratool.linalg.factored.factored_svd`): the dense
 product is never formed. The scale is kept: ``new_alpha = old_alpha / old_rank × new_rank`` (for
 rsLoRA, ``old_scale × new_rank``), so ΔW is exactly the best rank-k truncation of the old ΔW.
 
-Modules that are not a product of two factors (Tucker/CP LoCon, LoHa, LoKr, full diffs) have no
-factored form: their dense ΔW is built and decomposed with the truncated-SVD engine, and the report
-says so (method ``dense``). DoRA magnitudes are kept as they are: the truncation applies to the
+LoHa and LoKr have an exact factorisation of small inner size (:mod:`loratool.linalg.structured`), so
+they are re-compressed the same way, on those factors (method ``factored``). Modules with no such
+form (Tucker/CP LoCon, full diffs) have their dense ΔW built and decomposed with the truncated-SVD
+engine, and the report says so (method ``dense``). DoRA magnitudes are kept as they are: the truncation applies to the
 directional update, as DoRA trains it. Norm modules pass through unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,8 +23,19 @@ import torch
 from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, FullModule, LohaModule, LokrModule, LoraModule, NormModule, flat2d
 from loratool.formats.read import require_complete
-from loratool.linalg import RankMode, SvdPolicy, decompose, factored_svd, select_rank, split_singular
+from loratool.linalg import (
+    RankMode,
+    SvdPolicy,
+    decompose,
+    factored_svd,
+    numerical_rank,
+    select_rank,
+    split_singular,
+)
+from loratool.linalg.structured import structured_factors
 from loratool.ops.extract_report import ModuleReport
+
+STRUCTURED_RTOL = 1e-12  # singular values of an exact (float64) factorisation below this × σ1 carry no rank
 
 
 @dataclass(frozen=True)
@@ -42,20 +55,24 @@ class ResizeResult:
     summary: dict
 
 
-def resize(adapter: Adapter, options: ResizeOptions) -> ResizeResult:
-    """A new adapter with every module truncated to its rank; the input is not modified."""
+def resize(adapter: Adapter, options: ResizeOptions,
+           progress: Callable[[int, int, str], None] | None = None) -> ResizeResult:
+    """A new adapter with every module truncated to its rank; the input is not modified.
+    ``progress(done, total, key)`` is called after each module."""
     require_complete(adapter)
     out = Adapter(metadata=dict(adapter.metadata), base_model=adapter.base_model,
                   source_format=adapter.source_format, embeddings=dict(adapter.embeddings),
                   unknown=list(adapter.unknown))
     reports: list[ModuleReport] = []
-    for module in adapter.modules.values():
+    for done, module in enumerate(adapter.modules.values(), 1):
         if isinstance(module, NormModule):
             out.add(module)
-            continue
-        new, rep = resize_module(module, options)
-        out.add(new)
-        reports.append(rep)
+        else:
+            new, rep = resize_module(module, options)
+            out.add(new)
+            reports.append(rep)
+        if progress:
+            progress(done, len(adapter.modules), module.key)
     return ResizeResult(out, reports, _summary(reports))
 
 
@@ -76,6 +93,13 @@ def resize_module(module, options: ResizeOptions):
         k = select_rank(s, options.rank_mode, cap)
         method = "factored"
         dtype = module.down.dtype
+    elif isinstance(module, (LohaModule, LokrModule)) and structured_factors(module) is not None:
+        up2d, down2d = (f.to(dev) for f in structured_factors(module))  # exact, scale included
+        u, s, vh = factored_svd(up2d, down2d, dtype=torch.float64)
+        k = min(select_rank(s, options.rank_mode, cap), max(1, numerical_rank(s, STRUCTURED_RTOL)))
+        u, s, vh = u.float(), s.float(), vh.float()
+        scale, method = 1.0, "factored"
+        dtype = module.tensors()[0].dtype
     elif isinstance(module, (LoraModule, LohaModule, LokrModule, FullModule)):
         dense = module.delta(torch.float32).to(dev).reshape(shape[0], -1)
         (tr,) = decompose(dense, [module.key], cap, options.rank_mode, options.policy)

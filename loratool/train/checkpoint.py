@@ -8,8 +8,8 @@
 
   Its metadata: ``loratool.format = "loratool-train-checkpoint"``, ``loratool.adapter`` (lora|trilora),
   ``loratool.rank``, ``loratool.alpha``, ``loratool.trilora_init``, ``loratool.targets`` and
-  ``loratool.new_tokens`` (JSON lists), ``loratool.unet_layers`` (attn|transformer|all, empty without a
-  UNet adapter), ``loratool.step``.
+  ``loratool.new_tokens`` (JSON lists), ``loratool.unet_layers`` (the --targets layer set, empty without a
+  UNet or text-encoder adapter), ``loratool.step``.
 
 ``state.pt`` — what continuing needs: the optimizer state, the step, the loss history, and the
 states of the data/noise generator, torch's CPU generator and (when used) CUDA's.

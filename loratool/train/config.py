@@ -7,7 +7,7 @@ from pathlib import Path
 
 from loratool.errors import LoraToolError
 from loratool.train.data import IMAGE_SUFFIXES
-from loratool.train.layers import ADAPTERS, FOLDS, TRILORA_INITS, UNET_LAYER_SETS
+from loratool.train.layers import ADAPTERS, FOLDS, LAYER_SETS, TRILORA_INITS
 
 COMPONENTS = ("unet", "text_encoder", "vae")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -31,7 +31,7 @@ class TrainConfig:
     fold: str = "balanced"
     targets: tuple[str, ...] = ("unet",)
     caption_extension: str | None = None  # sidecar captions, e.g. ".txt" (kohya's caption_extension)
-    unet_layers: str = "attn"
+    unet_layers: str = "attn"  # the --targets layer set (LAYER_SETS): UNet and text-encoder layers
     new_tokens: tuple[str, ...] = ()
     init_token: str | None = None
     steps: int = 500
@@ -68,9 +68,10 @@ class TrainConfig:
             raise LoraToolError(f"--fold must be one of {', '.join(FOLDS)}")
         bad = [t for t in self.targets if t not in COMPONENTS]
         if bad or not self.targets:
-            raise LoraToolError(f"--targets takes a comma list of {', '.join(COMPONENTS)} (got {','.join(self.targets)})")
-        if self.unet_layers not in UNET_LAYER_SETS:
-            raise LoraToolError(f"--unet-layers must be one of {', '.join(UNET_LAYER_SETS)}, not {self.unet_layers!r}")
+            raise LoraToolError(f"--components takes a comma list of {', '.join(COMPONENTS)} "
+                                f"(got {','.join(self.targets)})")
+        if self.unet_layers not in LAYER_SETS:
+            raise LoraToolError(f"--targets must be one of {', '.join(LAYER_SETS)}, not {self.unet_layers!r}")
         if self.caption_extension is not None:
             ext = self.caption_extension
             if not ext.lstrip(".") or "/" in ext or "\\" in ext:

@@ -50,7 +50,7 @@ def training_metadata(cfg: TrainConfig, summary: dict, n_instance: int, n_class:
     args = {"algo": cfg.adapter}
     if cfg.adapter == "trilora":
         args.update(trilora_init=cfg.trilora_init, fold=cfg.fold)
-    if "unet" in cfg.targets and cfg.unet_layers == "all":  # kohya marks a LoCon run by conv_dim/conv_alpha
+    if "unet" in cfg.targets and cfg.unet_layers in ("transformer+conv", "all"):  # kohya marks LoCon by conv_dim
         args.update(conv_dim=str(cfg.rank), conv_alpha=str(cfg.alpha if cfg.alpha is not None else cfg.rank))
     dirs = {Path(cfg.instance_data).name: {"n_repeats": 1, "img_count": n_instance}}
     meta = {
@@ -128,6 +128,13 @@ def run_outputs(cfg: TrainConfig, *, force: bool) -> Outputs:
     return outputs
 
 
+def run_parameters(cfg: TrainConfig) -> dict:
+    """``loratool.parameters`` of a run, in the command line's words: ``targets`` is the layer set (the one
+    --targets vocabulary), ``components`` what was adapted."""
+    params = {k: v for k, v in cfg.as_dict().items() if k not in ("extra", "targets", "unet_layers")}
+    return {**params, "targets": cfg.unet_layers, "components": list(cfg.targets)}
+
+
 def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
     """Write every final file of a run into its output folder; name -> path."""
     from loratool.formats.write import write_adapter
@@ -141,7 +148,7 @@ def write_outputs(trainer, summary: dict, started: float) -> dict[str, str]:
                              trainer.examples.prompt_counts("instance"))
     when = _dt.datetime.fromtimestamp(started).replace(microsecond=0).isoformat()
     meta.update(modelspec(base.base_model, cfg.output_name, date=when, resolution=f"{cfg.resolution}x{cfg.resolution}"))
-    meta.update(loratool_keys("train", {k: v for k, v in cfg.as_dict().items() if k != "extra"}))
+    meta.update(loratool_keys("train", run_parameters(cfg)))
     files: dict[str, str] = {}
     main = [c for c in ("unet", "text_encoder", "text_encoder_2") if any(k.startswith(c + ".") for k in trainer.layers)]
     if main:

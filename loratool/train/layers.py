@@ -154,13 +154,18 @@ def adapt(model: nn.Module, names: list[str], kind: str, rank: int, alpha: float
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# --unet-layers: which UNet layers get an adapter.
-#   attn         the attention projections to_q/to_k/to_v/to_out.0 (diffusers' DreamBooth-LoRA default);
-#   transformer  every Linear and 1x1 conv of the transformer blocks: the attention projections plus
-#                proj_in/proj_out and the feed-forward (kohya's networks.lora default);
-#   all          transformer, plus the ResNet blocks (3x3 convs, 1x1 shortcuts, time-embedding projections)
-#                and the down/upsampler convs (kohya's LoCon, conv_dim set).
-UNET_LAYER_SETS = ("attn", "transformer", "all")
+TEXT_MLP = ("fc1", "fc2")
+# --targets (the one vocabulary, loratool.arch.table.TARGET_SETS): which layers get an adapter.
+#   attn              the attention projections: UNet to_q/to_k/to_v/to_out.0, text encoders q/k/v/out_proj
+#                     (diffusers' DreamBooth-LoRA default);
+#   transformer       every Linear and 1x1 conv of the UNet's transformer blocks (proj_in/proj_out and the
+#                     feed-forward too) and the text encoders' attention and MLP (kohya's networks.lora);
+#   transformer+conv  transformer, plus the ResNet blocks (3x3 convs, 1x1 shortcuts, time-embedding
+#                     projections) and the down/upsampler convs (kohya's LoCon, conv_dim set);
+#   all               every Linear and Conv2d (conv_in, conv_out, the time embedding, every text-encoder linear).
+LAYER_SETS = ("attn", "transformer", "transformer+conv", "all")
+UNET_LAYER_SETS = LAYER_SETS  # the name before the one vocabulary
+OLD_UNET_LAYERS = {"attn": "attn", "transformer": "transformer", "all": "transformer+conv"}  # --unet-layers
 _TRANSFORMER_BLOCKS = ("Transformer2DModel",)
 _CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
@@ -178,27 +183,30 @@ def _inside(model: nn.Module, block_types: tuple[str, ...]) -> list[str]:
     return out
 
 
-def target_names(model: nn.Module, component: str, unet_layers: str = "attn") -> list[str]:
-    """The layers a component's adapter covers: for the UNet as ``unet_layers`` says (UNET_LAYER_SETS);
-    the text encoder's attention projections; for the VAE, the decoder's attention projections and 3x3
-    convs."""
-    if component == "unet" and unet_layers != "attn":
-        if unet_layers not in UNET_LAYER_SETS:
-            raise ValueError(f"unknown UNet layer set {unet_layers!r}")
-        blocks = _TRANSFORMER_BLOCKS + (_CONV_BLOCKS if unet_layers == "all" else ())
-        adapted = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+def target_names(model: nn.Module, component: str, layers: str = "attn") -> list[str]:
+    """The layers a component's adapter covers, as ``layers`` (one of LAYER_SETS) says for the UNet and the
+    text encoders; for the VAE, the decoder's attention projections and 3x3 convs."""
+    if layers not in LAYER_SETS:
+        raise ValueError(f"unknown layer set {layers!r}")
+    adapted = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AdaptedLayer))
+    if component == "unet" and layers in ("transformer", "transformer+conv"):
+        blocks = _TRANSFORMER_BLOCKS + (_CONV_BLOCKS if layers == "transformer+conv" else ())
         return sorted({n for n in _inside(model, blocks) if not f"{n}.".startswith(adapted)})
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, AdaptedLayer):
+        if not name or isinstance(mod, AdaptedLayer) or f"{name}.".startswith(adapted):
             continue
-        if component == "unet" and isinstance(mod, nn.Linear) and name.endswith(UNET_TARGETS):
-            out.append(name)
-        elif component.startswith("text_encoder") and isinstance(mod, nn.Linear) and name.endswith(TEXT_TARGETS):
-            out.append(name)
-        elif component == "vae" and name.startswith("decoder.") and (
-            (isinstance(mod, nn.Linear) and name.endswith(UNET_TARGETS))
-            or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3) and mod.groups == 1)
-        ):
+        if component in ("unet", "text_encoder", "text_encoder_2") and layers == "all":
+            keep = _adaptable(mod)
+        elif component == "unet":
+            keep = isinstance(mod, nn.Linear) and name.endswith(UNET_TARGETS)
+        elif component.startswith("text_encoder"):
+            ends = TEXT_TARGETS + (TEXT_MLP if layers != "attn" else ())
+            keep = isinstance(mod, nn.Linear) and name.endswith(ends)
+        else:
+            keep = component == "vae" and name.startswith("decoder.") and (
+                (isinstance(mod, nn.Linear) and name.endswith(UNET_TARGETS))
+                or (isinstance(mod, nn.Conv2d) and mod.kernel_size == (3, 3) and mod.groups == 1))
+        if keep:
             out.append(name)
     return sorted(out)

@@ -66,7 +66,7 @@ class Trainer:
         else:
             self.par, self.device = parallel.from_environment(device)
         if self.par.active and "vae" in cfg.targets:
-            raise LoraToolError("--targets vae is not supported with several processes")
+            raise LoraToolError("--components vae is not supported with several processes")
         mixed = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         # frozen weights are stored in the mixed-precision dtype on CUDA (and when predicting CUDA's memory)
         self.frozen_dtype = mixed if (self.device.type == "cuda" or dry_run) else None
@@ -170,7 +170,7 @@ class Trainer:
                 continue
             names = target_names(model, component, cfg.unet_layers)
             if not names:
-                raise LoraToolError(f"--targets {component}: no layers to adapt in this model", cfg.model)
+                raise LoraToolError(f"--components {component}: no layers to adapt in this model", cfg.model)
             for name, layer in adapt(model, names, cfg.adapter, cfg.rank, cfg.alpha, cfg.trilora_init, self.gen).items():
                 layers[f"{component}.{name}"] = layer
         if self.frozen_dtype is not None:
@@ -237,7 +237,7 @@ class Trainer:
                 "loratool.alpha": str(float(cfg.alpha if cfg.alpha is not None else cfg.rank)),
                 "loratool.trilora_init": cfg.trilora_init if cfg.adapter == "trilora" else "",
                 "loratool.targets": checkpoint.json_list(cfg.targets),
-                "loratool.unet_layers": cfg.unet_layers if "unet" in cfg.targets else "",
+                "loratool.unet_layers": cfg.unet_layers if {"unet", "text_encoder"} & set(cfg.targets) else "",
                 "loratool.new_tokens": checkpoint.json_list(cfg.new_tokens)}
 
     def _resume(self, folder: Path) -> None:

@@ -84,8 +84,11 @@ def test_lossy_only_when_asked_and_errors_printed(tmp_path):
     assert len(refused.output.strip().splitlines()) == 1
     ok = run(src, "--to", "diffusers", "-o", out, "--rank", "4")
     assert ok.exit_code == 0, ok.output
-    assert "lossy modules" in ok.output and "unet.down_blocks.0.attentions.0.proj_in" in ok.output
+    # a short summary by default (count, the largest error and where), every module with -v
+    assert "lossy: 1 module made LoRA" in ok.output and "unet.down_blocks.0.attentions.0.proj_in" in ok.output
     assert read_adapter(out).modules["unet.down_blocks.0.attentions.0.proj_in"].rank == 4
+    listed = run(src, "--to", "diffusers", "-o", out, "--rank", "4", "--force", "-v")
+    assert "r=4    lokr  unet.down_blocks.0.attentions.0.proj_in" in listed.output  # the per-module row
 
 
 def test_drop_unknown_lists_what_was_dropped(tmp_path):

@@ -104,7 +104,7 @@ def test_dry_run_writes_nothing_and_lists_the_plan(sd1_pair, tmp_path):
     assert plan["arch"] == "sd1" and [m["rank"] for m in plan["modules"]] == [8, 8]
     assert plan["output_bytes_at_most"] == 8 * (320 + 768) * 2 + 8 * (768 + 3072) * 2 + 8
     assert not (tmp_path / "x.safetensors").exists()
-    res = run("extract", base, tuned, "-r", 8, "--dry-run", "--include", "attn2")
+    res = run("extract", base, tuned, "-r", 8, "--dry-run", "--include", "attn2", "-v")  # -v: every module
     assert "attn2.to_k" in res.output and "mlp.fc2" not in res.output
 
 

@@ -74,7 +74,7 @@ def test_dry_run_unmatched_and_override(files, tmp_path: Path) -> None:
     write_adapter(a, lora2, "kohya")
     out = tmp_path / "baked.safetensors"
     res = run("merge", ckpt, lora2, "-o", out)
-    assert res.exit_code == 1 and "1 LoRA module(s) match no sd1" in res.output and "to_v" in res.output
+    assert res.exit_code == 1 and "1 of 4 LoRA modules match no sd1" in res.output and "to_v" in res.output
     res = run("merge", ckpt, lora2, "--dry-run")
     assert res.exit_code == 1  # unmatched is an error in a dry run too
     res = run("merge", ckpt, lora2, "--dry-run", "--allow-unmatched")

@@ -46,7 +46,7 @@ def test_square_tenth_rank_is_five():
 
 
 def test_sd15_model_table_by_hand():
-    res = run("--model", "sd15", "--targets", "attn", "-r", "4", "8", "16", "32", "64", "128", "--json")
+    res = run("--model", "sd15", "--targets", "transformer", "-r", "4", "8", "16", "32", "64", "128", "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["model"] == "sd1" and out["layers"] == 264
@@ -70,11 +70,15 @@ def test_sd15_model_table_by_hand():
 
 
 def test_sdxl_and_flux_layer_counts():
-    sdxl = json.loads(run("--model", "sdxl", "--targets", "attn", "-r", "32", "--json").stdout)
-    # kohya: SDXL text encoders 72 + 192, U-Net attention 722 (reference/kohya.md §1.5)
+    sdxl = json.loads(run("--model", "sdxl", "--targets", "transformer", "-r", "32", "--json").stdout)
+    # kohya: SDXL text encoders 72 + 192, U-Net transformer blocks 722 (reference/kohya.md §1.5)
     assert sdxl["layers_by_component"] == {"unet": 722, "text_encoder": 72, "text_encoder_2": 192}
+    assert sdxl["targets"] == "transformer" == json.loads(run("--model", "sdxl", "-r", "8", "--json").stdout)["targets"]
+    # attention projections only: q, k, v, out of 70 UNet transformer blocks x 2 attentions, 12 + 32 CLIP layers
+    attn = json.loads(run("--model", "sdxl", "--targets", "attn", "-r", "32", "--json").stdout)
+    assert attn["layers_by_component"] == {"unet": 70 * 2 * 4, "text_encoder": 12 * 4, "text_encoder_2": 32 * 4}
     conv = json.loads(run("--model", "sdxl", "--targets", "attn+conv", "-r", "32", "--json").stdout)
-    assert conv["layers_by_component"]["unet"] == 788
+    assert conv["layers_by_component"]["unet"] == 788 and conv["targets"] == "transformer+conv"  # the old name
     flux = json.loads(run("--model", "flux", "-r", "16", "--json").stdout)
     assert flux["layers_by_component"]["transformer"] == 304  # 19·10 + 38·3
 

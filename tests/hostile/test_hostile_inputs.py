@@ -63,12 +63,12 @@ def test_a_newline_in_a_path_stays_on_one_line(tmp_path) -> None:
 
 def test_an_output_through_a_symlink_loop_is_one_line(tmp_path) -> None:
     src = save(tmp_path / "in.safetensors", kohya_tensors())
-    loop = tmp_path / "loop"
+    loop = tmp_path / "loop.safetensors"  # named as the layout writes it (-o gains no extension)
     loop.symlink_to(loop)
     before = snapshot([src])
     for out in (loop, loop / "out.safetensors"):
         check_refused(invoke("convert", src, "--to", "kohya", "-o", out), inputs=[src], before=before,
-                      names=["loop"])
+                      names=["loop.safetensors"])
 
 
 # -- extract -------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def test_extract_refuses_a_layer_reshaped_in_tuned_naming_it(tmp_path) -> None:
         t["b.weight"] = t["b.weight"].reshape(-1).contiguous()
         return t
     base, tuned = model_pair(tmp_path, change=flatten)
-    out = tmp_path / "out.safetensors"
+    out = tmp_path / "out"  # a generic pair writes a peft folder
     line = check_refused(invoke("extract", base, tuned, "--arch", "generic", "-r", "2", "-o", out),
                          inputs=[base, tuned], outputs=[out], before=snapshot([base, tuned]))
     assert "b.weight" in line and "[16, 8]" in line and "[128]" in line
@@ -93,7 +93,7 @@ def test_extract_names_a_nan_tensor_and_its_file(side, tmp_path) -> None:
     base, tuned = model_pair(tmp_path, change=poison if side == "tuned" else None)
     if side == "base":
         save(base, poison(load_file(base)))
-    out = tmp_path / "out.safetensors"
+    out = tmp_path / "out"  # a generic pair writes a peft folder
     line = check_refused(invoke("extract", base, tuned, "--arch", "generic", "-r", "2", "-o", out),
                          inputs=[base, tuned], outputs=[out], before=snapshot([base, tuned]))
     named = base if side == "base" else tuned
@@ -105,7 +105,7 @@ def test_extract_reads_fp8_layers(tmp_path) -> None:
     base, tuned = model_pair(tmp_path)
     save(tuned, {k: v.to(torch.float8_e4m3fn) for k, v in load_file(tuned).items()})
     save(base, {k: v.to(torch.float8_e5m2) for k, v in load_file(base).items()})
-    out = tmp_path / "out.safetensors"
+    out = tmp_path / "out"  # a generic pair writes a peft folder
     result = invoke("extract", base, tuned, "--arch", "generic", "-r", "2", "-o", out, "-q")
     assert result.exit_code == 0, result.stderr
     assert "internal error" not in result.stderr and out.exists()

@@ -94,21 +94,39 @@ def test_rank_is_capped_by_the_layer_and_targets_are_found():
     assert target_names(model, "unet") == []  # already adapted layers are not wrapped twice
 
 
-def test_unet_layer_sets_follow_kohya_and_diffusers():
+def test_layer_sets_follow_kohya_and_diffusers():
+    """The one --targets vocabulary on the UNet: attn (diffusers) < transformer (kohya LoRA) < transformer+conv
+    (kohya LoCon, the old --unet-layers all) < all (every layer)."""
     from diffusers import UNet2DConditionModel
 
-    from loratool.train.layers import UNET_LAYER_SETS
+    from loratool.arch.table import TARGET_SETS
+    from loratool.train.layers import LAYER_SETS
 
+    assert LAYER_SETS == tuple(TARGET_SETS)  # one vocabulary with extract and ratio
     unet = UNet2DConditionModel.from_pretrained(str(Path(__file__).resolve().parents[2] / "fixtures/tiny-sd/unet"))
-    attn, transformer, every = (set(target_names(unet, "unet", s)) for s in UNET_LAYER_SETS)
+    attn, transformer, locon, every = (set(target_names(unet, "unet", s)) for s in LAYER_SETS)
     blocks = {n for n, m in unet.named_modules() if type(m).__name__ == "Transformer2DModel"}
-    assert attn < transformer < every
+    assert attn < transformer < locon < every
     # kohya's networks.lora: 12 layers a transformer block (proj_in/out, 2 x q/k/v/out, 2 feed-forward)
     assert len(transformer) == 12 * len(blocks) and len(attn) == 8 * len(blocks)
-    extra = every - transformer
+    extra = locon - transformer
     assert {n.rsplit(".", 1)[1] for n in extra} == {"conv1", "conv2", "time_emb_proj", "conv_shortcut", "conv"}
-    assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in every)
-    adapt(unet, sorted(every), "lora", 2, None, "svd", torch.Generator())
-    assert target_names(unet, "unet", "all") == []  # already adapted layers are not wrapped twice
+    assert not any(n.startswith(("conv_in", "conv_out", "time_embedding")) for n in locon)
+    assert {n.split(".")[0] for n in every - locon} == {"conv_in", "conv_out", "time_embedding"}
+    adapt(unet, sorted(locon), "lora", 2, None, "svd", torch.Generator())
+    assert target_names(unet, "unet", "transformer+conv") == []  # already adapted layers are not wrapped twice
+    assert set(target_names(unet, "unet", "all")) == every - locon
     with pytest.raises(ValueError):
         target_names(unet, "unet", "convs")
+
+
+def test_text_encoder_layers_follow_the_same_vocabulary():
+    from transformers import CLIPTextModel
+
+    te = CLIPTextModel.from_pretrained(str(Path(__file__).resolve().parents[2] / "fixtures/tiny-sd/text_encoder"))
+    n = te.config.num_hidden_layers
+    attn, transformer, locon, every = (set(target_names(te, "text_encoder", s)) for s in
+                                       ("attn", "transformer", "transformer+conv", "all"))
+    assert len(attn) == 4 * n and len(transformer) == 6 * n == len(locon)  # + mlp.fc1, mlp.fc2 (kohya)
+    assert {x.rsplit(".", 1)[1] for x in transformer - attn} == {"fc1", "fc2"}
+    assert every >= transformer

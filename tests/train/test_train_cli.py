@@ -72,7 +72,8 @@ def test_resume_from_another_adapter_type_is_refused(tmp_path):
                        "loratool.unet_layers": "attn"})
     res = train("--instance-data", str(INSTANCE), "--adapter", "trilora", "--unet-layers", "all", "--resume", str(ckpt2),
                 "-o", str(tmp_path / "o"))
-    one_error(res, "--resume", "unet_layers is attn, but this run asks for all")
+    # the old --unet-layers all is the LoCon set, transformer+conv in the one --targets vocabulary
+    one_error(res, "--resume", "unet_layers is attn, but this run asks for transformer+conv")
 
 
 @pytest.mark.slow

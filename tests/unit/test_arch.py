@@ -19,19 +19,31 @@ def count(arch_name, kind, components, fused=True):
 ])
 def test_module_counts_match_kohya(arch_name, te, attn, conv):
     tes = tuple(c for c in load_arch(arch_name).components if c.startswith("text_encoder"))
-    assert count(arch_name, "attn", tes) == te
-    assert count(arch_name, "attn", ("unet",)) == attn
-    assert count(arch_name, "attn+conv", ("unet",)) == conv
+    assert count(arch_name, "transformer", tes) == te
+    assert count(arch_name, "transformer", ("unet",)) == attn
+    assert count(arch_name, "transformer+conv", ("unet",)) == conv
+    assert count(arch_name, "attn+conv", ("unet",)) == conv  # the old name of the same set
 
 
 def test_flux_and_sd3_counts():
-    assert count("flux", "attn", ("transformer",)) == 19 * 10 + 38 * 3
-    assert count("flux", "attn", ("transformer",), fused=False) == 19 * (10 + 4) + 38 * (3 + 3)
-    assert count("flux", "attn", ("text_encoder",)) == 72
-    assert count("flux", "attn", ("text_encoder_2",)) == 24 * 7
+    assert count("flux", "transformer", ("transformer",)) == 19 * 10 + 38 * 3
+    assert count("flux", "transformer", ("transformer",), fused=False) == 19 * (10 + 4) + 38 * (3 + 3)
+    assert count("flux", "transformer", ("text_encoder",)) == 72
+    assert count("flux", "transformer", ("text_encoder_2",)) == 24 * 7
     # SD3 medium: 23 full joint blocks (x and context: qkv, proj, fc1, fc2, adaLN) + the last block whose
     # context side is pre-only (qkv and adaLN)
-    assert count("sd3", "attn", ("transformer",)) == 23 * 10 + 5 + 2
+    assert count("sd3", "transformer", ("transformer",)) == 23 * 10 + 5 + 2
+
+
+def test_attn_is_the_attention_projections():
+    """--targets attn: q, k, v, out (fused q/k/v where the family fuses them) and nothing of the feed-forward."""
+    assert count("sd1", "attn", ("unet",)) == 16 * 2 * 4 and count("sd1", "attn", ("text_encoder",)) == 12 * 4
+    # Flux: double blocks' to_qkv, to_added_qkv, to_out.0, to_add_out; single blocks' linear1 (holds q, k, v)
+    assert count("flux", "attn", ("transformer",)) == 19 * 4 + 38
+    assert count("flux", "attn", ("transformer",), fused=False) == 19 * 8 + 38 * 3
+    assert count("flux", "attn", ("text_encoder_2",)) == 24 * 4  # T5: q, k, v, o
+    keys = [s.key for s in load_arch("sdxl").targets("attn")]
+    assert all(k.endswith(("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")) for k in keys)
 
 
 def test_components():
@@ -64,7 +76,7 @@ def test_lbw_blocks_follow_sai_numbering():
     assert sdxl.modules["unet.down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2"].block == "IN08"
     # the 17/12-value vectors name exactly the blocks that hold attention modules
     for arch, n in ((sd1, "17"), (sdxl, "12")):
-        attn_blocks = {s.block for s in arch.targets("attn")}
+        attn_blocks = {s.block for s in arch.targets("transformer")}
         assert attn_blocks == set(arch.lbw["vectors"][n])
 
 
@@ -205,7 +217,7 @@ def test_tables_are_consistent(arch_name):
         if not spec.is_fused:
             assert arch.params[(spec.component, spec.path + ".weight")].shape == spec.shape
         assert family(arch.name).from_kohya(spec.kohya) == (spec.fused_in or key)
-    for kind in ("attn", "attn+conv", "all"):
+    for kind in ("attn", "transformer", "transformer+conv", "all"):
         order = [s.key for s in arch.targets(kind)]
         assert len(order) == len(set(order)) and order == [s.key for s in arch.targets(kind)]
     with pytest.raises(LoraToolError, match="unknown target set"):

@@ -128,14 +128,18 @@ def test_loha_input_is_decomposed_and_reported() -> None:
     inputs = [MixInput(_adapter(_lora(LIN, (40, 32), 4, 4.0, 1)), 0.6), MixInput(_adapter(loha), 0.9)]
     ref = _reference(inputs)[LIN]
     res = mix(inputs)
-    assert res.modules[0].method == "concat+svd"
+    assert res.modules[0].method == "concat+factored"  # the LoHa's exact factors, never its dense ΔW
     assert _rel(res.adapter.modules[LIN].delta(torch.float64), ref) < 1e-5
     assert res.adapter.modules[LIN].rank <= 4 + 4  # LoHa of ranks 2x2 has rank <= 4
-    assert any("dense SVD" in w for w in res.warnings)
+    assert not any("dense SVD" in w for w in res.warnings)
     svd = mix(inputs, mode="svd", rank=3)
-    assert svd.modules[0].method == "dense-svd"
+    assert svd.modules[0].method == "factored-svd"
     s = torch.linalg.svdvals(ref)
     assert svd.modules[0].rel_error == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-4)
+    # the dense path (kept as the reference) gives the same sum
+    dense = mix(inputs, factored=False)
+    assert dense.modules[0].method == "concat+svd" and any("dense SVD" in w for w in dense.warnings)
+    assert _rel(dense.adapter.modules[LIN].delta(torch.float64), ref) < 1e-5
 
 
 def test_linear_mode_reports_its_error() -> None:

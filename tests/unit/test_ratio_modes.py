@@ -31,8 +31,8 @@ def test_components_default_all_and_chosen():
 def test_model_report_counts_the_targeted_layers_once_per_rank():
     sd1 = load_arch("sd15")
     comps = R.pick_components(sd1, "default")
-    report = R.model_report(sd1, "attn", comps, [8, 16])
-    specs = sd1.targets("attn", components=comps)
+    report = R.model_report(sd1, "transformer", comps, [8, 16])
+    specs = sd1.targets("transformer", components=comps)
     assert report["layers"] == len(specs) == sum(report["layers_by_component"].values())
     assert report["full_params"] == sum(R.full_params(s.shape) for s in specs)
     trainable, frozen = R.model_totals(sd1, comps)
