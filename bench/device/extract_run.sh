@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One device call: the GPU tests, then the extract benchmarks (SDXL, Llama-3-8B, Flux, SD3) until the
 # deadline; everything is logged under $OUT. Run from a folder holding loratool/, bench/, tests/,
-# fixtures/ and keyshapes/ (the *_full.json tables), with wheels (if any) in .whl/.
-#   bash bench/device/extract_run.sh SECONDS
+# fixtures/ and keyshapes/ (the *_full.json tables), with wheels (if any) in .whl/; KEYSHAPES=DIR and
+# WHEELS=DIR point elsewhere (e.g. a carried .dev/ folder).
+#   [KEYSHAPES=DIR] [WHEELS=DIR] bash bench/device/extract_run.sh SECONDS
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 limit=${1:-450}
+keyshapes=${KEYSHAPES:-keyshapes} wheels=${WHEELS:-.whl}
 start=$(date +%s)
 left() { echo $(( limit - ($(date +%s) - start) )); }
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+if ls $wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels/*.whl \
     && export PYTHONPATH=$PWD:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/gpu.txt
@@ -19,7 +21,7 @@ work=/root/extract-bench; mkdir -p $work
 run() {  # layout rank targets stride min_seconds_left
   if (( $(left) < $5 )); then echo "skipped $1: $(left) s left" | tee -a $OUT/skipped.txt; return; fi
   timeout $(( $(left) - 5 )) python3 bench/extract.py --layout $1 --rank $2 --targets $3 --stride $4 --device cuda \
-    --methods floor,loratool,command,kohya --workdir $work --keyshapes keyshapes --json-out $OUT/$1.json \
+    --methods floor,loratool,command,kohya --workdir $work --keyshapes $keyshapes --json-out $OUT/$1.json \
     2>&1 | tail -30 | tee $OUT/$1.log
   rm -rf $work/*
 }
