@@ -27,7 +27,7 @@ from loratool.formats.detect import detect_keys, unknown_reason
 from loratool.formats.fuse import split_lora
 from loratool.formats.keys import KeyRef
 from loratool.formats.peftcfg import AlphaSource, alpha_source_from_config, alpha_source_from_metadata
-from loratool.formats.shapes import placed_modules, source_format, stored_layout
+from loratool.formats.placing import placed_modules, source_format, stored_layout
 from loratool.formats.source import RawSource, open_raw
 
 _SWAPPED_ROLES = ("up", "bias", "diff_b")

@@ -20,16 +20,16 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from loratool.arch import Detection, Place, detect_adapter, family
 from loratool.core.module_set import ModuleSet
 from loratool.errors import LoraToolError
-from loratool.formats.detect import detect_keys, unknown_reason, unsupported_reason
+from loratool.formats.detect import detect_keys, unknown_reason
 from loratool.formats.keys import KeyRef, weight_dims
-from loratool.formats.layouts import LAYOUT_KEY
+from loratool.formats.placing import placed_modules, source_format, stored_layout
 
 if TYPE_CHECKING:
     from loratool.core.modules import Adapter
@@ -313,41 +313,6 @@ def _read_header(header: _Header, component: str | None = None, arch: str | None
     return adapter
 
 
-def placed_modules(refs: Mapping[str, KeyRef], written: Mapping[Any, dict[str, str]], places: list[Place | None],
-                   note_unknown: Callable[[list[str], str], None]) -> Iterator[tuple[Place, dict[str, str], KeyRef]]:
-    """(place, role -> key, first key's ref) of each module as written, at the family's place, or for a bare
-    peft folder of a model no family knows the file's own name under ``model``; modules no family places go
-    to ``note_unknown(keys, why)``."""
-    for mid, place in zip(written, places, strict=True):
-        keys = written[mid]
-        first = refs[next(iter(keys.values()))]
-        if place is None and first.layout == "peft":
-            place = Place("model", first.name, False, False)
-        if place is None:  # a kind we know we do not read says so; else no family has it
-            key = next(iter(keys.values()))
-            note_unknown(list(keys.values()),
-                         unsupported_reason(key) or f"{first.name}: no known model family has this module")
-            continue
-        yield place, keys, first
-
-
-def stored_layout(ref: KeyRef, place: Place, fam) -> str:
-    """The layout a module's keys are in: the key's own spelling, refined by how the family named it (single-file
-    names under a diffusers or peft scope are bfl's, or fal's for the families fal trains; a kohya id only musubi
-    spells is musubi's)."""
-    layout = ref.layout
-    if layout == "original" or (layout in ("diffusers", "peft") and place.original):
-        if layout == "peft" and "fal" in fam.layouts:
-            return "fal"
-        return "bfl" if place.component == "transformer" else "ldm"
-    if layout == "kohya" and ref.scope == "lora_unet" and "musubi" in fam.layouts:
-        kohya = fam.spell("kohya", place.component, place.path)
-        musubi = fam.spell("musubi", place.component, place.path)
-        if musubi is not None and musubi.name == ref.name and (kohya is None or kohya.name != ref.name):
-            return "musubi"
-    return layout
-
-
 def _place(header: _Header, refs: dict[str, KeyRef], written: dict, places: list[Place | None],
            adapter: AdapterShapes, fam) -> dict[str, str]:
     """Each module's record at its place (as the reader groups tensors); returns module key -> layout."""
@@ -415,25 +380,3 @@ def _read_parts(parts: list[tuple[str, _Header]], arch: str | None) -> AdapterSh
     out.detection = detect_adapter(names, dims, out.metadata, configs[0] if configs else None, forced=arch)[0]
     out.base_model = out.detection.family
     return out
-
-
-# -- the layout a file was read in (shared with read.py) ---------------------------------------
-
-
-def source_format(found: set[str], adapter, fam) -> str | list[str]:
-    """``Adapter.source_format``: the layouts the modules were read in (one name, or a sorted list)."""
-    if found == {"diffusers"} and "aitoolkit" in fam.layouts and made_by_aitoolkit(adapter.metadata):
-        found = {"aitoolkit"}
-    if "musubi" in found or (found == {"kohya"} and adapter.metadata.get(LAYOUT_KEY) == "musubi"):
-        found = (found - {"kohya"}) | {"musubi"}  # ids both spell alike are musubi's too
-    if found & {"lycoris", "onetrainer"}:
-        found.discard("kohya")  # their text-encoder keys are spelled like kohya's
-    if not found:
-        return "unknown" if adapter.unknown else "empty"
-    return found.pop() if len(found) == 1 else sorted(found)
-
-
-def made_by_aitoolkit(metadata: Mapping[str, str]) -> bool:
-    """ai-toolkit's own files say so in ``software``; ours written in its layout in ``loratool.layout``."""
-    return "ai-toolkit" in metadata.get("software", "") or "ai-toolkit" in metadata.get("ss_training_comment", "") \
-        or metadata.get(LAYOUT_KEY) == "aitoolkit"
