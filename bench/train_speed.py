@@ -1,7 +1,7 @@
 """Benchmark: loratool's trainer beside diffusers' DreamBooth-LoRA scripts at full SD1.5 and SDXL size.
 
     python bench/train_speed.py --tokenizers DIR [--work DIR] [--out DIR] [--budget SECONDS] [--smoke]
-                                [--only NAME ...] [--no-claims]
+                                [--only NAME ...] [--no-claims] [--profile]
 
 On one CUDA device: builds SD1.5 and SDXL diffusers folders with random weights from the published configs
 (bench/train/fixtures.py; the tokenizers come from DIR, made by ``python bench/train/fixtures.py tokenizers
@@ -124,10 +124,18 @@ class Bench:
                 spec = {**c, "model": str(model), "instance": str(inst), "class_dir": str(klass), "n_class": 16,
                         "warmup": self.args.warmup, "timed": self.args.timed,
                         "out": str(self.work / "runs" / f"{c['name']}-{script[:-3]}")}
-                row["ours" if script == "ours.py" else "diffusers"] = self.worker(script, spec, max(60.0, self.left()))
+                prof = self.out / f"{c['name']}-{script[:-3]}.profile.json"
+                if self.args.profile:
+                    spec["profile"] = str(prof)
+                got = self.worker(script, spec, max(60.0, self.left()))
+                if self.args.profile and prof.is_file():
+                    got["profile"] = json.loads(prof.read_text())
+                row["ours" if script == "ours.py" else "diffusers"] = got
         self.rows.append(row)
         self.save()
         print(speed_table([row], header=len(self.rows) == 1), flush=True)
+        if self.args.profile:
+            print(profile_table(row), flush=True)
 
     def claims(self) -> dict:
         if self.left() < 100:
@@ -196,6 +204,33 @@ def speed_table(rows: list[dict], header: bool = True) -> str:
     return "\n".join(lines)
 
 
+def profile_table(row: dict) -> str:
+    """Where a step's time goes, per trainer (bench/train/profile_steps.py), then each one's costliest kernels."""
+    runs = {who: row[who]["profile"] for who in ("ours", "diffusers") if "profile" in row.get(who, {})}
+    if not runs:
+        return f"{row['config']['name']}: no profile"
+    kinds = sorted({k for p in runs.values() for k in p["kernel_ms_per_step_by_kind"]})
+    lines = [f"| {row['config']['name']} (profiled warm-up steps) | " + " | ".join(runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for label, key, fmt in (("host wall ms/step", "wall_ms_per_step", "{:.1f}"),
+                            ("GPU kernel ms/step", "gpu_kernel_ms_per_step", "{:.1f}"),
+                            ("GPU busy", "gpu_busy", "{:.0%}"), ("kernel launches/step", "kernel_launches_per_step",
+                                                                "{:.0f}")):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(p[key]) if p.get(key) is not None else "—"
+                                                  for p in runs.values()) + " |")
+    for k in kinds:
+        lines.append(f"| {k} ms/step | " + " | ".join(f"{p['kernel_ms_per_step_by_kind'].get(k, 0.0):.1f}"
+                                                     for p in runs.values()) + " |")
+    for who, p in runs.items():
+        lines.append(f"\n{who}, costliest kernels (ms/step, calls/step):")
+        lines += [f"  {k['ms_per_step']:8.2f} {k['calls_per_step']:6.0f}  {k['kind']:<18} {k['name']}"
+                  for k in p["top_kernels"][:12]]
+        lines.append(f"{who}, costliest host operators (self CPU ms/step, calls/step):")
+        lines += [f"  {k['self_cpu_ms_per_step']:8.2f} {k['calls_per_step']:6.0f}  {k['name']}"
+                  for k in p["top_host_ops"][:10]]
+    return "\n".join(lines)
+
+
 def claims_table(claims: dict) -> str:
     if "skipped" in claims or "error" in claims:
         return f"claims: {claims.get('skipped') or claims.get('error')}"
@@ -224,7 +259,12 @@ def main(argv=None) -> None:
     ap.add_argument("--no-claims", action="store_true")
     ap.add_argument("--warmup", type=int, default=WARMUP)
     ap.add_argument("--timed", type=int, default=TIMED)
+    ap.add_argument("--profile", action="store_true", help="profile warm-up steps 2..WARMUP of every run under "
+                    "torch.profiler (needs --warmup 4 or more; the timed steps are not profiled): a table per "
+                    "configuration and OUT/NAME-TRAINER.profile.json")
     args = ap.parse_args(argv)
+    if args.profile and args.warmup < 4:
+        ap.error("--profile needs --warmup 4 or more")
     names = [c if c == "claims" else c["name"] for c in CONFIGS]
     wanted = SMOKE if args.smoke else (args.only or names)
     bench = Bench(args)

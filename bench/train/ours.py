@@ -41,7 +41,7 @@ def main(spec_path: str, result_path: str) -> None:
     cuda = torch.cuda.is_available()
     tr = Trainer(config(spec), torch.device("cuda" if cuda else "cpu"))
     setup = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (None, None)
-    clock = StepClock(STARTED)
+    clock = StepClock(STARTED, spec.get("profile"), spec["warmup"])
     tr.step_hook = lambda step: clock.mark()
     summary = tr.run()  # resets the peak counters: the setup's peaks are kept above
     result = {"trainer": "ours", **clock.result(spec["warmup"], spec["batch"] * 2),

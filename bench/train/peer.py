@@ -71,7 +71,7 @@ def main(spec_path: str, result_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     script = load_script(spec["arch"])
-    clock = StepClock(STARTED)
+    clock = StepClock(STARTED, spec.get("profile"), spec["warmup"])
 
     class TimedBar(script.tqdm):
         def update(self, n=1):
