@@ -51,7 +51,7 @@ CONFIGS = [
     "claims",  # bench/train/claims.py: the memory split of full fine-tuning and LoRA
     cfg("sd15-b4-r32-te-bf16-gc", "sd15", 4, 32, True, "bf16", True),
     cfg("sd15-b4-r8-unet-fp16-trilora", "sd15", 4, 8, False, "fp16", False, adapter="trilora", peer=False),
-    cfg("sd15-b4-r8-unet-fp16-locon", "sd15", 4, 8, False, "fp16", False, layers="all", peer=False),
+    cfg("sd15-b4-r8-unet-fp16-locon", "sd15", 4, 8, False, "fp16", False, layers="transformer+conv", peer=False),
     cfg("sd15-b4-r8-unet-fp16-nocache", "sd15", 4, 8, False, "fp16", False, peer=False, cache=False),
     cfg("sd15-b4-r8-unet-fp16-channels-last", "sd15", 4, 8, False, "fp16", False, peer=False, channels_last=True),
     cfg("sdxl-b1-r32-te-bf16", "sdxl", 1, 32, True, "bf16", False),

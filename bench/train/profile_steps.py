@@ -16,9 +16,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-KINDS = [  # first match wins: cuDNN's convolution kernels are implicit GEMMs, so convolutions come first
+KINDS = [  # first match wins: cuDNN's fused attention kernels say "sdpa"/"flash" and also "cudnn" and "fprop",
+    # and its convolution kernels are implicit GEMMs: attention first, then convolutions, then matrix products
+    ("attention", ("sdpa", "flash", "fmha", "attention", "attn")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "cudnn")),
-    ("attention", ("flash", "fmha", "attention", "attn")),
     ("matrix product", ("gemm", "xmma", "cutlass", "cublas", "sm90_", "sm80_", "matmul")),
     ("norm", ("norm",)),
     ("optimizer", ("adam", "multi_tensor", "foreach")),

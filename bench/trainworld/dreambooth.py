@@ -57,13 +57,14 @@ def measure(pipe, base_class: torch.Tensor | None) -> tuple[dict, dict]:
 
 def train_one(adapter: str, args, class_dir: Path, base_class: torch.Tensor, log, done: list[dict]) -> list[dict]:
     from loratool.train.config import TrainConfig
+    from loratool.train.layers import OLD_UNET_LAYERS
     from loratool.train.loop import Trainer
 
     cfg = TrainConfig(model=args.model, instance_data=args.instance, instance_prompt=ev.SUBJECT_PROMPT,
                       output=str(args.out / adapter), class_data=str(class_dir), class_prompt=ev.CLASS_PROMPT,
                       num_class_images=args.class_images, adapter=adapter, rank=args.rank, steps=1,
                       lr=args.lr, batch_size=args.batch, resolution=32, targets=tuple(args.targets.split(",")),
-                      unet_layers=args.unet_layers, caption_extension=args.caption_extension, snr_gamma=5.0,
+                      unet_layers=OLD_UNET_LAYERS[args.unet_layers], caption_extension=args.caption_extension, snr_gamma=5.0,
                       trilora_init=args.trilora_init, seed=args.seed)
     tr = Trainer(cfg, torch.device(args.device))
     rows, train_s = [], 0.0

@@ -21,7 +21,7 @@ CUDA = torch.device("cuda")
 def config(out: Path, **kw) -> TrainConfig:
     base = dict(model=str(REPO / "fixtures" / "tiny-sd"), instance_data=str(REPO / "fixtures" / "tiny-instance"),
                 instance_prompt="a sks shape", output=str(out), rank=4, steps=2, lr=3e-3, batch_size=4,
-                resolution=32, targets=("unet", "text_encoder"), unet_layers="all", seed=0)
+                resolution=32, targets=("unet", "text_encoder"), unet_layers="transformer+conv", seed=0)
     base.update(kw)
     return TrainConfig(**base)
 

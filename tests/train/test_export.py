@@ -95,8 +95,8 @@ def test_vae_decoder_adapter_is_written_beside_with_its_exact_delta(trained):
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
 def test_locon_unet_adapter_loads_in_diffusers_and_matches(tmp_path, fmt):
-    """--unet-layers all (ResNet, sampler and transformer layers, convs included) exports as a LoCon file
-    that diffusers applies module for module."""
+    """--targets all (every Linear and Conv2d: ResNet, sampler, transformer, conv_in/conv_out, time embedding)
+    exports as a LoCon file that diffusers applies module for module."""
     cfg = TrainConfig(model=str(MODEL), instance_data=str(INSTANCE), instance_prompt="a sks shape",
                       output=str(tmp_path / "o"), rank=4, steps=1, resolution=16, unet_layers="all")
     tr = Trainer(cfg, torch.device("cpu"))

@@ -135,3 +135,19 @@ def test_real_adapters_rewrite_to_the_same_bytes(real_dir) -> None:
             assert n_new == n_old, path.name
             if meta is None or len(meta) <= 1:
                 assert again == original, path.name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_takes_huge_values_and_refuses_each_bad_one(tmp_path, dtype) -> None:
+    """The writer's check sums each chunk first: a sum that overflows (huge but finite values) must still be
+    written, and one NaN or inf anywhere, even beside values that would cancel it, refused."""
+    big = torch.finfo(dtype).max
+    huge = torch.full((1 << 12,), big, dtype=dtype)
+    write_safetensors(tmp_path / "huge.safetensors", {"w": huge})
+    assert torch.equal(load_file(tmp_path / "huge.safetensors")["w"], huge)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.zeros(3 << 20, dtype=dtype)
+        t[(3 << 20) - 5] = bad
+        with pytest.raises(LoraToolError, match="NaN|infinite"):
+            write_safetensors(tmp_path / "bad.safetensors", {"w": t})
+        assert not (tmp_path / "bad.safetensors").exists()
