@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from loratool.core.finite import all_finite
 from loratool.errors import LoraToolError
 from loratool.io.dtypes import names_by_torch
 
@@ -132,28 +133,16 @@ def check_metadata(metadata: Mapping[str, str] | None, *, strict: bool = True) -
     return dict(sorted(metadata.items()))
 
 
-FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded temporary memory)
-
-
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Refuse a floating-point tensor holding NaN or ±inf, naming it (every tensor the tool writes)."""
     import torch
 
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.layout != torch.strided \
-            or t.device.type == "meta":
-        return  # nothing to check (or tensor_bytes refuses it)
-    flat = t.detach().reshape(-1)
-    widen = t.element_size() == 1  # fp8: isfinite has no kernel for it everywhere
-    for lo in range(0, flat.numel(), FINITE_CHUNK):
-        part = flat[lo:lo + FINITE_CHUNK]
-        # a float32 sum is NaN or inf when any element is (and, rarely, when huge values overflow it): a
-        # third to a sixtieth of isfinite's time on the CPU; only a non-finite sum looks element by element
-        if math.isfinite(torch.sum(part.float() if widen else part, dtype=torch.float32)):
-            continue
-        if not bool(torch.isfinite(part.float() if widen else part).all()):
-            bad = "NaN" if bool(torch.isnan(part.float() if widen else part).any()) else "infinite values"
-            raise LoraToolError(f"tensor {name!r} holds {bad}: refusing to write a non-finite result "
-                               "(an input holds it, or the operation overflowed)")
+    if t.layout != torch.strided or t.device.type == "meta" or all_finite(t):
+        return  # finite (or nothing to check: tensor_bytes refuses it)
+    wide = t.detach().float() if t.element_size() == 1 else t.detach()
+    bad = "NaN" if bool(torch.isnan(wide).any()) else "infinite values"
+    raise LoraToolError(f"tensor {name!r} holds {bad}: refusing to write a non-finite result "
+                        "(an input holds it, or the operation overflowed)")
 
 
 def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],

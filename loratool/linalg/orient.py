@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from loratool.core.finite import all_finite
 from loratool.errors import LoraToolError
 
 
 def require_finite(name: str | None, *tensors: torch.Tensor) -> None:
     """Refuse NaN or ±inf before a decomposition (LAPACK would fail to converge or return garbage),
     naming the module."""
-    if any(not bool(torch.isfinite(t).all()) for t in tensors):
+    if not all(all_finite(t) for t in tensors):
         raise LoraToolError(f"{name or 'a matrix'}: holds NaN or infinite values, so it has no SVD "
                             "(the input is damaged, or a scale overflowed)")
 

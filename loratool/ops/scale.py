@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from loratool.core.finite import all_finite
 from loratool.core.modules import (
     Adapter,
     FullModule,
@@ -88,7 +89,7 @@ def _finite(m: Module, w: float, path: str | None) -> Module:
     if m.alpha is not None and not math.isfinite(m.alpha):
         raise LoraToolError(f"{m.key}: scaling by {w:g} makes alpha {m.alpha}, not a finite number", path)
     for t in m.tensors():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise LoraToolError(f"{m.key}: scaling by {w:g} leaves {t.dtype} values that are not finite "
                                 "(out of range, or NaN in the input)", path)
     return m

@@ -1,0 +1,37 @@
+"""Whether a tensor holds only finite numbers, fast enough to ask of every tensor the tool reads or writes.
+
+A float32 sum of a chunk is NaN or ±inf whenever one of its elements is; it is also infinite when huge
+finite values overflow it, so only a chunk whose sum is not finite is looked at element by element. On the
+CPU the sum takes a third (fp16, bf16) to a sixtieth (fp32) of ``isfinite``'s time and allocates nothing
+the size of the chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK = 1 << 22  # elements summed at a time (bounds any temporary the sum or isfinite makes)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when a floating-point (or complex) tensor holds no NaN and no ±inf; other tensors are finite."""
+    import torch
+
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return True
+    flat = t.detach().reshape(-1)
+    if t.is_complex():
+        flat = torch.view_as_real(flat.resolve_conj()).reshape(-1)
+    widen = flat.element_size() == 1  # fp8: neither sum nor isfinite has a kernel for it everywhere
+    for lo in range(0, flat.numel(), CHUNK):
+        part = flat[lo:lo + CHUNK]
+        part = part.float() if widen else part
+        if math.isfinite(torch.sum(part, dtype=torch.float32)):
+            continue
+        if not bool(torch.isfinite(part).all()):
+            return False
+    return True
