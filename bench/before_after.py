@@ -17,10 +17,8 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +26,7 @@ sys.path.append(str(REPO / "bench"))  # appended: no bench script shadows a stdl
 
 from convert import KEYSHAPES, make_input  # noqa: E402
 from extract_pairs import write_pair  # noqa: E402
-from revision import export_tree  # noqa: E402
+from revision import export_tree, timed  # noqa: E402
 
 
 def commands(lora: Path, base: Path, tuned: Path, extracted: Path) -> list[tuple[str, list[str], bool]]:
@@ -45,15 +43,8 @@ def commands(lora: Path, base: Path, tuned: Path, extracted: Path) -> list[tuple
     ]
 
 
-def timed(args: list[str], root: Path, out: Path) -> float:
-    argv = [sys.executable, "-m", "loratool", *[str(out) if a == "OUT" else a for a in args]]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, cwd=root)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)} (tree {root}) failed: {proc.stderr.decode().strip()[-400:]}")
-    return wall
+def run(args: list[str], root: Path, out: Path) -> float:
+    return timed([sys.executable, "-m", "loratool", *[str(out) if a == "OUT" else a for a in args]], root)
 
 
 def main() -> None:
@@ -71,13 +62,13 @@ def main() -> None:
         size = make_input(lora, args.rank)
         base, tuned = write_pair("sd1", work, KEYSHAPES, "cpu")
         extracted = work / "extracted.safetensors"
-        timed(["extract", str(base), str(tuned), "-r", "32", "--device", "cpu", "-o", "OUT"], REPO, extracted)
+        run(["extract", str(base), str(tuned), "-r", "32", "--device", "cpu", "-o", "OUT"], REPO, extracted)
         best: dict[tuple[str, str], float] = {}
         for label, argv, long in commands(lora, base, tuned, extracted):
             for i in range(args.repeat_long if long else args.repeat):
                 for name, root in trees:
                     out = work / f"out-{i}-{name.split()[0]}.safetensors"
-                    wall = timed(argv, root, out)
+                    wall = run(argv, root, out)
                     best[label, name] = min(wall, best.get((label, name), float("inf")))
                     if out.is_dir():
                         shutil.rmtree(out)

@@ -1,9 +1,12 @@
-"""A git revision's ``loratool`` package in a folder, for a before/after benchmark in one run."""
+"""A git revision's ``loratool`` package in a folder, and a timed command run with a tree on its path: for
+before/after benchmarks in one run."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tarfile
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -17,3 +20,15 @@ def export_tree(rev: str, into: Path) -> Path:
     with tarfile.open(fileobj=BytesIO(data)) as tar:
         tar.extractall(into, filter="data")
     return into
+
+
+def timed(argv: list[str], root: Path) -> float:
+    """Wall seconds of ``argv`` run in ``root`` with ``root`` on PYTHONPATH (so ``python -m loratool`` is that
+    tree's); a failure stops the benchmark with the command's last words."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env=env, capture_output=True, cwd=root)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, argv))} (tree {root}) failed: {proc.stderr.decode().strip()[-400:]}")
+    return wall

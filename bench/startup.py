@@ -15,16 +15,14 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO / "bench"))  # appended: no bench script shadows a stdlib module
 
-from revision import export_tree  # noqa: E402
+from revision import export_tree, timed  # noqa: E402
 
 ADAPTER = REPO / "fixtures" / "example_sd15_kohya.safetensors"
 COMMANDS = [
@@ -34,16 +32,6 @@ COMMANDS = [
     ("ratio ADAPTER", ["ratio", str(ADAPTER)]),
     ("ratio --model sdxl -r 8 16", ["ratio", "--model", "sdxl", "-r", "8", "16"]),
 ]
-
-
-def timed(argv: list[str], root: Path) -> float:
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, cwd=root)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed: {proc.stderr.decode().strip()[-300:]}")
-    return wall
 
 
 def main() -> None:

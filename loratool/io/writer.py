@@ -236,6 +236,9 @@ def _chunks(tensors: Mapping[str, torch.Tensor], names: list[str]):
             yield data[lo:lo + HASH_CHUNK]
 
 
+WRITEBACK_BYTES = 32 << 20  # how much is written before its write-back to disk is started
+
+
 def _writeback_starter():
     """Linux ``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing a range to disk
     without waiting, so that the final fsync finds little left to do (None where unavailable)."""
@@ -261,14 +264,16 @@ def _write_hashed(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: M
     writeback = _writeback_starter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(head)
-        pos = len(head)
+        pos = started = len(head)
         for chunk in _chunks(tensors, names):
             hashed = pool.submit(digest.update, chunk)  # overlaps with the write of the same chunk
             fh.write(chunk)
-            if writeback is not None:
-                fh.flush()
-                writeback(fh.fileno(), pos, len(chunk))
             pos += len(chunk)
+            if writeback is not None and pos - started >= WRITEBACK_BYTES:  # not per tensor: thousands of
+                fh.flush()  # small tensors made as many flushes and calls
+                writeback(fh.fileno(), started, pos - started)
+                started = pos
             hashed.result()
+        fh.flush()  # before the seek, which would flush the buffer itself, without the output's name on an error
         fh.seek(slot)
         fh.write(digest.hexdigest().encode("ascii"))
