@@ -64,7 +64,8 @@ def main() -> None:
         extracted = work / "extracted.safetensors"
         run(["extract", str(base), str(tuned), "-r", "32", "--device", "cpu", "-o", "OUT"], REPO, extracted)
         best: dict[tuple[str, str], float] = {}
-        for label, argv, long in commands(lora, base, tuned, extracted):
+        todo = commands(lora, base, tuned, extracted)
+        for label, argv, long in todo:
             for i in range(args.repeat_long if long else args.repeat):
                 for name, root in trees:
                     out = work / f"out-{i}-{name.split()[0]}.safetensors"
@@ -81,7 +82,7 @@ def main() -> None:
         names = [n for n, _ in trees]
         print("| command | " + " | ".join(f"{n} s" for n in names) + " | after ÷ before |")
         print("|---|" + "---|" * (len(names) + 1))
-        for label, _, _ in commands(lora, base, tuned, extracted):
+        for label, _, _ in todo:
             b, a = best[label, names[0]], best[label, names[1]]
             print(f"| {label} | {b:.2f} | {a:.2f} | {a / b:.2f}× |")
 

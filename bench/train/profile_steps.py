@@ -58,7 +58,8 @@ class StepProfile:
         kernels = [e for e in events if e.device_type == DeviceType.CUDA]
         by_kind: dict[str, float] = {}
         for e in kernels:
-            by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0.0) + _device_us(e)
+            kind = kind_of(e.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + _device_us(e)
         gpu_ms = sum(by_kind.values()) / 1000
         launches = sum(e.count for e in kernels)
         top_kernels = sorted(kernels, key=_device_us, reverse=True)[:20]

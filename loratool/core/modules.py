@@ -350,18 +350,7 @@ def check_consistent(module: Module) -> None:
         raise ValueError("rank 0 (empty factors)")
     if any(t.numel() == 0 for t in module.tensors()):
         raise ValueError("an empty tensor")
-    if isinstance(module, LoraModule) and (module.mid is None or module.mid.dim() == 4):
-        # the constructor checked that the factors chain, so up · [mid] · down has the weight's shape; the
-        # meta-device product below costs ~2 ms a module (torch's Python meta kernels), seconds on a large file
-        shape, delta_shape = module.weight_shape, module.weight_shape
-    else:
-        try:
-            on_meta = replace(module, **{f: getattr(module, f).to("meta") for f in _TENSOR_FIELDS
-                                         if getattr(module, f, None) is not None})
-            shape = on_meta.weight_shape
-            delta_shape = tuple(on_meta.delta().shape)
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise ValueError(f"its tensors do not fit together ({' '.join(str(e).split())[:200]})") from None
+    shape, delta_shape = _shapes(module)
     if math.prod(delta_shape) != math.prod(shape) or min(shape, default=0) < 1:
         raise ValueError(f"its tensors make a ΔW of shape {list(delta_shape)} for a weight of shape {list(shape)}")
     if module.bias is not None and module.bias.numel() != shape[0]:
@@ -369,6 +358,20 @@ def check_consistent(module: Module) -> None:
 
 
 _TENSOR_FIELDS = ("down", "up", "mid", "w1a", "w1b", "w2a", "w2b", "t1", "t2", "w1", "w2", "diff", "w_norm")
+
+
+def _shapes(module: Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(the layer's weight shape, the shape of the ΔW the tensors make). A LoRA's constructor has checked that
+    its factors chain, so its ΔW has the weight's shape; other kinds build the ΔW on the meta device (shapes
+    only, but ~2 ms a module through torch's Python meta kernels: seconds over a large LoRA)."""
+    if isinstance(module, LoraModule) and (module.mid is None or module.mid.dim() == 4):
+        return module.weight_shape, module.weight_shape
+    try:
+        on_meta = replace(module, **{f: getattr(module, f).to("meta") for f in _TENSOR_FIELDS
+                                     if getattr(module, f, None) is not None})
+        return on_meta.weight_shape, tuple(on_meta.delta().shape)
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"its tensors do not fit together ({' '.join(str(e).split())[:200]})") from None
 
 
 @dataclass
