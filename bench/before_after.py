@@ -6,7 +6,8 @@ Inputs (random values in real key layouts, written once under ``--workdir``): an
 base/tuned pair (bench/extract_pairs.py). Each command runs in a fresh interpreter (``python -m
 loratool …``, the tree on PYTHONPATH), before and after interleaved so that machine load falls on both
 alike; the table shows the fastest of ``--repeat`` runs (extract and merge: of ``--repeat-long``). Every
-output goes to a new path and is removed after the run.
+output goes to a new path and is removed after the run. Both trees run from bytecode, as installed copies
+do, and the after tree's family tables are cached (``loratool/arch/cache.py``) by an untimed first run.
 
     python -P bench/before_after.py --before cebdfcf [--rank 64] [--repeat 3] [--repeat-long 1]
 """
@@ -26,7 +27,7 @@ sys.path.append(str(REPO / "bench"))  # appended: no bench script shadows a stdl
 
 from convert import KEYSHAPES, make_input  # noqa: E402
 from extract_pairs import write_pair  # noqa: E402
-from revision import export_tree, timed  # noqa: E402
+from revision import compiled, export_tree, timed  # noqa: E402
 
 
 def commands(lora: Path, base: Path, tuned: Path, extracted: Path) -> list[tuple[str, list[str], bool]]:
@@ -57,7 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        trees = [(f"before ({args.before})", export_tree(args.before, work / "before")), ("after", REPO)]
+        trees = [(f"before ({args.before})", export_tree(args.before, work / "before")), ("after", compiled(REPO))]
+        os.environ["LORATOOL_CACHE_DIR"] = str(work / "cache")  # the after tree's built tables (arch/cache.py),
+        # stored by the first run below, as a user's are by their first command
         lora = work / f"sdxl_kohya_r{args.rank}.safetensors"
         size = make_input(lora, args.rank)
         base, tuned = write_pair("sd1", work, KEYSHAPES, "cpu")

@@ -33,3 +33,15 @@ def _seeded_hypothesis() -> None:
 
 
 _seeded_hypothesis()
+
+
+def _own_cache() -> None:
+    """The suite keeps built family tables (loratool/arch/cache.py) in a folder of its own, shared by the
+    commands it runs in subprocesses, never in the user's ~/.cache."""
+    import os
+    import tempfile
+
+    os.environ.setdefault("LORATOOL_CACHE_DIR", tempfile.mkdtemp(prefix="loratool-test-cache-"))
+
+
+_own_cache()

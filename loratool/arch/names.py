@@ -88,7 +88,21 @@ class FamilyNames:
 
     @cached_property
     def _kohya_index(self) -> dict[str, tuple[str, bool]]:
-        """kohya-style id -> (canonical key, rows swapped). Primary ids first: aliases never shadow them."""
+        """kohya-style id -> (canonical key, rows swapped)."""
+        return self._indexes("kohya_index", self._index_kohya)
+
+    @cached_property
+    def _original_index(self) -> dict[str, str]:
+        """single-file name (denoisers, without prefix and .weight) -> canonical key."""
+        return self._indexes("original_index", self._index_original)
+
+    def _indexes(self, name: str, build):
+        self.table  # noqa: B018 - the registry's own instance: the table comes with its indexes (registry._built)
+        built = self.__dict__.get("_built")
+        return built[name] if built is not None else build()
+
+    def _index_kohya(self) -> dict[str, tuple[str, bool]]:
+        """:attr:`_kohya_index` from the table. Primary ids first: aliases never shadow them."""
         index: dict[str, tuple[str, bool]] = {}
         t = self.table
         if t is None:
@@ -141,8 +155,7 @@ class FamilyNames:
             return None
         return spec.checkpoint_key[len(prefix):].removesuffix(".weight")
 
-    @cached_property
-    def _original_index(self) -> dict[str, str]:
+    def _index_original(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for spec in self.modules.values():
             if spec.component in DENOISERS:

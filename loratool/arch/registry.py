@@ -47,8 +47,9 @@ from loratool.errors import LoraToolError
 class Family(FamilyNames):
     """One model family: its entry, its table, and its naming in every layout."""
 
-    def __init__(self, entry: dict, table: dict | None = None, variant: str | None = None):
+    def __init__(self, entry: dict, table: dict | None = None, variant: str | None = None, *, stored: bool = False):
         self.entry = entry
+        self.stored = stored  # the registry's own instance (the package's entry): its table may be kept on disk
         self.name: str = entry["name"]
         self.label: str = entry.get("label", self.name)
         self.aliases: tuple[str, ...] = tuple(entry.get("aliases", ()))
@@ -75,7 +76,22 @@ class Family(FamilyNames):
 
     @cached_property
     def table(self) -> Arch | None:
-        return Arch(self._table_data) if self._table_data is not None else self._build_table(None)
+        if self._table_data is not None:
+            return Arch(self._table_data)
+        return self._built["table"] if self.stored and self.variant is None else self._build_table(None)
+
+    @cached_property
+    def _built(self) -> dict:
+        """The table at the defaults with its name indexes: stored by an earlier run (``cache.py``), else built
+        now and stored. A sized instance (``at``) gets its table set and builds its indexes itself."""
+        from loratool.arch import cache
+
+        found = cache.load(self.name)
+        if found is None:
+            self.__dict__["table"] = self._build_table(None)
+            found = {"table": self.table, "kohya_index": self._index_kohya(), "original_index": self._index_original()}
+            cache.store(self.name, found)
+        return found
 
     def _build_table(self, sizes: dict[str, int] | None) -> Arch | None:
         from loratool.arch.rules import build_table, merge_tables
@@ -261,7 +277,7 @@ def family_names() -> tuple[str, ...]:
 
 @cache
 def _entry(name: str) -> Family:
-    return Family(entry_data(name))
+    return Family(entry_data(name), stored=True)
 
 
 def entry_data(name: str) -> dict:

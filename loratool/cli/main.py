@@ -7,6 +7,7 @@ imports (diffusers for ``train``) cost nothing elsewhere.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -23,6 +24,11 @@ from loratool.errors import (
     shown,
 )
 
+# The collector's thresholds for a command's process. Python's defaults (2000, 10, 10) run a full collection
+# over everything torch's import leaves behind several times while a command reads and builds a few hundred
+# thousand small objects (names, tables, headers): 0.2-0.3 s of a 2.5 s convert on a 2-core machine. Tensors
+# and tables are freed by reference counting; cycles are still collected, just less often.
+GC_THRESHOLDS = (50_000, 20, 10)
 MAX_SKIPPED_LINES = 50  # skipped modules listed on stderr; all of them are in the output's metadata
 
 # name -> (module, one-line example shown in --help)
@@ -126,6 +132,7 @@ def main() -> None:
     from loratool.io.mapped import install_bus_guard
 
     debug = "--debug" in sys.argv[1:]
+    gc.set_threshold(*GC_THRESHOLDS)
     install_bus_guard()  # an input shrunk under a memory map: one line and exit 1, never a SIGBUS
     try:
         cli.main(prog_name="loratool", standalone_mode=True)

@@ -80,16 +80,18 @@ def scale(adapter: Adapter, weight: float, lbw: str | None = None, *, arch_name:
     out = replace(adapter, modules={}, metadata=dict(adapter.metadata), unknown=list(adapter.unknown),
                   embeddings=dict(adapter.embeddings))
     for key, m in adapter.modules.items():
-        out.modules[key] = _finite(scale_module(m, weights[key]), weights[key], path)
+        out.modules[key] = _finite(scale_module(m, weights[key]), m, weights[key], path)
     return out, weights
 
 
-def _finite(m: Module, w: float, path: str | None) -> Module:
-    """``m`` when its scaled alpha and tensors are finite numbers; else an error naming it."""
+def _finite(m: Module, was: Module, w: float, path: str | None) -> Module:
+    """``m`` (``was`` scaled by ``w``) when its alpha and the tensors scaling changed are finite numbers; else
+    an error naming it. A tensor passed through as it was is the writer's to check, as for every output."""
     if m.alpha is not None and not math.isfinite(m.alpha):
         raise LoraToolError(f"{m.key}: scaling by {w:g} makes alpha {m.alpha}, not a finite number", path)
+    unchanged = {id(t) for t in was.tensors()}
     for t in m.tensors():
-        if not all_finite(t):
+        if id(t) not in unchanged and not all_finite(t):
             raise LoraToolError(f"{m.key}: scaling by {w:g} leaves {t.dtype} values that are not finite "
                                 "(out of range, or NaN in the input)", path)
     return m

@@ -89,11 +89,11 @@ def test_a_broken_module_is_named_never_dropped(case, tmp_path, good) -> None:
 
 
 NON_FINITE = {  # command -> (factor, value, what the line says): the SVD ops refuse before LAPACK, the
-    # others at the write (NaN passed through unchanged)
+    # others at the write (NaN passed through unchanged; scale changes alpha, not the factor)
     "resize": ("lora_down", float("nan"), "NaN or infinite"),
     "mix svd": ("lora_down", float("nan"), "NaN or infinite"),
     "convert": ("lora_up", float("inf"), "infinite"),
-    "scale": ("lora_up", float("inf"), "not finite"),
+    "scale": ("lora_up", float("inf"), "infinite"),
 }
 
 

@@ -5,8 +5,11 @@ form the next families (Wan, Qwen-Image, HunyuanVideo, …) take, sized from a f
 
 from __future__ import annotations
 
+import pytest
+
 from loratool.arch import Family, load_arch
 from loratool.arch.rules import build_table, dim, infer_sizes
+from loratool.errors import LoraToolError
 
 H_ROWS = {"q": [0, "H"], "k": ["H", "2*H"], "v": ["2*H", "3*H"]}
 FLUX_RULES = {
@@ -83,3 +86,15 @@ def test_sizes_come_from_the_file():
 def test_dimension_expressions():
     sizes = {"H": 3, "M": 5}
     assert [dim(v, sizes) for v in (7, "H", "4*H", "3*H+M", "H+64")] == [7, 3, 12, 14, 67]
+    assert dim("M/2", sizes) == 2 and dim("M//2-1", sizes) == 1  # "/" divides whole numbers
+
+
+@pytest.mark.parametrize("expr", ["H**2", "__import__('os')", "H.real", "1.5", "H[0]", "(lambda: 1)()", "H if M else 1"])
+def test_dimension_expressions_hold_only_arithmetic(expr):
+    with pytest.raises(LoraToolError, match="cannot read the size"):
+        dim(expr, {"H": 3, "M": 5})
+
+
+def test_dimension_expression_with_an_unknown_size_names_it():
+    with pytest.raises(LoraToolError, match="unknown size 'W'"):
+        dim("4*W", {"H": 3})

@@ -79,3 +79,15 @@ def test_refuses_dora_and_nonfinite() -> None:
     a = Adapter()
     with pytest.raises(LoraToolError, match="finite"):
         scale(a, float("nan"))
+
+
+def test_a_factor_scaled_out_of_its_dtype_range_is_refused_naming_the_module():
+    bare = LoraModule(component="unet", path="b", alpha=None, down=torch.ones(2, 4).half(), up=torch.ones(3, 2).half())
+    with pytest.raises(LoraToolError, match=r"unet\.b: scaling by 100000 leaves torch.float16 values"):
+        scale(Adapter(modules={bare.key: bare}), 1e5)
+
+
+def test_factors_passed_through_are_the_input_tensors():
+    m = _modules()[0]  # alpha stored: scaling changes alpha only
+    out, _ = scale(Adapter(modules={m.key: m}), 0.5)
+    assert out.modules[m.key].up is m.up and out.modules[m.key].down is m.down
