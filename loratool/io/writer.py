@@ -265,7 +265,10 @@ def _write_hashed(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: M
     with ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(head)
         pos = started = len(head)
-        for chunk in _chunks(tensors, names):
+        hashed = None
+        for chunk in _chunks(tensors, names):  # the next chunk's finiteness check overlaps the last one's hash
+            if hashed is not None:
+                hashed.result()  # the digest takes chunks in order: one in flight
             hashed = pool.submit(digest.update, chunk)  # overlaps with the write of the same chunk
             fh.write(chunk)
             pos += len(chunk)
@@ -273,6 +276,7 @@ def _write_hashed(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: M
                 fh.flush()  # small tensors made as many flushes and calls
                 writeback(fh.fileno(), started, pos - started)
                 started = pos
+        if hashed is not None:
             hashed.result()
         fh.flush()  # before the seek, which would flush the buffer itself, without the output's name on an error
         fh.seek(slot)

@@ -26,3 +26,24 @@ def test_huge_but_finite_is_finite_and_any_bad_element_is_not(dtype, monkeypatch
 def test_integers_and_empty_tensors_are_finite() -> None:
     assert all_finite(torch.arange(10))
     assert all_finite(torch.empty(0))
+
+
+def test_the_check_runs_on_one_thread_and_gives_the_count_back(monkeypatch) -> None:
+    seen = []
+    real_sum = torch.sum
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_sum(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(torch, "sum", spy)
+        t = torch.zeros(1000)
+        assert all_finite(t)
+        t[3] = float("nan")
+        assert not all_finite(t)  # the early return restores the count too
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
