@@ -6,7 +6,8 @@
     flux.spell("original", "transformer", "transformer_blocks.0.attn.to_qkv")
     load_arch("sdxl")                         # the table alone (modules, checkpoint map, LBW); cached
 
-Files: ``registry`` (entries, name resolution and spelling per layout style), ``detect`` (the one detection, for
+Files: ``registry`` (entries, name resolution and spelling per layout style: ``names`` on ``indexes``, the
+table's lookup indexes; ``cache`` keeps built tables and indexes on disk between runs), ``detect`` (the one detection, for
 adapters and checkpoints, keys and metadata weighed), ``table`` (a table in memory), ``rules`` (a table from
 rules, for families whose sizes vary), ``naming`` (cross-family naming: kohya's underscores, CLIP paths, block
 labels), ``families/`` (algorithmic original <-> diffusers mappings), ``lbw`` (block weights), ``convert``
