@@ -2,13 +2,14 @@
 
 A float32 sum of a chunk is NaN or ±inf whenever one of its elements is; it is also infinite when huge
 finite values overflow it, so only a chunk whose sum is not finite is looked at element by element. On the
-CPU the sum takes a third (fp16, bf16) to a sixtieth (fp32) of ``isfinite``'s time and allocates nothing
-the size of the chunk.
+CPU the sum takes a sixtieth of ``isfinite``'s time for fp32 and allocates nothing the size of the chunk.
+A 16-bit chunk is judged by its minimum and maximum instead (NaN propagates through both, and ±inf is an
+extreme): exact, and 4-7 times faster than its float32 sum (10 GB/s against 1.5-3 GB/s on one core).
 
 On the CPU the sum runs on the calling thread alone. It is bound by memory, so a second thread hardly
 speeds it up, and torch's worker threads keep spinning after each parallel sum: over the 2000 tensors of
-an SDXL LoRA they took the second core from the writer's hashing thread (the write of a 435 MiB file went
-from 0.72 s to 0.90 s, with twice the CPU time).
+an SDXL LoRA they took the second core from the writer's hashing thread (the write of a 435 MiB file took
+0.90 s instead of 0.72 s, with twice the CPU time).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def all_finite(t: torch.Tensor) -> bool:
         for lo in range(0, flat.numel(), CHUNK):
             part = flat[lo:lo + CHUNK]
             part = part.float() if widen else part
+            if part.element_size() == 2:  # fp16, bf16: the extremes, exact (NaN propagates), 4-7x the sum's speed
+                if not all(math.isfinite(v) for v in torch.aminmax(part)):
+                    return False
+                continue
             if math.isfinite(torch.sum(part, dtype=torch.float32)):
                 continue
             if not bool(torch.isfinite(part).all()):
