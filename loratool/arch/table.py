@@ -7,6 +7,7 @@ how each layout spells a module, is ``registry.Family``'s business.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -103,7 +104,7 @@ class Arch:
         self.all_components: tuple[str, ...] = tuple(data["tables"])  # + "vae"
         self.checkpoint_prefix: dict[str, str] = {}
         self.kohya_prefix: dict[str, str] = {}
-        self.params: dict[tuple[str, str], ParamSpec] = {}
+        self._params: dict[tuple[str, str], ParamSpec] = {}
         self.modules: dict[str, ModuleSpec] = {}
         self.fused: dict[str, list[tuple[str, Rows]]] = {}
         self.lbw: dict = data["lbw"]
@@ -121,16 +122,32 @@ class Arch:
                 order.setdefault(key, spec)
             self.modules = order
 
+    @property
+    def params(self) -> dict[tuple[str, str], ParamSpec]:
+        """(component, diffusers name) -> every tensor of the model (vae included)."""
+        packed = self.__dict__.pop("_packed_params", None)
+        if packed is not None:
+            self._params = pickle.loads(packed)  # noqa: S301 - packed by __getstate__ of this very table
+        return self._params
+
+    def __getstate__(self) -> dict:
+        """The table as ``arch/cache.py`` stores it: the parameter map travels packed, unpacked when first
+        used. Only checkpoint work (merge, extract, conversions) uses it, and it is half a bundle's load."""
+        state = dict(self.__dict__)
+        state["_packed_params"] = pickle.dumps(self.params, protocol=pickle.HIGHEST_PROTOCOL)
+        del state["_params"]
+        return state
+
     def _load_component(self, comp: str, table: dict) -> None:
         prefix = table["checkpoint_prefix"]
         self.checkpoint_prefix[comp] = prefix
         if table["kohya_prefix"]:
             self.kohya_prefix[comp] = table["kohya_prefix"]
         for name, shape, ckey, rows, op in table["params"]:
-            self.params[(comp, name)] = ParamSpec(comp, name, tuple(shape), prefix + ckey if ckey else None,
+            self._params[(comp, name)] = ParamSpec(comp, name, tuple(shape), prefix + ckey if ckey else None,
                                                   _rows(rows), op)
         for path, group, block, kohya in table["modules"]:
-            p = self.params[(comp, path + ".weight")]
+            p = self._params[(comp, path + ".weight")]
             rows = p.rows if p.rows and len(p.rows) == 1 else None
             order = p.rows if p.rows and len(p.rows) > 1 else None
             spec = ModuleSpec(comp, path, p.shape, group, block, f"{table['kohya_prefix']}_{kohya}",

@@ -39,6 +39,9 @@ def test_a_stored_table_is_the_built_one(folder, name, monkeypatch):
     monkeypatch.setattr(Family, "_build_table", no_build)
     loaded = _fresh(name)
     assert loaded.table.modules == built.table.modules
+    assert "_packed_params" in loaded.table.__dict__  # the parameter map is unpacked only when used ...
+    assert loaded.table.params == built.table.params  # ... and then whole
+    assert loaded.table.checkpoint_params == built.table.checkpoint_params
     assert (loaded._kohya_index, loaded._original_index) == expected
 
 
