@@ -24,6 +24,7 @@ from functools import cache
 from pathlib import Path
 
 PREFIX = "arch-"
+KEEP_OTHERS = 2  # bundles of other code kept per family (the newest): other installs, recent versions
 
 
 def folder() -> Path | None:
@@ -70,7 +71,8 @@ def load(name: str) -> dict | None:
 
 
 def store(name: str, bundle: dict) -> None:
-    """Keep ``bundle`` for family ``name`` (atomically; bundles of other code are removed). Never raises."""
+    """Keep ``bundle`` for family ``name`` (atomically; of the bundles other code stored for it, the
+    ``KEEP_OTHERS`` newest stay, the older are removed). Never raises."""
     path = _path(name)
     if path is None:
         return
@@ -81,6 +83,8 @@ def store(name: str, bundle: dict) -> None:
         data = pickle.dumps({**bundle, "family": name}, protocol=pickle.HIGHEST_PROTOCOL)
         with atomic_file(path, path) as fh:
             fh.write(data)
-        for old in path.parent.glob(f"{PREFIX}*-{name}.pickle"):
-            if old != path and old.name[len(PREFIX) + len(digest()) + 1:] == f"{name}.pickle":
-                old.unlink(missing_ok=True)
+        others = [p for p in path.parent.glob(f"{PREFIX}*-{name}.pickle")
+                  if p != path and p.name[len(PREFIX) + len(digest()) + 1:] == f"{name}.pickle"]
+        others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in others[KEEP_OTHERS:]:  # two installs side by side keep theirs; an upgrade's old ones go
+            old.unlink(missing_ok=True)

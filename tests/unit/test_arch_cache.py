@@ -62,14 +62,16 @@ def test_a_damaged_or_foreign_file_is_built_over(folder):
     assert cache.load("sd1") is None
 
 
-def test_other_codes_bundles_are_removed_and_off_means_off(folder, monkeypatch):
+def test_only_the_newest_bundles_of_other_code_are_kept_and_off_means_off(folder, monkeypatch):
     folder.mkdir()
-    old = folder / f"arch-{'0' * 24}-sd1.pickle"
-    other = folder / f"arch-{'0' * 24}-flux-kontext.pickle"
-    old.write_bytes(b"x")
+    olds = [folder / f"arch-{str(i) * 24}-sd1.pickle" for i in range(4)]
+    for i, old in enumerate(olds):
+        old.write_bytes(b"x")
+        os.utime(old, (1_000_000 + i, 1_000_000 + i))  # the last is the newest
+    other = folder / f"arch-{'0' * 24}-flux-kontext.pickle"  # another family's bundle is not touched
     other.write_bytes(b"x")
     _fresh("sd1").table  # noqa: B018
-    assert not old.exists() and other.exists()
+    assert [p.exists() for p in olds] == [False, False, True, True] and other.exists()
     monkeypatch.setenv("LORATOOL_CACHE_DIR", "off")
     assert cache.folder() is None and cache.load("sd1") is None
 
