@@ -43,7 +43,8 @@ def cfg(name: str, arch: str, batch: int, rank: int, te: bool, precision: str, g
 
 # In priority order. Every axis of issue 18 is varied at least once: model (SD1.5 512², SDXL 1024²), batch
 # (1, 4), rank (8, 32), UNet / UNet + text encoder, fp16 / bf16, gradient checkpointing off / on; TriLoRA and
-# LoCon (--unet-layers all) beside LoRA at equal settings (ours only: the peer trains attention LoRA only).
+# LoCon (--unet-layers transformer+conv) beside LoRA at equal settings (ours only: the peer trains attention LoRA
+# only); --recompute-pointwise, --no-cache and --channels-last at the first setting (ours only).
 CONFIGS = [
     cfg("sd15-b4-r8-unet-fp16", "sd15", 4, 8, False, "fp16", False),
     cfg("sdxl-b1-r8-unet-fp16-gc", "sdxl", 1, 8, False, "fp16", True),
@@ -54,6 +55,7 @@ CONFIGS = [
     cfg("sd15-b4-r8-unet-fp16-locon", "sd15", 4, 8, False, "fp16", False, layers="transformer+conv", peer=False),
     cfg("sd15-b4-r8-unet-fp16-nocache", "sd15", 4, 8, False, "fp16", False, peer=False, cache=False),
     cfg("sd15-b4-r8-unet-fp16-channels-last", "sd15", 4, 8, False, "fp16", False, peer=False, channels_last=True),
+    cfg("sd15-b4-r8-unet-fp16-recompute", "sd15", 4, 8, False, "fp16", False, peer=False, recompute=True),
     cfg("sdxl-b1-r32-te-bf16", "sdxl", 1, 32, True, "bf16", False),
 ]
 SMOKE = ["sd15-b4-r32-te-bf16-gc", "claims"]

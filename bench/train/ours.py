@@ -27,7 +27,8 @@ def config(spec: dict):
         targets=("unet", "text_encoder") if spec["text_encoder"] else ("unet",),
         steps=spec["warmup"] + spec["timed"], lr=1e-4, batch_size=spec["batch"], resolution=spec["resolution"],
         mixed_precision=spec["precision"], gradient_checkpointing=spec["checkpointing"], seed=0,
-        output=spec["out"], cache=spec.get("cache", True), channels_last=spec.get("channels_last", False))
+        output=spec["out"], cache=spec.get("cache", True), channels_last=spec.get("channels_last", False),
+        recompute_pointwise=spec.get("recompute", False))
 
 
 def main(spec_path: str, result_path: str) -> None:

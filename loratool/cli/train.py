@@ -126,6 +126,9 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
               help="Encode the images (and, with the text encoders frozen, the prompts) once, then train with the "
                    "UNet alone on the GPU.")
 @click.option("--channels-last", is_flag=True, help="Run the UNet's convolutions in channels-last (NHWC) layout.")
+@click.option("--recompute-pointwise", is_flag=True,
+              help="Recompute the UNet's GroupNorm+SiLU and GEGLU in the backward pass instead of keeping their "
+                   "outputs: less activation memory for a little more time (moot with --gradient-checkpointing).")
 @click.option("--dry-run", is_flag=True, help="Print the predicted peak GPU memory of these settings and exit "
               "(nothing is trained; no weights or images are read).")
 @device_option

@@ -56,6 +56,7 @@ class TrainConfig:
     model_config: str | None = None  # single-file checkpoints: a diffusers folder of configs to use instead of ours
     cache: bool = True  # latents (and, with the text encoders frozen, their outputs) computed once
     channels_last: bool = False  # the UNet's convolutions in NHWC layout
+    recompute_pointwise: bool = False  # GroupNorm+SiLU and GEGLU recomputed in the backward (train/recompute.py)
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:

@@ -97,6 +97,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" and not dry_run else None
         if cfg.gradient_checkpointing:
             self._checkpointing()
+        elif cfg.recompute_pointwise:
+            from loratool.train.recompute import recompute_pointwise
+
+            recompute_pointwise(self.base.unet, self._checkpoint_kwargs())
         self._ready_step(prompt_of_image)
         self.step_no, self.losses = 0, []
         if cfg.resume:
@@ -112,13 +116,18 @@ class Trainer:
             return EmulatedAutocast(dtype)
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _checkpointing(self) -> None:
-        """Gradient checkpointing (non-reentrant). In a dry run the recomputation during the backward pass
-        runs under the emulated autocast too, as CUDA's autocast state is restored for it."""
+    def _checkpoint_kwargs(self) -> dict:
+        """Non-reentrant checkpointing; in a dry run the recomputation during the backward pass runs under
+        the emulated autocast too, as CUDA's autocast state is restored for it."""
         kwargs: dict = {"use_reentrant": False}
         if self.dry_run and not isinstance(self.autocast, nullcontext):
             dtype = self.autocast.dtype
             kwargs["context_fn"] = lambda: (nullcontext(), type(self.autocast)(dtype))
+        return kwargs
+
+    def _checkpointing(self) -> None:
+        """Gradient checkpointing of every block (and of the trained text encoders)."""
+        kwargs = self._checkpoint_kwargs()
         self.base.unet.enable_gradient_checkpointing(
             lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, **kwargs))
         if "text_encoder" in self.cfg.targets:

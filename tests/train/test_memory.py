@@ -55,6 +55,7 @@ def test_the_estimate_follows_the_settings():
     assert min(one.weights, one.adapter, one.step, one.setup) > 0 and one.optimizer == 2 * one.adapter
     assert four.step > 2 * one.step and four.weights == one.weights
     assert estimate(config(batch_size=4, gradient_checkpointing=True)).step < four.step
+    assert estimate(config(batch_size=4, recompute_pointwise=True)).step < four.step
     uncached = estimate(config(cache=False))
     assert uncached.weights > one.weights and uncached.caches == 0 < one.caches  # VAE and text encoder stay
     assert estimate(config(rank=32)).adapter > one.adapter

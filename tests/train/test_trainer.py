@@ -85,3 +85,22 @@ def test_a_half_precision_folder_is_trained_in_fp32(tmp_path):
     StableDiffusionPipeline.from_pretrained(str(MODEL), safety_checker=None).to(torch.float16).save_pretrained(half)
     base = load_base(half, torch.device("cpu"))
     assert {p.dtype for m in base.components.values() for p in m.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("layers", ["attn", "transformer+conv"])
+def test_recomputing_pointwise_steps_trains_exactly_as_keeping_them(tmp_path, layers):
+    """--recompute-pointwise: the same losses and factors step by step (LoCon too, where the convs are adapted)."""
+    runs = []
+    for recompute in (False, True):
+        tr = Trainer(config(tmp_path / str(recompute), steps=3, unet_layers=layers, recompute_pointwise=recompute),
+                     CPU)
+        if recompute:
+            patched = [m for m in tr.base.unet.modules() if hasattr(m, "_loratool_checkpoint")]
+            kinds = {type(m).__name__ for m in patched}
+            assert kinds == {"ResnetBlock2D", "GEGLU"}, kinds
+        tr.run()
+        runs.append(tr)
+    plain, recomputed = runs
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-7)
+    for key, layer in plain.layers.items():
+        assert torch.allclose(layer.delta(), recomputed.layers[key].delta(), atol=1e-7), key
