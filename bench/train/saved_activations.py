@@ -8,8 +8,8 @@ variant: what the process holds after the forward beyond what it held before (re
 in a process of its own, glibc told to return every block over 64 KiB), since a recomputed region keeps its
 inputs inside torch.utils.checkpoint, where the graph walk cannot see them. The plain variant's two counts
 agree. Variants recompute, in the backward pass, GroupNorm+SiLU in the ResNet blocks and the GEGLU of the
-feed-forwards (checkpoint around those few element-wise steps only); their outputs are checked equal to the
-plain forward's.
+feed-forwards, as ``loratool train --recompute-pointwise`` does (loratool/train/recompute.py); their outputs
+are checked equal to the plain forward's.
 
 Runs on the CPU: its attention kernel keeps the same q/k/v/output/logsumexp as CUDA's flash attention, so
 the shares carry over to the GPU roughly, not exactly; the peak memory on a GPU is what bench/train_speed.py
@@ -26,11 +26,10 @@ import gc
 import os
 import subprocess
 import sys
-import types
 
 import torch
-import torch.nn.functional as F  # noqa: N812
-from torch.utils.checkpoint import checkpoint
+
+from loratool.train.recompute import recompute_pointwise
 
 
 def build(latent: int):
@@ -77,41 +76,7 @@ def saved(unet, inputs) -> tuple[dict[str, int], torch.Tensor]:
     return dict(by_kind), out.detach()
 
 
-def _norm_act(norm, act, h):
-    return act(norm(h))
-
-
-def _resnet_forward(self, input_tensor, temb, *args, **kwargs):
-    h = checkpoint(_norm_act, self.norm1, self.nonlinearity, input_tensor, use_reentrant=False)
-    h = self.conv1(h)
-    if self.time_emb_proj is not None:
-        h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
-    h = checkpoint(_norm_act, self.norm2, self.nonlinearity, h, use_reentrant=False)
-    h = self.conv2(self.dropout(h))
-    shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
-    return (shortcut + h) / self.output_scale_factor
-
-
-def _geglu_tail(h):
-    a, gate = h.chunk(2, dim=-1)
-    return a * F.gelu(gate)
-
-
-def _geglu_forward(self, hidden_states, *args, **kwargs):
-    return checkpoint(_geglu_tail, self.proj(hidden_states), use_reentrant=False)
-
-
-def recompute(unet, what: str) -> None:
-    from diffusers.models.activations import GEGLU
-    from diffusers.models.resnet import ResnetBlock2D
-
-    for m in unet.modules():
-        if what == "norm+silu" and isinstance(m, ResnetBlock2D):
-            if m.time_embedding_norm != "default" or m.up or m.down:
-                raise SystemExit("a ResNet block this patch does not cover")
-            m.forward = types.MethodType(_resnet_forward, m)
-        if what == "geglu" and isinstance(m, GEGLU):
-            m.forward = types.MethodType(_geglu_forward, m)
+LABELS = {"resnet": "norm+silu", "geglu": "geglu"}
 
 
 def _resident() -> int:
@@ -124,8 +89,7 @@ def held_after_forward(latent: int, variants: list[str]) -> int:
     unet, inputs = build(latent)
     with torch.no_grad():
         reference = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-    for what in variants:
-        recompute(unet, what)
+    recompute_pointwise(unet, {"use_reentrant": False}, kinds=tuple(variants))
     gc.collect()
     before = _resident()
     out = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
@@ -156,12 +120,12 @@ def main() -> None:
     print("\n| variant | MiB held after the forward | × plain |")
     print("|---|---|---|")
     plain = None
-    for variants in ([], ["norm+silu"], ["geglu"], ["norm+silu", "geglu"]):
+    for variants in ([], ["resnet"], ["geglu"], ["resnet", "geglu"]):
         run = subprocess.run([sys.executable, __file__, "--latent", str(args.latent), "--held", *variants],
                              env=env, capture_output=True, text=True, check=True)
         held = int(run.stdout.split()[-1])
         plain = plain or held
-        name = " + ".join(variants) + " recomputed" if variants else "plain"
+        name = " + ".join(LABELS[v] for v in variants) + " recomputed" if variants else "plain"
         print(f"| {name} | {held / 2**20:.1f} | {held / plain:.2f}× |")
 
 

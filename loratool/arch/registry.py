@@ -87,7 +87,7 @@ class Family(FamilyNames):
         from loratool.arch import cache
 
         found = cache.load(self.name)
-        if found is None:
+        if found is None:  # the table first, in place: the index builders read self.table
             self.__dict__["table"] = self._build_table(None)
             found = {"table": self.table, "kohya_index": self._index_kohya(), "original_index": self._index_original()}
             cache.store(self.name, found)

@@ -37,15 +37,13 @@ components of the table.
 from __future__ import annotations
 
 import ast
-import operator
 import re
 from collections.abc import Mapping
 from functools import cache, lru_cache
 
 from loratool.errors import LoraToolError
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.floordiv,
-        ast.FloorDiv: operator.floordiv}
+_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)  # what a size expression may do ("/" is "//")
 
 
 @cache

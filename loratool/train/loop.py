@@ -95,12 +95,10 @@ class Trainer:
         self.optimizer = self._optimizer()
         self._params = self.params()
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" and not dry_run else None
-        if cfg.gradient_checkpointing:
-            self._checkpointing()
-        elif cfg.recompute_pointwise:
-            from loratool.train.recompute import recompute_pointwise
+        if cfg.gradient_checkpointing or cfg.recompute_pointwise:
+            from loratool.train.recompute import enable
 
-            recompute_pointwise(self.base.unet, self._checkpoint_kwargs())
+            enable(cfg, self.base, self.autocast if dry_run else None)
         self._ready_step(prompt_of_image)
         self.step_no, self.losses = 0, []
         if cfg.resume:
@@ -115,24 +113,6 @@ class Trainer:
 
             return EmulatedAutocast(dtype)
         return torch.autocast(self.device.type, dtype=dtype)
-
-    def _checkpoint_kwargs(self) -> dict:
-        """Non-reentrant checkpointing; in a dry run the recomputation during the backward pass runs under
-        the emulated autocast too, as CUDA's autocast state is restored for it."""
-        kwargs: dict = {"use_reentrant": False}
-        if self.dry_run and not isinstance(self.autocast, nullcontext):
-            dtype = self.autocast.dtype
-            kwargs["context_fn"] = lambda: (nullcontext(), type(self.autocast)(dtype))
-        return kwargs
-
-    def _checkpointing(self) -> None:
-        """Gradient checkpointing of every block (and of the trained text encoders)."""
-        kwargs = self._checkpoint_kwargs()
-        self.base.unet.enable_gradient_checkpointing(
-            lambda module, *args: torch.utils.checkpoint.checkpoint(module.__call__, *args, **kwargs))
-        if "text_encoder" in self.cfg.targets:
-            for te in self.base.text_encoders:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _instance_images(self) -> tuple[torch.Tensor, list[str]]:
         cfg = self.cfg

@@ -1,4 +1,5 @@
-"""``--recompute-pointwise``: the UNet's cheap element-wise steps recomputed in the backward pass instead of kept.
+"""What the backward pass recomputes instead of keeping: whole blocks (``--gradient-checkpointing``) or the
+UNet's cheap element-wise steps (``--recompute-pointwise``), both through torch's non-reentrant checkpoint.
 
 Under an adapter the UNet's frozen convolutions and projections keep little for the backward pass; most of
 what a step holds is the output of element-wise steps: each ResNet block's GroupNorm (kept by the SiLU after
@@ -16,9 +17,30 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+KINDS = ("resnet", "geglu")  # what --recompute-pointwise patches: GroupNorm+SiLU of ResNet blocks, GEGLUs
+
+
+def enable(cfg, base, emulated_autocast=None) -> None:
+    """Gradient checkpointing of every block (and of the trained text encoders), else, when asked, the
+    pointwise recomputation. ``emulated_autocast``: a dry run's (loratool.train.trace), under which the
+    recomputation in the backward pass runs too, as CUDA's autocast state is restored for it."""
+    kwargs: dict = {"use_reentrant": False}
+    if emulated_autocast is not None and not isinstance(emulated_autocast, nullcontext):
+        dtype = emulated_autocast.dtype
+        kwargs["context_fn"] = lambda: (nullcontext(), type(emulated_autocast)(dtype))
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing(
+            lambda module, *args: checkpoint(module.__call__, *args, **kwargs))
+        if "text_encoder" in cfg.targets:
+            for te in base.text_encoders:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif cfg.recompute_pointwise:
+        recompute_pointwise(base.unet, kwargs)
 
 
 def _norm_act(norm, act, h: torch.Tensor) -> torch.Tensor:
@@ -53,8 +75,9 @@ def _geglu_forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.
     return self._loratool_checkpoint(_geglu_tail, self.gelu, self.proj(hidden_states))
 
 
-def recompute_pointwise(unet: torch.nn.Module, checkpoint_kwargs: dict) -> int:
-    """Patch ``unet``'s plain ResNet blocks and GEGLUs in place; returns how many modules were patched."""
+def recompute_pointwise(unet: torch.nn.Module, checkpoint_kwargs: dict, kinds: tuple[str, ...] = KINDS) -> int:
+    """Patch ``unet``'s plain ResNet blocks and GEGLUs (those of ``kinds``) in place; returns how many modules
+    were patched."""
     from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -63,10 +86,10 @@ def recompute_pointwise(unet: torch.nn.Module, checkpoint_kwargs: dict) -> int:
 
     patched = 0
     for m in unet.modules():
-        if isinstance(m, ResnetBlock2D) and m.upsample is None and m.downsample is None \
+        if "resnet" in kinds and isinstance(m, ResnetBlock2D) and m.upsample is None and m.downsample is None \
                 and m.time_embedding_norm == "default":
             m.forward = types.MethodType(_resnet_forward, m)
-        elif isinstance(m, GEGLU):
+        elif "geglu" in kinds and isinstance(m, GEGLU):
             m.forward = types.MethodType(_geglu_forward, m)
         else:
             continue
