@@ -57,6 +57,7 @@ CONFIGS = [
     cfg("sd15-b4-r8-unet-fp16-channels-last", "sd15", 4, 8, False, "fp16", False, peer=False, channels_last=True),
     cfg("sd15-b4-r8-unet-fp16-recompute", "sd15", 4, 8, False, "fp16", False, peer=False, recompute=True),
     cfg("sdxl-b1-r32-te-bf16", "sdxl", 1, 32, True, "bf16", False),
+    cfg("sdxl-b1-r32-te-bf16-recompute", "sdxl", 1, 32, True, "bf16", False, peer=False, recompute=True),
 ]
 SMOKE = ["sd15-b4-r32-te-bf16-gc", "claims"]
 COST = {"sd15": 35, "sdxl": 70}  # seconds one run takes, about (load, warm-up, timed steps, saving)

@@ -89,7 +89,7 @@ def held_after_forward(latent: int, variants: list[str]) -> int:
     unet, inputs = build(latent)
     with torch.no_grad():
         reference = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
-    recompute_pointwise(unet, {"use_reentrant": False}, kinds=tuple(variants))
+    recompute_pointwise(unet, kinds=tuple(variants))
     gc.collect()
     before = _resident()
     out = unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
