@@ -44,7 +44,8 @@ def cfg(name: str, arch: str, batch: int, rank: int, te: bool, precision: str, g
 # In priority order. Every axis of issue 18 is varied at least once: model (SD1.5 512², SDXL 1024²), batch
 # (1, 4), rank (8, 32), UNet / UNet + text encoder, fp16 / bf16, gradient checkpointing off / on; TriLoRA and
 # LoCon (--unet-layers transformer+conv) beside LoRA at equal settings (ours only: the peer trains attention LoRA
-# only); --recompute-pointwise, --no-cache and --channels-last at the first setting (ours only).
+# only); --recompute-pointwise, --no-cache, --channels-last and --compile at the first setting (ours only), and
+# --compile where the host is the bottleneck (SDXL batch 1 with checkpointing).
 CONFIGS = [
     cfg("sd15-b4-r8-unet-fp16", "sd15", 4, 8, False, "fp16", False),
     cfg("sdxl-b1-r8-unet-fp16-gc", "sdxl", 1, 8, False, "fp16", True),
@@ -58,10 +59,13 @@ CONFIGS = [
     cfg("sd15-b4-r8-unet-fp16-recompute", "sd15", 4, 8, False, "fp16", False, peer=False, recompute=True),
     cfg("sdxl-b1-r32-te-bf16", "sdxl", 1, 32, True, "bf16", False),
     cfg("sdxl-b1-r32-te-bf16-recompute", "sdxl", 1, 32, True, "bf16", False, peer=False, recompute=True),
+    cfg("sd15-b4-r8-unet-fp16-compile", "sd15", 4, 8, False, "fp16", False, peer=False, compile=True),
+    cfg("sdxl-b1-r8-unet-fp16-gc-compile", "sdxl", 1, 8, False, "fp16", True, peer=False, compile=True),
 ]
 SMOKE = ["sd15-b4-r32-te-bf16-gc", "claims"]
 COST = {"sd15": 35, "sdxl": 70}  # seconds one run takes, about (load, warm-up, timed steps, saving)
 BUILD_COST = {"sd15": 25, "sdxl": 60}
+COMPILE_COST = {"sd15": 90, "sdxl": 180}  # --compile's first steps, about (a guess until measured)
 
 
 class Bench:
@@ -116,7 +120,8 @@ class Bench:
 
     def run(self, c: dict) -> None:
         runs = ["ours.py"] + (["peer.py"] if c["peer"] else [])
-        need = COST[c["arch"]] * len(runs) + (0 if (self.work / "models" / c["arch"]).is_dir() else BUILD_COST[c["arch"]])
+        need = COST[c["arch"]] * len(runs) + COMPILE_COST[c["arch"]] * bool(c.get("compile"))
+        need += 0 if (self.work / "models" / c["arch"]).is_dir() else BUILD_COST[c["arch"]]
         row = {"config": c}
         if need > self.left():
             row["skipped"] = f"not run: {need:.0f} s needed, {self.left():.0f} s of the budget left"

@@ -28,7 +28,7 @@ def config(spec: dict):
         steps=spec["warmup"] + spec["timed"], lr=1e-4, batch_size=spec["batch"], resolution=spec["resolution"],
         mixed_precision=spec["precision"], gradient_checkpointing=spec["checkpointing"], seed=0,
         output=spec["out"], cache=spec.get("cache", True), channels_last=spec.get("channels_last", False),
-        recompute_pointwise=spec.get("recompute", False))
+        recompute_pointwise=spec.get("recompute", False), compile_unet=spec.get("compile", False))
 
 
 def main(spec_path: str, result_path: str) -> None:

@@ -129,6 +129,10 @@ def _tokens(_ctx, _param, value: str | None) -> tuple[str, ...]:
 @click.option("--recompute-pointwise", is_flag=True,
               help="Recompute the UNet's GroupNorm+SiLU and GEGLU in the backward pass instead of keeping their "
                    "outputs: less activation memory for a little more time (moot with --gradient-checkpointing).")
+@click.option("--compile", "compile_unet", is_flag=True,
+              help="Run the UNet's training step through torch.compile: fewer kernel launches and fused element-wise "
+                   "work, for hosts that cannot keep the GPU busy; the first step takes a minute or more to compile "
+                   "(needs a C++ compiler; Triton on CUDA).")
 @click.option("--dry-run", is_flag=True, help="Print the predicted peak GPU memory of these settings and exit "
               "(nothing is trained; no weights or images are read).")
 @device_option

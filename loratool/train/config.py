@@ -57,6 +57,7 @@ class TrainConfig:
     cache: bool = True  # latents (and, with the text encoders frozen, their outputs) computed once
     channels_last: bool = False  # the UNet's convolutions in NHWC layout
     recompute_pointwise: bool = False  # GroupNorm+SiLU and GEGLU recomputed in the backward (train/recompute.py)
+    compile_unet: bool = False  # the UNet's training forward (and its backward) through torch.compile
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -91,6 +92,9 @@ class TrainConfig:
             raise LoraToolError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}")
         if self.output_format not in OUTPUT_FORMATS:
             raise LoraToolError(f"--to must be one of {', '.join(OUTPUT_FORMATS)}")
+        if self.compile_unet and self.recompute_pointwise:
+            raise LoraToolError("--compile and --recompute-pointwise do not combine: the compiled step chooses "
+                                "what its backward pass recomputes")
         if (self.class_data is None) != (self.class_prompt is None):
             raise LoraToolError("prior preservation needs both --class-data and --class-prompt")
         if self.init_token and not self.new_tokens:

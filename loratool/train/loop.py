@@ -207,6 +207,8 @@ class Trainer:
         """What every step reads from the device, put there once (and the DDP wrappers)."""
         base, dev, res = self.base, self.device, self.cfg.resolution
         self.unet_forward = parallel.wrap(base.unet, self.par, dev)
+        if self.cfg.compile_unet and not self.dry_run:  # the training call only: sampling stays eager
+            self.unet_forward = torch.compile(self.unet_forward, dynamic=False)
         trained_te = "text_encoder" in self.cfg.targets
         self.te_forward = [parallel.wrap(te, self.par, dev) if trained_te else te for te in base.text_encoders]
         self.prompt_of_image = prompt_of_image.to(dev)

@@ -138,3 +138,14 @@ def test_recomputing_pointwise_steps_on_cuda_keeps_the_loss_and_lowers_the_peak(
         torch.cuda.empty_cache()
     assert losses[True] == pytest.approx(losses[False], rel=2e-3), losses
     assert peaks[True] < 0.9 * peaks[False], peaks  # the dry run predicts 0.79x here
+
+
+def test_a_compiled_unet_trains_on_cuda_as_the_eager_one(tmp_path):
+    """--compile under fp16 autocast and the grad scaler: the same losses as eager, to half-precision tolerance."""
+    losses = []
+    for compiled in (False, True):
+        tr = Trainer(config(tmp_path / str(compiled), mixed_precision="fp16", targets=("unet",), steps=3,
+                            compile_unet=compiled), CUDA)
+        tr.run()
+        losses.append(tr.losses)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2), losses

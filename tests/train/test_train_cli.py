@@ -55,6 +55,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
               "--resolution 12 is not a positive multiple of 8")
     one_error(train("--instance-data", str(INSTANCE), "--class-prompt", "a shape", "-o", str(tmp_path / "o")),
               "needs both --class-data and --class-prompt")
+    one_error(train("--instance-data", str(INSTANCE), "--compile", "--recompute-pointwise", "-o", str(tmp_path / "o")),
+              "--compile and --recompute-pointwise do not combine")
 
 
 def test_resume_from_another_adapter_type_is_refused(tmp_path):

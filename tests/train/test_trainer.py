@@ -104,3 +104,20 @@ def test_recomputing_pointwise_steps_trains_exactly_as_keeping_them(tmp_path, la
     assert recomputed.losses == pytest.approx(plain.losses, rel=1e-6, abs=1e-7)
     for key, layer in plain.layers.items():
         assert torch.allclose(layer.delta(), recomputed.layers[key].delta(), atol=1e-7), key
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_trains_as_the_eager_one(tmp_path):
+    """--compile (torch.compile with inductor, here its CPU code): the same losses and factors step by step, LoCon
+    convs included; the UNet itself stays eager (sampling and saving see the plain module)."""
+    runs = []
+    for compiled in (False, True):
+        tr = Trainer(config(tmp_path / str(compiled), steps=3, batch_size=2, unet_layers="transformer+conv",
+                            compile_unet=compiled), CPU)
+        tr.run()
+        runs.append(tr)
+    eager, compiled = runs
+    assert compiled.unet_forward is not compiled.base.unet and not hasattr(compiled.base.unet, "_orig_mod")
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
+    for key, layer in eager.layers.items():
+        assert torch.allclose(layer.delta(), compiled.layers[key].delta(), atol=1e-5), key
