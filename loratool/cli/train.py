@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import time
@@ -196,8 +197,12 @@ def _print_prediction(cfg, as_json: bool) -> None:
     est = estimate(cfg)
     need = needed_card_bytes(est.peak)
     cards = {f"{gb} GB": need <= gb * GIB for gb in (8, 12, 16, 24, 48, 80)}
+    savers = {}  # what each memory-saving option would make of the peak, where none is asked for
+    if not (cfg.gradient_checkpointing or cfg.recompute_pointwise or cfg.compile_unet):
+        for flag in ("recompute_pointwise", "gradient_checkpointing"):
+            savers[flag] = estimate(dataclasses.replace(cfg, **{flag: True})).peak
     if as_json:
-        emit_json({**est.as_dict(), "card_bytes_needed": need, "fits": cards})
+        emit_json({**est.as_dict(), "card_bytes_needed": need, "fits": cards, "peak_with": savers})
         return
     table = Table(title=f"predicted peak GPU memory: {cfg.adapter} rank {cfg.rank}, {cfg.resolution}px, batch "
                         f"{cfg.batch_size}", show_header=False)
@@ -209,6 +214,8 @@ def _print_prediction(cfg, as_json: bool) -> None:
     for label, n in rows:
         table.add_row(label, f"{n / GIB:.2f} GiB")
     table.add_row("fits", ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in cards.items()))
+    for flag, peak in savers.items():
+        table.add_row(f"peak with --{flag.replace('_', '-')}", f"{peak / GIB:.2f} GiB")
     console().print(table)
 
 

@@ -73,3 +73,8 @@ def test_dry_run_prints_the_prediction_and_trains_nothing(tmp_path):
     report = json.loads(res.output[res.output.index("{"):])
     assert report["peak"] == max(report["training"], report["setup"]) > 0
     assert report["fits"]["8 GB"] is True and not out.exists()
+    # neither saver asked for: what each would make of the peak (the step is smaller; setup may stay the peak)
+    with_ = report["peak_with"]
+    assert set(with_) == {"recompute_pointwise", "gradient_checkpointing"}
+    assert all(report["setup"] <= v <= report["peak"] for v in with_.values()), (report, with_)
+    assert with_["gradient_checkpointing"] < report["peak"] or report["setup"] == report["peak"]
