@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 from loratool.errors import LoraToolError, UnsupportedInput
 from loratool.io.mapped import note_mapped
-from loratool.io.regular import require_regular
+from loratool.io.regular import open_regular, require_regular
 from loratool.io.safetensors import looks_like_safetensors
 
 if TYPE_CHECKING:
@@ -169,3 +169,13 @@ def load_pickle(path: str | os.PathLike[str]) -> dict[str, torch.Tensor] | list[
     """A state dict, or the bare list of tensors of a legacy cloneofsimo ``.pt``."""
     contents = read_pickle(path)
     return contents.as_list() if contents.layout == "tensor_list" else contents.tensors
+
+
+def looks_like_pickle(p: str | os.PathLike[str]) -> bool:
+    """Whether the file starts as a zip (torch's format) or a protocol 2-5 pickle does."""
+    try:
+        with open_regular(p) as fh:
+            head = fh.read(4)
+    except (OSError, LoraToolError):
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))

@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loratool.errors import LoraToolError
-from loratool.io.dtypes import names_by_torch
 from loratool.io.jsontext import JsonLimit, NonFinite, parse_json
-from loratool.io.pickles import is_pickle_path
+from loratool.io.pickles import is_pickle_path, looks_like_pickle
 from loratool.io.regular import open_regular, require_regular
 from loratool.io.safetensors import (
     Rows,
@@ -45,8 +44,6 @@ from loratool.io.safetensors import (
 
 if TYPE_CHECKING:
     import torch
-
-    from loratool.io.pickles import PickleContents
 
 COMPONENT_NAMES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae",
                    "prior", "decoder", "image_encoder")
@@ -208,72 +205,6 @@ class SafetensorsSource(TensorSource):
         self.file.close()
 
 
-class PickleSource(TensorSource):
-    """A weights-only pickle; ``layout`` is "state_dict" or "tensor_list" (cloneofsimo legacy).
-    torch loads it whole (memory-mapped for zip files): reads are copies or views of that."""
-
-    kind = "pickle"
-
-    def __init__(self, path: str | os.PathLike[str]):
-        from loratool.io.pickles import read_pickle
-
-        super().__init__(path)
-        self.contents: PickleContents = read_pickle(path)
-        self.layout = self.contents.layout
-        self.ignored = list(self.contents.ignored)
-
-    def _t(self, key: str) -> torch.Tensor:
-        try:
-            return self.contents.tensors[key]
-        except KeyError:
-            raise self._missing(key) from None
-
-    def keys(self) -> list[str]:
-        return list(self.contents.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.contents.tensors
-
-    def info(self, key: str) -> TensorInfo:
-        t = self._t(key)
-        name = names_by_torch().get(t.dtype)
-        if name is None:
-            raise LoraToolError(f"tensor {key!r} has dtype {t.dtype}, which safetensors cannot name", self.path)
-        nbytes = t.numel() * t.element_size()
-        return TensorInfo(key, name, tuple(t.shape), 0, nbytes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._t(key).shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._t(key).dtype
-
-    def read(self, key: str, rows: Rows | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        t = self._t(key)
-        if rows is not None:
-            self.nbytes(key, rows)  # checks the range
-            t = t[rows[0]:rows[1]]
-        if out is None:
-            return t
-        n = t.numel() * t.element_size()
-        view = out[:n].view(t.dtype).reshape(t.shape)
-        view.copy_(t)
-        return view
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._t(key)
-
-    def location(self, key: str) -> tuple[str, str]:
-        self._t(key)
-        return self.path, key
-
-    def as_list(self) -> list[torch.Tensor]:
-        return self.contents.as_list()
-
-    def close(self) -> None:
-        self.contents.tensors = {}
-
-
 def open_file(path: str | os.PathLike[str]) -> TensorSource:
     """A single tensor file: ``.safetensors``/``.sft`` and pickle suffixes by name; any other name by
     its first bytes (a safetensors header, else zip/pickle magic), defaulting to safetensors (whose
@@ -281,18 +212,11 @@ def open_file(path: str | os.PathLike[str]) -> TensorSource:
     p = Path(path)
     if is_safetensors_path(p) or looks_like_safetensors(p):  # people do rename safetensors to .bin
         return SafetensorsSource(p)
-    if is_pickle_path(p) or _looks_like_pickle(p):
+    if is_pickle_path(p) or looks_like_pickle(p):
+        from loratool.io.pickle_source import PickleSource
+
         return PickleSource(p)
     return SafetensorsSource(p)
-
-
-def _looks_like_pickle(p: Path) -> bool:
-    try:
-        with open_regular(p) as fh:
-            head = fh.read(4)
-    except (OSError, LoraToolError):
-        return False
-    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 class MultiSource(TensorSource):
