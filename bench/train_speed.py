@@ -65,7 +65,7 @@ CONFIGS = [
 SMOKE = ["sd15-b4-r32-te-bf16-gc", "claims"]
 COST = {"sd15": 35, "sdxl": 70}  # seconds one run takes, about (load, warm-up, timed steps, saving)
 BUILD_COST = {"sd15": 25, "sdxl": 60}
-COMPILE_COST = {"sd15": 90, "sdxl": 180}  # --compile's first steps, about (a guess until measured)
+COMPILE_COST = {"sd15": 90, "sdxl": 400}  # --compile's first steps: SD1.5 a guess; SDXL with checkpointing took over 300 s (H100)
 
 
 class Bench:
