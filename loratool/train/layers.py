@@ -88,12 +88,18 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         y = self.base(x, *args, **kwargs)
-        # the scale multiplies the rank-r intermediate, not the layer-sized output: one full-size pass less
         if self.kind == "lora":
-            h = self._mix(self._first(x, self.down) * self.scale, self.up)
+            t, last = self._first(x, self.down), self.up
         else:
-            h = self._mix(self._mix(self._first(x, self.A) * self.scale, self.C), self.B)
-        return y + h
+            t, last = self._mix(self._first(x, self.A), self.C), self.B
+        if not self.is_conv and y.is_contiguous():
+            # y + scale · t·lastᵀ as one product whose epilogue scales and adds (addmm): no separate
+            # scale and add kernels, forward or backward (a step is bound by launches on many hosts)
+            flat = torch.addmm(y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1]), last.to(t.dtype).t(),
+                               alpha=self.scale)
+            return flat.view(y.shape)
+        # the scale multiplies the rank-r intermediate, not the layer-sized output: one full-size pass less
+        return y + self._mix(t * self.scale, last)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """The trained matrices (2-D), by their native names."""

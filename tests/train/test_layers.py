@@ -130,3 +130,40 @@ def test_text_encoder_layers_follow_the_same_vocabulary():
     assert len(attn) == 4 * n and len(transformer) == 6 * n == len(locon)  # + mlp.fc1, mlp.fc2 (kohya)
     assert {x.rsplit(".", 1)[1] for x in transformer - attn} == {"fc1", "fc2"}
     assert every >= transformer
+
+
+@pytest.mark.parametrize("kind", ["lora", "trilora"])
+def test_a_linear_layer_adds_its_update_in_one_product(kind):
+    """A linear layer's update is one addmm (the scale and the add in its epilogue): the same output and
+    gradients as base + scale·(x·downᵀ)·upᵀ, and no separate add or multiply in the forward pass."""
+    gen = torch.Generator().manual_seed(3)
+    layer = AdaptedLayer(nn.Linear(24, 40), kind, rank=4, alpha=2.0, generator=gen)
+    _randomise(layer, gen)
+    x = torch.randn(2, 5, 24, generator=gen, requires_grad=True)
+    update = layer.delta(torch.float32)
+    expected = layer.base(x) + F.linear(x, update)
+    seen = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # fp32, the factors in another order
+    assert "addmm" in seen and not {"add", "mul"} & set(seen), seen
+    g = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, [x, *layer.factors().values()], g)
+    ref = torch.autograd.grad(layer.base(x) + layer.scale * F.linear(F.linear(x, _chain(layer)), _last(layer)),
+                              [x, *layer.factors().values()], g, allow_unused=True)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _chain(layer: AdaptedLayer) -> torch.Tensor:
+    return layer.down if layer.kind == "lora" else layer.C @ layer.A
+
+
+def _last(layer: AdaptedLayer) -> torch.Tensor:
+    return layer.up if layer.kind == "lora" else layer.B
