@@ -10,7 +10,10 @@ For a tall ``A [m, n]`` (a wide one is transposed first) and target rank ``k``:
     A ≈ (Q Ur) S (Q2 Vr)ᵀ, truncated to k
 
 Everything runs batched over ``[b, m, n]`` (one batched matmul/QR per step on the GPU) in float32
-whatever the storage dtype. The sketch of each matrix comes from its own seeded stream
+whatever the storage dtype. On a GPU the ℓ×ℓ core SVD goes through cuSOLVER's batched ``gesvda`` in
+float64, checked on the device: ``torch.linalg.svd``'s default driver loops over the batch, and on an
+H100 it took 2.76 s of SDXL's 3.2 s of compute (1052 cores of 128×128), ``gesvda`` 0.15 s (float32).
+The sketch of each matrix comes from its own seeded stream
 (:mod:`loratool.linalg.seeding`), so results are reproducible and independent of batching order.
 """
 
@@ -49,12 +52,13 @@ def randomized_svd(
     k = max(0, min(rank, m, n))
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
     if x.device.type == "cpu":
-        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth)
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth, _core_svd)
     else:  # the checks wait for the device: make them once, at the end, and redo the batch if one fails
         checks: list[torch.Tensor] = []
-        u, s, vh = _range_finder_svd(x, width, niter, seed, names, lambda y: _orth_unchecked(y, checks))
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, lambda y: _orth_unchecked(y, checks),
+                                     lambda c: _core_svd_batched(c, checks))
         if not bool(torch.stack(checks).all()):
-            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth)
+            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth, _core_svd)
     u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
     return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
@@ -95,7 +99,42 @@ def _cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.float32), ok
 
 
-def _range_finder_svd(x: torch.Tensor, width: int, niter: int, seed: int, names: Sequence[str], orth):
+def _core_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the small cores ``c [b, ℓ, ℓ]`` by the default driver (LAPACK on the CPU)."""
+    return torch.linalg.svd(c, full_matrices=False)
+
+
+CORE_TOLERANCE = 1e-6  # relative, in float64: the batched core SVD is redone by the default driver beyond it
+SIGNIFICANT = 1e-4  # singular values below this × σ₁ do not need orthonormal left vectors (see below)
+
+
+def _core_svd_batched(c: torch.Tensor, checks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the cores ``c [b, ℓ, ℓ]`` on a GPU in one batched call (cuSOLVER ``gesvda``, float64),
+    with whether it holds appended to ``checks`` as a device flag: every value finite, the triplets
+    rebuild ``c`` to ``CORE_TOLERANCE`` (relative Frobenius), ``V`` orthonormal and the left vectors
+    of every singular value above ``SIGNIFICANT·σ₁`` orthonormal (``gesvda`` works from the Gram
+    matrix, so those of near-zero singular values may not be, and they carry no weight: ``U·S·Vᵀ``
+    stays ``c`` projected on ``V``'s span)."""
+    c64 = c.to(torch.float64)
+    u, s, vh = torch.linalg.svd(c64, full_matrices=False, driver="gesvda")
+    checks.append(core_holds(c64, u, s, vh))
+    return u.to(c.dtype), s.to(c.dtype), vh.to(c.dtype)
+
+
+def core_holds(c: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """Whether ``u·diag(s)·vh`` is an SVD of every ``c [b, ℓ, ℓ]`` good enough to truncate (a 0-d device
+    bool; see :func:`_core_svd_batched`)."""
+    eye = torch.eye(s.shape[-1], dtype=c.dtype, device=c.device)
+    scale = torch.linalg.matrix_norm(c)
+    rebuilt = torch.linalg.matrix_norm(c - (u * s.unsqueeze(-2)) @ vh) <= CORE_TOLERANCE * scale
+    v_ok = (vh @ vh.mT - eye).abs().amax(dim=(-2, -1)) <= CORE_TOLERANCE
+    big = (s > SIGNIFICANT * s[..., :1]).to(c.dtype)  # [b, ℓ]
+    u_ok = ((u.mT @ u - eye) * big.unsqueeze(-1) * big.unsqueeze(-2)).abs().amax(dim=(-2, -1)) <= CORE_TOLERANCE
+    descending = (s[..., :-1] >= s[..., 1:]).all(dim=-1) & (s[..., -1] >= 0)
+    return (rebuilt & v_ok & u_ok & descending).all()  # NaN anywhere fails a comparison
+
+
+def _range_finder_svd(x: torch.Tensor, width: int, niter: int, seed: int, names: Sequence[str], orth, core):
     """Tall ``x [b, M, N]``: the SVD of ``x`` restricted to a ``width``-dim sketched range."""
     omega = gaussian_sketch(x.shape[-1], width, seed, names, device=x.device)
     q = orth(x @ omega)  # [b, M, ℓ]
@@ -105,7 +144,7 @@ def _range_finder_svd(x: torch.Tensor, width: int, niter: int, seed: int, names:
     bt = xt @ q  # Bᵀ = Aᵀ Q [b, N, ℓ]
     q2 = orth(bt)
     r2 = q2.transpose(-1, -2) @ bt  # Bᵀ = Q2 R2, R2 [b, ℓ, ℓ] (upper triangular up to rounding)
-    ur, s, vrh = torch.linalg.svd(r2.transpose(-1, -2), full_matrices=False)  # B = R2ᵀ Q2ᵀ
+    ur, s, vrh = core(r2.transpose(-1, -2))  # B = R2ᵀ Q2ᵀ
     u = q @ ur
     vh = vrh @ q2.transpose(-1, -2)
     return u, s, vh

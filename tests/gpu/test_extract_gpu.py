@@ -36,6 +36,53 @@ def test_batched_randomized_svd_on_gpu_is_near_optimal_and_deterministic(shape):
         assert got <= 1.01 * optimal
 
 
+def test_the_batched_core_svd_holds_and_matches_the_default_driver():
+    from loratool.linalg.randomized import _core_svd_batched
+
+    gen = torch.Generator().manual_seed(5)
+    spectrum = torch.arange(1, 129, dtype=torch.float64) ** -0.8
+    cores = torch.stack([with_spectrum(128, 128, spectrum, seed=i) for i in range(6)]).float().cuda()
+    cores[5] = (torch.randn(128, 4, generator=gen) @ torch.randn(4, 128, generator=gen)).cuda()  # rank 4
+    checks = []
+    u, s, vh = _core_svd_batched(cores, checks)
+    assert bool(checks[0])
+    ref = torch.linalg.svdvals(cores.double())
+    torch.testing.assert_close(s.double(), ref.float().double(), rtol=1e-5, atol=1e-6 * float(ref.max()))
+    for i in range(6):  # the rank-64 truncation is as good as the default driver's
+        c = cores[i].double()
+        got = float((c - (u[i, :, :64].double() * s[i, :64].double()) @ vh[i, :64].double()).norm())
+        best = float(ref[i, 64:].square().sum().sqrt())
+        assert got <= best * (1 + 1e-4) + 1e-6 * float(c.norm())
+
+
+def test_randomized_svd_on_gpu_takes_the_batched_core_without_a_redo(monkeypatch):
+    import loratool.linalg.randomized as rnd
+
+    redo = []
+    monkeypatch.setattr(rnd, "_core_svd", lambda c: redo.append(1) or torch.linalg.svd(c, full_matrices=False))
+    a = torch.stack([with_spectrum(1280, 640, torch.arange(1, 641) ** -0.8, seed=i) for i in range(4)]).float()
+    u, s, vh = rnd.randomized_svd(a.cuda(), 64, names=list("abcd"), seed=0)
+    assert not redo
+    for i in range(4):
+        best = float(torch.linalg.svdvals(a[i].double())[64:].square().sum().sqrt())
+        got = float((a[i].double() - (u[i].double().cpu() * s[i].double().cpu()) @ vh[i].double().cpu()).norm())
+        assert got <= 1.01 * best
+
+
+def test_randomized_svd_on_gpu_of_an_exactly_low_rank_batch():
+    from loratool.linalg import randomized_svd
+
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(3, 900, 5, generator=gen) @ torch.randn(3, 5, 700, generator=gen)
+    a[2] = 0
+    u, s, vh = randomized_svd(a.cuda(), 32, names=["x", "y", "z"], seed=0)
+    assert torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()
+    for i in range(2):
+        rebuilt = (u[i].cpu().double() * s[i].cpu().double()) @ vh[i].cpu().double()
+        assert float((a[i].double() - rebuilt).norm() / a[i].double().norm()) < 1e-5
+    assert float(s[2].abs().max()) == 0
+
+
 def test_exact_path_on_gpu_matches_cpu():
     from loratool.linalg import exact_svd
 

@@ -115,3 +115,50 @@ def test_policy_uses_exact_for_tiny_layers_and_reports_retained_energy():
     assert t.method == "randomized"
     assert t.retained == pytest.approx(float(torch.linalg.svdvals(big.double())[:8].square().sum()
                                              / big.double().square().sum()), rel=1e-3)
+
+
+def _gram_svd_of(c: torch.Tensor):
+    """An SVD the way a Gram-matrix solver makes one: V from eigh(cᵀc), U = c·V / σ (so the left vectors
+    of zero singular values are not orthonormal)."""
+    evals, v = torch.linalg.eigh(c.mT @ c)
+    evals, v = evals.flip(-1).clamp_min(0), v.flip(-1)
+    s = evals.sqrt()
+    u = (c @ v) / s.clamp_min(1e-12).unsqueeze(-2)
+    return u, s, v.mT
+
+
+def test_the_core_svd_check_passes_a_true_svd_and_a_gram_svd_of_a_low_rank_core():
+    from loratool.linalg.randomized import core_holds
+
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(4, 24, 24, generator=gen, dtype=torch.float64)
+    assert bool(core_holds(full, *torch.linalg.svd(full)))
+    low = torch.randn(4, 24, 5, generator=gen, dtype=torch.float64) @ torch.randn(4, 5, 24, generator=gen,
+                                                                                 dtype=torch.float64)
+    u, s, vh = _gram_svd_of(low)
+    assert float((u.mT @ u - torch.eye(24, dtype=torch.float64)).abs().max()) > 1e-3  # the tail is not orthonormal
+    assert bool(core_holds(low, u, s, vh))
+    zero = torch.zeros(2, 24, 24, dtype=torch.float64)
+    assert bool(core_holds(zero, torch.eye(24, dtype=torch.float64).expand(2, 24, 24), torch.zeros(2, 24),
+                           torch.eye(24, dtype=torch.float64).expand(2, 24, 24)))
+
+
+@pytest.mark.parametrize("damage", ["u", "v", "s_order", "nan", "rebuild"])
+def test_the_core_svd_check_refuses_a_damaged_svd(damage):
+    from loratool.linalg.randomized import core_holds
+
+    gen = torch.Generator().manual_seed(4)
+    c = torch.randn(3, 16, 16, generator=gen, dtype=torch.float64)
+    u, s, vh = (x.clone() for x in torch.linalg.svd(c))
+    if damage == "u":  # two leading left vectors mixed: still rebuilt, not orthonormal
+        u[1, :, 0] += 1e-3 * u[1, :, 1]
+    elif damage == "v":
+        vh[2, 3] *= 1.001
+    elif damage == "s_order":
+        s[0] = s.flip(-1)[0].clone()
+        s[0, 0], s[0, 1] = s[0, 1].clone(), s[0, 0].clone()
+    elif damage == "nan":
+        u[0, 5, 5] = float("nan")
+    else:
+        s[1, 0] *= 1.01
+    assert not bool(core_holds(c, u, s, vh))
