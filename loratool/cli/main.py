@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import importlib
 import sys
+from typing import NoReturn
 
 import click
 
@@ -140,4 +141,36 @@ def main() -> None:
         if debug:
             raise
         _error_line(e.one_line())
-        sys.exit(EXIT_ERROR)
+        leave(EXIT_ERROR)
+    except SystemExit as e:  # click ends every command so
+        leave(e.code)
+    leave(0)
+
+
+def leave(code: int | str | None) -> NoReturn:
+    """End the process with ``code`` (``sys.exit``'s meaning). Once torch is loaded, the interpreter's
+    own teardown — freeing every module torch brought in, destroying a CUDA context — runs after the
+    output is complete and took 0.45 s on a 2-core CPU box and ~0.9 s on an H100 host; so what a normal
+    exit does that matters is done here (other threads joined and executors shut down, atexit handlers
+    run, streams flushed) and the process ends at once."""
+    if "torch" not in sys.modules:
+        sys.exit(code)
+    import atexit
+    import os
+    import threading
+
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:  # sys.exit("message") prints it and fails
+        print(code, file=sys.stderr)
+        status = 1
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first on its way out
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
