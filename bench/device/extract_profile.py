@@ -152,8 +152,8 @@ def profiled(lists: dict, layout: str, out: list[str]) -> None:
     print("\n".join(out[-5:]), flush=True)
 
 
-def small_svd(lists: dict, layout: str, out: list[str]) -> None:
-    """The ℓ×ℓ core SVD of every batch, by driver."""
+def small_svd(lists: dict, layout: str, out: list[str], quick: bool = False) -> None:
+    """The ℓ×ℓ core SVD of every batch, by driver (``quick``: the default driver and gesvda only)."""
     from loratool.linalg.randomized import _core_svd_batched
 
     shapes = []
@@ -171,14 +171,16 @@ def small_svd(lists: dict, layout: str, out: list[str]) -> None:
 
     rows = {
         "linalg.svd (default driver)": lambda c: torch.linalg.svd(c, full_matrices=False),
-        "linalg.svd gesvd": lambda c: torch.linalg.svd(c, full_matrices=False, driver="gesvd"),
-        "linalg.svd gesvdj": lambda c: torch.linalg.svd(c, full_matrices=False, driver="gesvdj"),
+        **({} if quick else {
+            "linalg.svd gesvd": lambda c: torch.linalg.svd(c, full_matrices=False, driver="gesvd"),
+            "linalg.svd gesvdj": lambda c: torch.linalg.svd(c, full_matrices=False, driver="gesvdj")}),
         "linalg.svd gesvda": lambda c: torch.linalg.svd(c, full_matrices=False, driver="gesvda"),
         "linalg.svd gesvda, float64": lambda c: torch.linalg.svd(c.double(), full_matrices=False, driver="gesvda"),
         "the library's: gesvda float64 + its check": lambda c: _core_svd_batched(c, []),
-        "on the CPU (copy there and back)": lambda c: [x.to(DEV) for x in torch.linalg.svd(c.cpu(), full_matrices=False)],
-        "eigh of the fp64 Gram (on the GPU)": lambda c: torch.linalg.eigh(c.double().mT @ c.double()),
-        "eigh of the fp32 Gram (on the GPU)": lambda c: torch.linalg.eigh(c.mT @ c),
+        **({} if quick else {
+            "on the CPU (copy there and back)": lambda c: [x.to(DEV) for x in torch.linalg.svd(c.cpu(), full_matrices=False)],
+            "eigh of the fp64 Gram (on the GPU)": lambda c: torch.linalg.eigh(c.double().mT @ c.double()),
+            "eigh of the fp32 Gram (on the GPU)": lambda c: torch.linalg.eigh(c.mT @ c)}),
     }
     out.append(f"\n### the small SVD: {layout}, {len(cores)} batches of [b, ℓ, ℓ], ℓ = {shapes[0][1]}\n")
     out.append("| how | s (all batches) |")
@@ -337,6 +339,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=Path("/root/extract-profile"))
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--device", default="cuda")
+    p.add_argument("--quick", action="store_true", help="the small SVD: the default driver and gesvda only")
+    p.add_argument("--repeat", type=int, default=3, help="start-up: fresh interpreters per row")
     p.add_argument("--pair", default="sdxl", help="the layout written for the in-process part")
     p.add_argument("--limit", type=int, default=0, help="at most this many batches a layout (a smoke test)")
     args = p.parse_args()
@@ -351,10 +355,10 @@ def main() -> None:
         lists = {k: v[:args.limit] for k, v in lists.items()}
     name = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU"
     out = [f"# extract on {name}, torch {torch.__version__}\n"]
-    steps = {"startup": lambda: startup(out),
+    steps = {"startup": lambda: startup(out, args.repeat),
              "compute": lambda: compute_alone(lists, args.layouts.split(","), out),
              "profile": lambda: profiled(lists, "sdxl", out),
-             "svd": lambda: small_svd(lists, "sdxl", out),
+             "svd": lambda: small_svd(lists, "sdxl", out, args.quick),
              "orth": lambda: orth(lists, "sdxl", out),
              "inprocess": lambda: in_process(args.keyshapes, args.workdir, out, args.pair)}
     for part in parts:
