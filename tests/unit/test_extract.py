@@ -257,3 +257,14 @@ def test_a_given_plan_is_used_and_an_adapter_is_not_a_model(tmp_path, gen, monke
     write_safetensors(peft / "adapter_model.safetensors", {"base_model.model.a.lora_A.weight": torch.zeros(2, 30)})
     with pytest.raises(LoraToolError, match="LoRA adapter \\(peft\\), not a model"):
         plan_extract(peft, t, opts)
+
+
+@pytest.mark.parametrize("gib,expected_mib", [(2, 128), (8, 204.8), (24, 512), (80, 512)])
+def test_a_gpu_batch_is_a_fortieth_of_the_card_within_bounds(monkeypatch, gib, expected_mib):
+    from types import SimpleNamespace
+
+    from loratool.ops.extract_stream import CPU_BATCH_BYTES, batch_budget
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib << 30))
+    assert batch_budget(torch.device("cuda", 0)) == pytest.approx(expected_mib * 2**20, abs=1)
+    assert batch_budget(torch.device("cpu")) == CPU_BATCH_BYTES
