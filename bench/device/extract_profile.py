@@ -194,7 +194,7 @@ def small_svd(lists: dict, layout: str, out: list[str], quick: bool = False) -> 
 
 
 def orth(lists: dict, layout: str, out: list[str]) -> None:
-    from loratool.linalg.randomized import _cholesky_qr2
+    from loratool.linalg.randomized import _cholesky_qr
 
     def inv_variant(y: torch.Tensor) -> torch.Tensor:
         q = y.double()
@@ -210,7 +210,7 @@ def orth(lists: dict, layout: str, out: list[str]) -> None:
         ell = min(2 * rank, m, n)
         if 2 * ell < min(m, n):
             ys.append(torch.randn(b, max(m, n), ell, device=DEV, generator=gen))
-    rows = {"CholeskyQR2 (fp64, triangular solve) as now": lambda y: _cholesky_qr2(y),
+    rows = {"CholeskyQR2 (fp64, triangular solve) as now": lambda y: _cholesky_qr(y),
             "CholeskyQR2, inverse factor times y": inv_variant,
             "Householder linalg.qr (fp32)": lambda y: torch.linalg.qr(y),
             "fp64 Gram matmul alone (×2)": lambda y: [(y.double().mT @ y.double()) for _ in range(2)]}

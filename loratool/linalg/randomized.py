@@ -53,34 +53,38 @@ def randomized_svd(
     k = max(0, min(rank, m, n))
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
     if x.device.type == "cpu":
-        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth, _core_svd)
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth_checked, _core_svd)
     else:  # the checks wait for the device: make them once, at the end, and redo the batch if one fails
         checks: list[torch.Tensor] = []
         u, s, vh = _range_finder_svd(x, width, niter, seed, names,
                                      lambda y, final: _orth_unchecked(y, checks, final),
                                      lambda c: _core_svd_batched(c, checks))
         if not bool(torch.stack(checks).all()):
-            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth, _core_svd)
+            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth_checked, _core_svd)
     u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
     return finish(u, s, vh, wide=wide, was_2d=was_2d)
 
 
-def _orth(y: torch.Tensor, final: bool = True) -> torch.Tensor:
+def _orth(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis of the columns of a tall ``y [b, M, ℓ]``.
 
     CholeskyQR2 in float64 (two Gram/Cholesky/triangular-solve passes: matmul-bound, and immune
     to the collapse of threaded LAPACK Householder QR on a busy CPU, where one 10240×64 QR was
     measured at 1 s instead of 20 ms); Householder QR when the Gram matrix is too ill-conditioned
-    (exactly low-rank sketches) or the result is not orthonormal to 1e-6. Every basis gets both
-    passes here (``final`` is for the signature :func:`_range_finder_svd` calls).
+    (exactly low-rank sketches) or the result is not orthonormal to 1e-6.
     """
-    q, ok = _cholesky_qr2(y)
+    q, ok = _cholesky_qr(y)
     if not bool(ok):
         q = torch.linalg.qr(y, mode="reduced")[0]
     return q
 
 
 INTERMEDIATE_TOLERANCE = 1e-3  # ‖QᵀQ − I‖ of a power iteration's basis: one CholeskyQR pass is enough
+
+
+def _orth_checked(y: torch.Tensor, final: bool) -> torch.Tensor:
+    """:func:`_orth` as :func:`_range_finder_svd` calls it: every basis gets both passes, final or not."""
+    return _orth(y)
 
 
 def _orth_unchecked(y: torch.Tensor, checks: list[torch.Tensor], final: bool = True) -> torch.Tensor:
@@ -91,14 +95,14 @@ def _orth_unchecked(y: torch.Tensor, checks: list[torch.Tensor], final: bool = T
     orthonormal to ``INTERMEDIATE_TOLERANCE`` (in float64 that holds up to a condition number ~3e6).
     On a GPU host each Cholesky and triangular solve costs ~0.3 and ~0.2 ms of host time whatever the
     size (H100 profile): a third of the factorisations of a batch go."""
-    q, ok = _cholesky_qr2(y, passes=2 if final else 1, tolerance=1e-6 if final else INTERMEDIATE_TOLERANCE)
+    q, ok = _cholesky_qr(y, passes=2 if final else 1, tolerance=1e-6 if final else INTERMEDIATE_TOLERANCE)
     checks.append(ok)
     return q
 
 
-def _cholesky_qr2(y: torch.Tensor, passes: int = 2, tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, whether every Cholesky factorisation succeeded and Q is orthonormal to ``tolerance``) — the
-    flag stays on the device."""
+def _cholesky_qr(y: torch.Tensor, passes: int = 2, tolerance: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR with ``passes`` passes (two: CholeskyQR2): (Q, whether every Cholesky factorisation
+    succeeded and Q is orthonormal to ``tolerance``) — the flag stays on the device."""
     q = y.to(torch.float64)
     ok = torch.ones((), dtype=torch.bool, device=y.device)
     for _ in range(passes):
