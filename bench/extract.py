@@ -6,8 +6,10 @@ its own process on the same files (page cache warm for all: the files were just 
 
 * floor    — loratool's reader alone (ops.extract_stream.stream_pairs: the same reader threads, pinned
              slots and host→device copies) over the same target weights; no math;
-* loratool — ops.extract + write_adapter in process (CUDA context made before the clock starts, as for
-             every contender), with its stage profile;
+* loratool — ops.extract_write.extract_to in process, the command's path (a kohya file streamed as
+             modules are made), with its stage profile (CUDA context made before the clock starts, as
+             for every contender);
+* whole    — the same with the kohya file written whole after the last module (as before streaming);
 * command  — the whole `python -m loratool extract …` command, timed from outside (start-up included);
 * kohya    — sd-scripts' extract_lora_from_models algorithm (reference/kohya.md §2.2: fp32 ΔW, full
              torch.linalg.svd, all of S in up, 0.99 quantile clamp) on every --stride-th module, its
@@ -73,16 +75,17 @@ def run_floor(base: Path, tuned: Path, args) -> dict:
     return {"bytes": nb, "modules": len(plan.modules), "profile": clock.as_dict()}
 
 
-def run_loratool(base: Path, tuned: Path, args) -> dict:
-    from loratool.formats.write import write_adapter
-    from loratool.ops.extract import extract
+def run_loratool(base: Path, tuned: Path, args, stream: bool = True) -> dict:
+    """The command's own path (ops.extract_write.extract_to: a kohya file streamed as modules come, a peft
+    folder written whole), without the CLI around it; ``stream=False`` writes the kohya file whole after
+    the last module (method ``whole``: the same run before streaming)."""
+    from loratool.io.output import Outputs
+    from loratool.ops.extract_write import extract_to
 
-    res = extract(base, tuned, _options(args))
-    t0 = time.perf_counter()
     fmt = "peft" if is_llm(args.layout) else "kohya"
-    extra = {"peft_embeddings": res.embedding_keys} if fmt == "peft" else {}
-    write_adapter(res.adapter, _out(args, "loratool_out"), fmt, force=True, inputs=[base, tuned], **extra)
-    res.profile["write_s"] = round(time.perf_counter() - t0, 4)
+    extra = (lambda r: {"peft_embeddings": r.embedding_keys}) if fmt == "peft" else None
+    res, _ = extract_to(base, tuned, _options(args), _out(args, "loratool_out"), fmt,
+                        Outputs([base, tuned], force=True), writer_args=extra, stream=stream)
     return {"modules": res.summary["modules"], "profile": res.profile}
 
 
@@ -112,7 +115,8 @@ def run_kohya(base: Path, tuned: Path, args) -> dict:
     return {"modules": len(plan.modules), "measured": len(subset), "svd_s": spent * scale, "estimate": True}
 
 
-RUNNERS = {"floor": run_floor, "loratool": run_loratool, "kohya": run_kohya}
+RUNNERS = {"floor": run_floor, "loratool": run_loratool, "kohya": run_kohya,
+           "whole": lambda base, tuned, args: run_loratool(base, tuned, args, stream=False)}
 
 
 def one(args) -> None:
@@ -243,18 +247,18 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
              f"pair {size / 2**30:.2f} GiB (written in {gen_s:.0f} s); load average {os.getloadavg()[0]:.1f}", "",
              "| method | modules | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
              "| err/opt worst |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("loratool", "command", "floor", "kohya", "lycoris", "mergekit"):
+    for name in ("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit"):
         r = results.get(name)
         if r is None:
             continue
-        e = errs.get(name) or r.get("err_opt") or errs.get("loratool" if name == "command" else "", [])
+        e = errs.get(name) or r.get("err_opt") or errs.get("loratool" if name in ("command", "whole") else "", [])
         mean, worst = (sum(e) / len(e), max(e)) if e else (float("nan"), float("nan"))
         speed = f"{kohya['wall_s'] / r['wall_s']:.1f}" if kohya else "—"
         label = f"{name} (est., {r['measured']} of {r['modules']} modules measured)" if r.get("estimate") else name
         lines.append(f"| {label} | {r.get('modules') or '—'} | {r['wall_s']:.2f} | "
                      f"{r['wall_s'] / floor if floor else float('nan'):.2f} | {speed} | {r.get('rss_gib', 0):.2f} | "
                      f"{r.get('gpu_gib', 0):.2f} | {mean:.4f} | {worst:.4f} |")
-    for name in ("loratool", "command", "floor"):
+    for name in ("loratool", "whole", "command", "floor"):
         if "profile" in results.get(name, {}):
             lines.append(f"\n{name} profile: " + ", ".join(f"{k} {v}" for k, v in results[name]["profile"].items()))
     return "\n".join(lines)

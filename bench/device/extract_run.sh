@@ -2,12 +2,15 @@
 # One device call: the GPU tests, then the extract benchmarks (SDXL, Llama-3-8B, Flux, SD3) until the
 # deadline; everything is logged under $OUT. Run from a folder holding loratool/, bench/, tests/,
 # fixtures/ and keyshapes/ (the *_full.json tables), with wheels (if any) in .whl/; KEYSHAPES=DIR and
-# WHEELS=DIR point elsewhere (e.g. a carried .dev/ folder).
-#   [KEYSHAPES=DIR] [WHEELS=DIR] bash bench/device/extract_run.sh SECONDS
+# WHEELS=DIR point elsewhere (e.g. a carried .dev/ folder); METHODS and LAYOUTS (space-separated) narrow
+# the run (LLM layouts drop kohya's estimate themselves).
+#   [KEYSHAPES=DIR] [WHEELS=DIR] [METHODS=floor,whole,loratool,command,kohya] [LAYOUTS="sdxl flux"] \
+#     bash bench/device/extract_run.sh SECONDS
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 limit=${1:-450}
 keyshapes=${KEYSHAPES:-keyshapes} wheels=${WHEELS:-.whl}
+methods=${METHODS:-floor,loratool,command,kohya} layouts=" ${LAYOUTS:-sdxl llama3-8b flux sd3} "
 start=$(date +%s)
 left() { echo $(( limit - ($(date +%s) - start) )); }
 if ls $wheels/*.whl >/dev/null 2>&1; then
@@ -19,9 +22,10 @@ python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, 
 timeout $(( $(left) < 120 ? $(left) : 120 )) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee $OUT/gpu_tests.log
 work=/root/extract-bench; mkdir -p $work
 run() {  # layout rank targets stride min_seconds_left
+  [[ $layouts == *" $1 "* ]] || return
   if (( $(left) < $5 )); then echo "skipped $1: $(left) s left" | tee -a $OUT/skipped.txt; return; fi
   timeout $(( $(left) - 5 )) python3 bench/extract.py --layout $1 --rank $2 --targets $3 --stride $4 --device cuda \
-    --methods floor,loratool,command,kohya --workdir $work --keyshapes $keyshapes --json-out $OUT/$1.json \
+    --methods $methods --workdir $work --keyshapes $keyshapes --json-out $OUT/$1.json \
     2>&1 | tail -30 | tee $OUT/$1.log
   rm -rf $work/*
 }

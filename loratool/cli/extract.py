@@ -119,12 +119,11 @@ def command(ctx, base, tuned, rank, output, arch, targets, conv_rank, min_change
     if report_path:
         outputs.claim(report_path, "report")
     startup = time.perf_counter() - started
-    result = _extract_with_progress(base, tuned, options, show=not (quiet or as_json), plan=plan)
-    t0 = time.perf_counter()
-    peft = _peft_settings(result, base, fmt, task_type, base_model_name)
-    path = _write(result, output, fmt, outputs, _parameters(options, fmt, plan.arch), peft)
-    result.profile.update(startup_s=round(startup, 4), write_s=round(time.perf_counter() - t0, 4),
-                          command_s=round(time.perf_counter() - started, 4))
+    result, path = _extract_with_progress(base, tuned, options, output, fmt, outputs, plan,
+                                          show=not (quiet or as_json), metadata=_metadata(options, fmt, plan.arch),
+                                          writer_args=lambda r: _peft_settings(r, base, fmt, task_type,
+                                                                               base_model_name))
+    result.profile.update(startup_s=round(startup, 4), command_s=round(time.perf_counter() - started, 4))
     full = {"output": str(path), **result.full_report()}
     if report_path:
         outputs.write_json(report_path, full, indent=1)
@@ -202,21 +201,21 @@ def _parameters(options, fmt: str, arch: str) -> dict:
             "deltas": sorted(options.deltas)}
 
 
-def _write(result, output: str, fmt: str, outputs: Outputs, params: dict, peft: dict):
-    from loratool.formats.write import write_adapter
+def _metadata(options, fmt: str, arch: str) -> dict[str, str]:
+    """The output's ``loratool.*`` keys (the extraction report is added when it is known)."""
     from loratool.io.metadata import loratool_keys
 
-    meta = {**loratool_keys("extract", {**params, "arch": result.plan.arch}),
-            "loratool.extract_report": result.compact_report()}
-    return write_adapter(result.adapter, output, fmt, metadata=meta, outputs=outputs, **peft)
+    return loratool_keys("extract", {**_parameters(options, fmt, arch), "arch": arch})
 
 
-def _extract_with_progress(base: str, tuned: str, options, show: bool, plan):
+def _extract_with_progress(base: str, tuned: str, options, output: str, fmt: str, outputs: Outputs, plan, *,
+                           show: bool, metadata: dict[str, str], writer_args):
     from loratool.cli.render import progress
-    from loratool.ops.extract import extract
+    from loratool.ops.extract_write import extract_to
 
     with progress("extract", len(plan.modules), show=show) as bar:
-        return extract(base, tuned, options, progress=lambda done, total, _key: bar.update(done, total), plan=plan)
+        return extract_to(base, tuned, options, output, fmt, outputs, metadata=metadata, plan=plan,
+                          progress=lambda done, total, _key: bar.update(done, total), writer_args=writer_args)
 
 
 def _dry_run(plan, options, as_json: bool, quiet: bool, verbose: bool) -> None:

@@ -12,6 +12,7 @@ rsLoRA modules get ``alpha·√r`` so that ``alpha/r`` is their scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -62,22 +63,36 @@ def spelled_id(family: Family, style: str, module: Module, single_te: bool = Fal
 
 def encode_named(adapter: Adapter, family: Family, style: str) -> dict[str, torch.Tensor]:
     """kohya-style keys (``<id>.lora_down.weight``, LyCORIS suffixes, ``<id>.alpha``) for every module."""
-    single_te = not {m.component for m in adapter.modules.values()} & {"text_encoder_2", "text_encoder_3"}
+    one = module_encoder(adapter, family, style)
     out: dict[str, torch.Tensor] = {}
     for module in adapter.modules.values():
+        for key, tensor in one(module).items():
+            if key in out:
+                raise LoraToolError(f"two modules map to the {style} key {key}")
+            out[key] = tensor
+    return out
+
+
+def module_encoder(adapter: Adapter, family: Family, style: str) -> Callable[[Module], dict[str, torch.Tensor]]:
+    """The keys and tensors of one module of ``adapter`` (whose components decide the text encoders'
+    prefixes) in a kohya-style layout: what :func:`encode_named` gives for it, module by module."""
+    single_te = not {m.component for m in adapter.modules.values()} & {"text_encoder_2", "text_encoder_3"}
+
+    def encode(module: Module) -> dict[str, torch.Tensor]:
         mid, swapped = spelled_id(family, style, module, single_te)
         group = lycoris_group(module)
         if swapped:
             group = {r: swap_halves(t) if r in ("up", "diff_b") else t for r, t in group.items()}
-        for role, tensor in group.items():
-            key = f"{mid}.{KOHYA_SUFFIX.get(role, role)}"
-            if key in out:
-                raise LoraToolError(f"two modules map to the {style} key {key}")
-            out[key] = tensor
+        out = {f"{mid}.{KOHYA_SUFFIX.get(role, role)}": tensor for role, tensor in group.items()}
         alpha = kohya_alpha(module)
         if alpha is not None:
             out[f"{mid}.alpha"] = alpha_tensor(alpha, module.tensors()[0])
-    return out
+        return out
+
+    return encode
+
+
+NAMED_LAYOUTS = frozenset({"kohya", "lycoris", "onetrainer", "musubi"})  # each is the style it spells
 
 
 def encode_kohya(adapter: Adapter, family: Family) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -11,6 +11,11 @@ with a 64-digit placeholder for the model hash, the data region is SHA-256'd in 
 the same chunks are written (both release the GIL), and the digest is patched into the header in
 place before the fsync and rename. The file is the same bytes as writing ``finalize_metadata``'s
 metadata in one go.
+
+One writer departs from that layout on purpose: an extraction's kohya-style file is streamed while its
+modules are made (:mod:`loratool.io.stream`), its data in the order the tensors came and its header
+padded with spaces into room reserved before the data; it holds the same tensors and metadata, and it
+uses this module's header, dtype, finiteness and hash functions.
 """
 
 from __future__ import annotations
@@ -146,11 +151,13 @@ def check_finite(name: str, t: torch.Tensor) -> None:
 
 
 def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
-                 metadata: Mapping[str, str] | None, *, padded: bool = True, strict: bool = True) -> bytes:
+                 metadata: Mapping[str, str] | None, *, padded: bool = True, strict: bool = True,
+                 pad_to: int | None = None) -> bytes | None:
     """The 8-byte length plus the space-padded JSON header for ``(name, dtype, shape, nbytes)``
     entries given in data order. ``padded=False`` gives the unpadded header of older writers
     (safetensors before 0.3), only for recomputing hashes that were taken with them; ``strict=False``
-    (the same) skips the checks every write gets (:func:`check_metadata`, names that are text)."""
+    (the same) skips the checks every write gets (:func:`check_metadata`, names that are text).
+    ``pad_to``: the JSON padded with spaces to exactly that many bytes (None when it is longer)."""
     header: dict[str, object] = {}
     meta = check_metadata(metadata, strict=strict)
     if meta is not None:
@@ -162,7 +169,11 @@ def header_bytes(entries: Iterable[tuple[str, str, Sequence[int], int]],
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    if padded:
+    if pad_to is not None:
+        if len(raw) > pad_to:
+            return None
+        raw += b" " * (pad_to - len(raw))
+    elif padded:
         raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
 
@@ -239,7 +250,7 @@ def _chunks(tensors: Mapping[str, torch.Tensor], names: list[str]):
 WRITEBACK_BYTES = 32 << 20  # how much is written before its write-back to disk is started
 
 
-def _writeback_starter():
+def writeback_starter():
     """Linux ``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing a range to disk
     without waiting, so that the final fsync finds little left to do (None where unavailable)."""
     try:
@@ -261,7 +272,7 @@ def _write_hashed(fh: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: M
     head, names = build_header(tensors, meta)
     slot = _hash_slot(head)
     digest = hashlib.sha256()
-    writeback = _writeback_starter()
+    writeback = writeback_starter()
     with ThreadPoolExecutor(max_workers=1) as pool:
         fh.write(head)
         pos = started = len(head)

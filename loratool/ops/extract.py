@@ -21,7 +21,7 @@ from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
 from loratool.io.sources import TensorSource
-from loratool.ops.extract_batch import extract_batch
+from loratool.ops.extract_batch import extract_batch, lora_module
 from loratool.ops.extract_deltas import add_deltas
 from loratool.ops.extract_plan import ExtractOptions, Plan, build_plan, open_pair, plan_extract
 from loratool.ops.extract_report import ModuleReport, compact, summarize
@@ -30,6 +30,7 @@ from loratool.ops.extract_stream import StageClock, batches, stream_pairs
 __all__ = ["ExtractResult", "batches", "extract", "open_pair", "output_dtype", "plan_extract", "stream_pairs"]
 
 Progress = Callable[[int, int, str], None]  # (modules done, total, last module key)
+Sink = Callable[[LoraModule], None]  # takes each module as it is made (a file being streamed)
 
 
 @dataclass
@@ -56,16 +57,18 @@ class ExtractResult:
 
 def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options: ExtractOptions,
             progress: Progress | None = None, *, plan: Plan | None = None,
-            clock: StageClock | None = None) -> ExtractResult:
+            clock: StageClock | None = None, sink: Sink | None = None) -> ExtractResult:
     """Extract a LoRA of ``tuned − base``; ``plan`` (from :func:`plan_extract` on the same inputs and
-    options) skips planning again; ``clock`` collects stage times (a fresh one by default)."""
+    options) skips planning again; ``clock`` collects stage times (a fresh one by default); ``sink`` gets
+    each module as soon as it is made, in the order the adapter holds them (the time it takes counts as
+    ``sink``)."""
     clock = clock or StageClock()
     with open_pair(base, tuned) as (b, t):
         with clock.timed("plan"):
             plan = plan or build_plan(b, t, options)
         dtype = output_dtype(options.dtype, t, plan)
-        reports, modules = _run(b, t, plan, options, dtype, progress, clock)
-        adapter = Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
+        reports, modules = _run(b, t, plan, options, dtype, progress, clock, sink)
+        adapter = _adapter(plan)
         for m in modules:
             adapter.add(m)
         deltas = add_deltas(adapter, b, t, plan.arch, options.deltas) if options.deltas else []
@@ -86,8 +89,23 @@ def output_dtype(name: str | None, tuned: TensorSource, plan: Plan) -> torch.dty
     return stored if stored in DTYPES.values() else torch.float32
 
 
+def outline(plan: Plan) -> Adapter:
+    """The adapter an extraction by ``plan`` makes at most: every planned module at its rank cap, as
+    float32 tensors on the meta device (no memory): what a file streamed as it is made reserves room for."""
+    adapter = _adapter(plan)
+    for m in plan.modules:
+        rows, cols = m.matrix_shape
+        adapter.add(lora_module(m, torch.empty((rows, m.rank), device="meta"), torch.empty((m.rank, cols), device="meta")))
+    return adapter
+
+
+def _adapter(plan: Plan) -> Adapter:
+    return Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
+
+
 def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
-         progress: Progress | None, clock: StageClock) -> tuple[list[ModuleReport], list[LoraModule]]:
+         progress: Progress | None, clock: StageClock, sink: Sink | None = None
+         ) -> tuple[list[ModuleReport], list[LoraModule]]:
     reports: list[ModuleReport] = []
     modules: list[LoraModule] = []
     done = 0
@@ -97,6 +115,10 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
             r, mods = extract_batch(pair, options, dtype, (b.path, t.path))
         reports += r
         modules += mods
+        if sink is not None:
+            with clock.timed("sink"):
+                for mod in mods:
+                    sink(mod)
         done += len(pair.modules)
         if progress:
             progress(done, len(plan.modules), pair.modules[-1].key)

@@ -55,5 +55,15 @@ def compact(reports: list[ModuleReport], summary: dict) -> str:
     return json.dumps({"summary": short, "modules": per}, sort_keys=True, separators=(",", ":"))
 
 
+def report_room(modules: list[tuple[str, tuple[int, ...], int]]) -> int:
+    """Characters enough for the :func:`compact` report of an extraction of ``modules`` (key, shape, rank
+    cap), whatever it finds: each module kept at its cap with the widest numbers, and room for the
+    summary's short lists (eight keys at most)."""
+    widest = 1.234e-100  # what _r makes longest
+    fake = [ModuleReport(key, shape, "ok", widest, rank, widest, widest) for key, shape, rank in modules]
+    longest = max((len(key) for key, _, _ in modules), default=0)
+    return len(json.dumps(compact(fake, summarize(fake, [], []))).encode()) + 1024 + 24 * (longest + 4)
+
+
 def _r(x: float) -> float:
     return float(f"{x:.4g}") if math.isfinite(x) else x

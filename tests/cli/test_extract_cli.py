@@ -155,3 +155,56 @@ def test_the_cli_plans_once(generic_pair, sd1_pair, tmp_path, monkeypatch):
     calls.clear()
     assert run("extract", *sd1_pair, "-r", 2, "--arch", "sd1", "-o", tmp_path / "x.safetensors", "-q").exit_code == 0
     assert len(calls) == 1
+
+
+def _content(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_kohya_output_is_streamed_and_holds_what_the_whole_write_would(sd1_pair, tmp_path, monkeypatch):
+    """The kohya file is written while the modules are made: the same tensors and metadata as writing the
+    finished adapter whole (the data region in another order, so its own sshs_model_hash), hashes right."""
+    from loratool.formats import stream
+    from loratool.io.hashes import hash_report
+
+    args = ("extract", *sd1_pair, "-r", 4, "--targets", "attn+conv", "--conv-rank", 3, "--json")
+    res = run(*args, "-o", tmp_path / "streamed.safetensors")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["profile"]["streamed"] is True
+    monkeypatch.setattr(stream, "streams", lambda fmt: False)
+    res = run(*args, "-o", tmp_path / "whole.safetensors")
+    assert "streamed" not in json.loads(res.output)["profile"]
+    (ta, ma), (tb, mb) = _content(tmp_path / "streamed.safetensors"), _content(tmp_path / "whole.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    ma.pop("sshs_model_hash"), mb.pop("sshs_model_hash")
+    assert ma == mb
+    assert all(v["ok"] for v in hash_report(tmp_path / "streamed.safetensors").values())
+
+
+def test_a_failure_after_streaming_began_leaves_nothing(sd1_pair, tmp_path, monkeypatch):
+    """The output file is open from the first module: a later error (a NaN in TUNED) still leaves no output and
+    no temporary, and names the input."""
+    from safetensors.torch import save_file
+
+    base, tuned = sd1_pair
+    with SafetensorsFile(tuned) as f:
+        weights = {k: f.get(k) for k in f.keys()}
+    weights[CONV] = weights[CONV].clone()
+    weights[CONV][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file(weights, str(bad))  # our writer refuses a NaN, as it should
+    from loratool.formats.stream import AdapterStream
+
+    added = []
+    real_add = AdapterStream.add
+    monkeypatch.setattr(AdapterStream, "add", lambda self, m: (added.append(m.key), real_add(self, m))[1])
+    out = tmp_path / "out"
+    out.mkdir()
+    res = CliRunner().invoke(cli, ["extract", str(base), str(bad), "-r", "4", "--targets", "attn+conv",
+                                   "-o", str(out / "lora.safetensors"), "-q"])
+    assert res.exit_code != 0 and "NaN" in res.output and "bad.safetensors" in res.output
+    assert added and all("in_layers" not in key for key in added)  # modules were streamed before the failure
+    assert list(out.iterdir()) == []
