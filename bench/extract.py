@@ -78,15 +78,47 @@ def run_floor(base: Path, tuned: Path, args) -> dict:
 def run_loratool(base: Path, tuned: Path, args, stream: bool = True) -> dict:
     """The command's own path (ops.extract_write.extract_to: a kohya file streamed as modules come, a peft
     folder written whole), without the CLI around it; ``stream=False`` writes the kohya file whole after
-    the last module (method ``whole``: the same run before streaming)."""
+    the last module (method ``whole``: the same run before streaming). The profile gains ``overlap``:
+    how long reading and computing each ran (the union of their intervals) and both at once."""
     from loratool.io.output import Outputs
+    from loratool.ops.extract_stream import StageClock
     from loratool.ops.extract_write import extract_to
 
     fmt = "peft" if is_llm(args.layout) else "kohya"
     extra = (lambda r: {"peft_embeddings": r.embedding_keys}) if fmt == "peft" else None
+    clock = StageClock(spans=[])
     res, _ = extract_to(base, tuned, _options(args), _out(args, "loratool_out"), fmt,
-                        Outputs([base, tuned], force=True), writer_args=extra, stream=stream)
+                        Outputs([base, tuned], force=True), writer_args=extra, stream=stream, clock=clock)
+    res.profile["overlap"] = overlap(clock.spans)
     return {"modules": res.summary["modules"], "profile": res.profile}
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def overlap(spans: list[tuple[str, float, float]]) -> dict:
+    """Seconds during which some reader read, the consumer computed (``compute`` + ``sink``), both, and
+    the consumer's first batch arrived."""
+    read = _union([(a, b) for s, a, b in spans if s == "read"])
+    work = _union([(a, b) for s, a, b in spans if s in ("compute", "sink")])
+    both, i, j = 0.0, 0, 0
+    while i < len(read) and j < len(work):
+        both += max(0.0, min(read[i][1], work[j][1]) - max(read[i][0], work[j][0]))
+        if read[i][1] < work[j][1]:
+            i += 1
+        else:
+            j += 1
+    first = min((a for s, a, _ in spans if s == "compute"), default=float("nan"))
+    return {"read_s": round(sum(b - a for a, b in read), 3), "compute_s": round(sum(b - a for a, b in work), 3),
+            "both_s": round(both, 3), "first_batch_s": round(first, 3),
+            "last_read_s": round(read[-1][1], 3) if read else None}
 
 
 def run_kohya(base: Path, tuned: Path, args) -> dict:

@@ -60,18 +60,24 @@ def reader_count(device: torch.device) -> int:
 @dataclass
 class StageClock:
     """Seconds per stage, summed over threads (``read``, ``copy``) or on the consumer (``wait``:
-    for the next batch; ``compute``: decomposing), and bytes read. Thread-safe."""
+    for the next batch; ``compute``: decomposing), and bytes read; with ``spans=[]``, each interval too
+    (the benchmarks' timeline: how far reading and computing overlap). Thread-safe."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0
     started: float = field(default_factory=time.perf_counter)
+    spans: list[tuple[str, float, float]] | None = None  # a list: every (stage, start, end) since ``started``
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _copies: list = field(default_factory=list, repr=False)
 
     def add(self, stage: str, seconds: float, nbytes: int = 0) -> None:
+        """``seconds`` of ``stage`` that ended now."""
         with self._lock:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
             self.bytes_read += nbytes
+            if self.spans is not None:
+                end = time.perf_counter() - self.started
+                self.spans.append((stage, end - seconds, end))
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

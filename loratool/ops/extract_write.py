@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from loratool.ops.extract import ExtractResult, Progress, extract, outline
 from loratool.ops.extract_plan import ExtractOptions, Plan, plan_extract
 from loratool.ops.extract_report import report_room
+from loratool.ops.extract_stream import StageClock
 
 if TYPE_CHECKING:
     from loratool.formats.stream import AdapterStream
@@ -33,18 +34,18 @@ def extract_to(base: str | os.PathLike[str], tuned: str | os.PathLike[str], opti
                output: str | os.PathLike[str], fmt: str, outputs: Outputs, *,
                metadata: Mapping[str, str] | None = None, plan: Plan | None = None, progress: Progress | None = None,
                writer_args: Callable[[ExtractResult], dict] | None = None,
-               stream: bool = True) -> tuple[ExtractResult, Path]:
+               stream: bool = True, clock: StageClock | None = None) -> tuple[ExtractResult, Path]:
     """Extract ``tuned − base`` into ``output`` (claimed in ``outputs``) in layout ``fmt``, with ``metadata``
     and the compact report under ``loratool.extract_report``. ``writer_args(result)``: extra
     ``write_adapter`` arguments for a layout written whole (peft's embeddings and config); ``stream=False``
     writes a kohya-style file whole too (the benchmarks' comparison).
     The profile gains ``write_s`` (after the last module: the rest of the file, fsync and rename) and, when
     streamed, ``write_busy_s`` (the writer thread's time, overlapped) and ``streamed`` (False when what
-    was streamed could not stand and the file was written again)."""
+    was streamed could not stand and the file was written again); ``clock`` as for :func:`extract`."""
     plan = plan or plan_extract(base, tuned, options)
     meta = dict(metadata or {})
     with _stream(outputs, output, fmt, plan, meta, stream) as into:
-        result = extract(base, tuned, options, progress, plan=plan, sink=into.add if into else None)
+        result = extract(base, tuned, options, progress, plan=plan, sink=into.add if into else None, clock=clock)
         t0 = time.perf_counter()
         meta[REPORT_KEY] = result.compact_report()
         if into is not None:
