@@ -185,3 +185,16 @@ def test_finite_bits_agrees_with_torch(dtype):
         t = case.to(dtype)
         expect = bool(torch.isfinite(t).all())
         assert finite_bits(tensor_bytes(t), dtype_name(t)) is expect, (dtype, case)
+
+
+def test_swapped_halves_of_an_outline_stay_on_the_meta_device():
+    """A streamed file's room is reserved from an outline on the meta device; a family whose modulation
+    rows are stored swapped (SD3's, Flux's final layer) keeps the shape there without any arithmetic,
+    and real rows are swapped exactly (an involution)."""
+    from loratool.formats.build import swap_halves
+
+    outline = torch.empty((3072, 64), dtype=torch.float32, device="meta")
+    got = swap_halves(outline)
+    assert got.is_meta and got.shape == outline.shape and got.dtype == outline.dtype
+    rows = torch.arange(12.0).reshape(6, 2)
+    assert torch.equal(swap_halves(rows)[:3], rows[3:]) and torch.equal(swap_halves(swap_halves(rows)), rows)
