@@ -15,7 +15,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from loratool.core.modules import Adapter, Module
@@ -38,9 +38,14 @@ class AdapterStream:
                  fmt: str, shown: str | os.PathLike[str]):
         self.stream, self._encode, self.fmt, self._shown = stream, encode, fmt, shown
 
-    def add(self, module: Module) -> None:
+    def add(self, modules: Iterable[Module]) -> None:
+        """Stream ``modules`` (one batch of an extraction), their tensors in the order they lie in memory:
+        a batch's factors are views of a few host tensors, which the stream then writes as a few runs."""
+        tensors: dict[str, torch.Tensor] = {}
+        for module in modules:
+            tensors.update(self._encode(module))
         with self._naming_output():
-            self.stream.add(self._encode(module))
+            self.stream.add(dict(sorted(tensors.items(), key=_in_memory_order(tensors.values()))))
 
     def finish(self, adapter: Adapter, metadata: Mapping[str, str] | None = None) -> bool:
         """Complete the file as :func:`~loratool.formats.write.write_adapter` would write ``adapter`` with
@@ -63,6 +68,15 @@ class AdapterStream:
             if e.path is None:  # a tensor refused: say which output it was for
                 raise LoraToolError(e.message, self._shown) from None
             raise
+
+
+def _in_memory_order(tensors: Iterable[torch.Tensor]) -> Callable[[tuple[str, torch.Tensor]], tuple[int, int]]:
+    """A sort key for ``(name, tensor)``: storages in the order they first appear, each one's tensors by
+    their place in it (the same order on every run, unlike addresses)."""
+    first: dict[int, int] = {}
+    for t in tensors:
+        first.setdefault(t.untyped_storage().data_ptr(), len(first))
+    return lambda kv: (first[kv[1].untyped_storage().data_ptr()], kv[1].storage_offset())
 
 
 def streams(fmt: str) -> bool:

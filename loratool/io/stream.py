@@ -88,9 +88,13 @@ class SafetensorsStream:
     # -- adding ------------------------------------------------------------------------------------
 
     def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Queue ``tensors`` to be written after those before; a tensor that would sit misaligned here is
-        kept for :meth:`finish`. Raises what an earlier one's write found (a non-finite tensor, a full disk)."""
+        """Queue ``tensors`` to be written, in this order, after those before; a tensor that would sit
+        misaligned here is kept for :meth:`finish`. Raises what an earlier write found (a non-finite
+        tensor, a full disk). Tensors that lie one after another in one storage (a batch's factors, in
+        memory order) are checked, hashed and written as one run: the worker takes the interpreter's lock
+        a few times a run instead of several times a tensor, which the compute beside it needs."""
         self._raise_done()
+        queued = []
         for name, t in tensors.items():
             if not isinstance(name, str) or name == "__metadata__":
                 raise LoraToolError(f"{name!r} cannot name a tensor in a safetensors file")
@@ -105,23 +109,25 @@ class SafetensorsStream:
             self.entries[name] = (dtype, tuple(t.shape), n)
             self.tensors[name] = t
             self.size += n
-            self._jobs.append(self._pool.submit(self._write, name, t, dtype))
+            queued.append((name, t, dtype))
+        if queued:
+            self._jobs.append(self._pool.submit(self._write_all, queued))
 
-    def _write(self, name: str, t: torch.Tensor, dtype: str) -> None:
+    def _write_all(self, queued: list[tuple[str, torch.Tensor, str]]) -> None:
         t0 = time.perf_counter()
-        data = tensor_bytes(t)
-        if dtype in _NON_FINITE_BITS and not finite_bits(data, dtype):
-            raise _NonFinite(name)
-        for lo in range(0, len(data), HASH_CHUNK):
-            chunk = data[lo:lo + HASH_CHUNK]
-            self._digest.update(chunk)
-            self.fh.write(chunk)
-        self._pos += len(data)
-        pos = self._pos
-        if self._writeback is not None and pos - self._started >= WRITEBACK_BYTES:
-            self.fh.flush()
-            self._writeback(self.fh.fileno(), self._started, pos - self._started)
-            self._started = pos
+        for run, data, dtype in _runs(queued):
+            if dtype in _NON_FINITE_BITS and not finite_bits(data, dtype):
+                raise _NonFinite(next(name for name, t, _ in run if not finite_bits(tensor_bytes(t), dtype)))
+            for lo in range(0, len(data), HASH_CHUNK):
+                chunk = data[lo:lo + HASH_CHUNK]
+                self._digest.update(chunk)
+                self.fh.write(chunk)
+            self._pos += len(data)
+            pos = self._pos
+            if self._writeback is not None and pos - self._started >= WRITEBACK_BYTES:
+                self.fh.flush()
+                self._writeback(self.fh.fileno(), self._started, pos - self._started)
+                self._started = pos
         self.busy_s += time.perf_counter() - t0
 
     def _raise_done(self, wait: bool = False) -> None:
@@ -199,6 +205,47 @@ class SafetensorsStream:
         for job in self._jobs:
             job.cancel()
         self._pool.shutdown(wait=True)
+
+
+def _runs(queued: list[tuple[str, torch.Tensor, str]]):
+    """``(tensors, bytes, dtype)`` for each run of ``queued`` whose tensors are contiguous, of one dtype and
+    lie back to back in one CPU storage (one memoryview over them all); any other tensor is a run alone."""
+    import torch
+
+    i = 0
+    while i < len(queued):
+        name, t, dtype = queued[i]
+        j = i + 1
+        if _in_place(t):
+            end = _byte_offset(t) + t.numel() * t.element_size()
+            while j < len(queued):
+                u = queued[j][1]
+                if not (queued[j][2] == dtype and _in_place(u) and _same_storage(u, t) and _byte_offset(u) == end):
+                    break
+                end += u.numel() * u.element_size()
+                j += 1
+        if j - i == 1:
+            yield queued[i:j], tensor_bytes(t), dtype
+        else:
+            whole = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+            yield queued[i:j], memoryview(whole[_byte_offset(t):end].numpy()), dtype
+        i = j
+
+
+def _in_place(t: torch.Tensor) -> bool:
+    """Its bytes can be read where they lie: a dense, contiguous CPU tensor of plain values."""
+    import torch
+
+    return (t.layout == torch.strided and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0 and not t.is_conj() and not t.is_neg()
+            and not t.requires_grad)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _byte_offset(t: torch.Tensor) -> int:
+    return t.storage_offset() * t.element_size()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

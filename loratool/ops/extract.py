@@ -30,7 +30,7 @@ from loratool.ops.extract_stream import StageClock, batches, stream_pairs
 __all__ = ["ExtractResult", "batches", "extract", "open_pair", "output_dtype", "plan_extract", "stream_pairs"]
 
 Progress = Callable[[int, int, str], None]  # (modules done, total, last module key)
-Sink = Callable[[LoraModule], None]  # takes each module as it is made (a file being streamed)
+Sink = Callable[[list[LoraModule]], None]  # takes each batch's modules as they are made (a file being streamed)
 
 
 @dataclass
@@ -60,8 +60,8 @@ def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options
             clock: StageClock | None = None, sink: Sink | None = None) -> ExtractResult:
     """Extract a LoRA of ``tuned − base``; ``plan`` (from :func:`plan_extract` on the same inputs and
     options) skips planning again; ``clock`` collects stage times (a fresh one by default); ``sink`` gets
-    each module as soon as it is made, in the order the adapter holds them (the time it takes counts as
-    ``sink``)."""
+    each batch's modules as soon as they are made, in the order the adapter holds them (the time it takes
+    counts as ``sink``)."""
     clock = clock or StageClock()
     with open_pair(base, tuned) as (b, t):
         with clock.timed("plan"):
@@ -115,10 +115,9 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
             r, mods = extract_batch(pair, options, dtype, (b.path, t.path))
         reports += r
         modules += mods
-        if sink is not None:
+        if sink is not None and mods:
             with clock.timed("sink"):
-                for mod in mods:
-                    sink(mod)
+                sink(mods)
         done += len(pair.modules)
         if progress:
             progress(done, len(plan.modules), pair.modules[-1].key)

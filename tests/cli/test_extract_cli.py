@@ -200,7 +200,7 @@ def test_a_failure_after_streaming_began_leaves_nothing(sd1_pair, tmp_path, monk
 
     added = []
     real_add = AdapterStream.add
-    monkeypatch.setattr(AdapterStream, "add", lambda self, m: (added.append(m.key), real_add(self, m))[1])
+    monkeypatch.setattr(AdapterStream, "add", lambda self, ms: (added.extend(m.key for m in ms), real_add(self, ms))[1])
     out = tmp_path / "out"
     out.mkdir()
     res = CliRunner().invoke(cli, ["extract", str(base), str(bad), "-r", "4", "--targets", "attn+conv",
@@ -208,3 +208,12 @@ def test_a_failure_after_streaming_began_leaves_nothing(sd1_pair, tmp_path, monk
     assert res.exit_code != 0 and "NaN" in res.output and "bad.safetensors" in res.output
     assert added and all("in_layers" not in key for key in added)  # modules were streamed before the failure
     assert list(out.iterdir()) == []
+
+
+def test_the_streamed_kohya_file_is_the_same_bytes_on_every_run(sd1_pair, tmp_path):
+    """Tensors go to the file in the order they lie in memory, storages in the order they come: the same on
+    every run (addresses are not), so a rerun gives the same file."""
+    args = ("extract", *sd1_pair, "-r", 4, "--targets", "attn+conv", "--conv-rank", 3, "-q")
+    for name in ("a", "b"):
+        assert run(*args, "-o", tmp_path / f"{name}.safetensors").exit_code == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()

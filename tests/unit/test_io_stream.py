@@ -198,3 +198,51 @@ def test_swapped_halves_of_an_outline_stay_on_the_meta_device():
     assert got.is_meta and got.shape == outline.shape and got.dtype == outline.dtype
     rows = torch.arange(12.0).reshape(6, 2)
     assert torch.equal(swap_halves(rows)[:3], rows[3:]) and torch.equal(swap_halves(swap_halves(rows)), rows)
+
+
+def batch_views(dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """Factors as an extraction batch hands them over: views of two host tensors (downs, ups), and alphas."""
+    gen = torch.Generator().manual_seed(5)
+    downs = torch.randn(4, 3, 40, generator=gen).to(dtype)
+    ups = torch.randn(4, 30, 3, generator=gen).to(dtype)
+    out = {}
+    for i in range(4):
+        out[f"lora_unet_b{i}.lora_down.weight"] = downs[i]
+        out[f"lora_unet_b{i}.lora_up.weight"] = ups[i]
+        out[f"lora_unet_b{i}.alpha"] = torch.tensor(3.0, dtype=dtype)
+    return out
+
+
+def test_tensors_back_to_back_in_one_storage_are_one_run():
+    from loratool.io.stream import _runs
+
+    ts = batch_views()
+    downs = [(k, t, "F16") for k, t in ts.items() if "down" in k]
+    ups = [(k, t, "F16") for k, t in ts.items() if "up" in k]
+    runs = list(_runs(downs + ups))
+    assert [len(r) for r, _, _ in runs] == [4, 4]
+    assert bytes(runs[0][1]) == b"".join(bytes(tensor_bytes(t)) for _, t, _ in downs)
+    shuffled = [downs[0], downs[2], downs[1], ups[0]]  # out of place, another storage: runs of one
+    assert [len(r) for r, _, _ in _runs(shuffled)] == [1, 1, 1, 1]
+    as_f32 = [downs[0], (downs[1][0], downs[1][1], "BF16")]  # another dtype name: its own run
+    assert [len(r) for r, _, _ in _runs(as_f32)] == [1, 1]
+
+
+def test_a_batch_streamed_as_runs_holds_what_the_reference_writer_would(tmp_path):
+    ts = batch_views()
+    order = sorted(ts, key=lambda k: ("alpha" in k, "up" in k, k))  # downs, ups, alphas: two runs and the rest
+    out = tmp_path / "s.safetensors"
+    assert stream_write(out, [{k: ts[k] for k in order}], ts) is True
+    same_content(out, reference(tmp_path, ts))
+    assert all(v["ok"] for v in hash_report(out).values())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_value_inside_a_run_names_its_tensor(tmp_path, bad):
+    ts = batch_views()
+    ts["lora_unet_b2.lora_up.weight"][7, 1] = bad  # a view: the run's storage holds it
+    order = sorted(ts, key=lambda k: ("alpha" in k, "up" in k, k))
+    out = tmp_path / "s.safetensors"
+    with pytest.raises(LoraToolError, match="lora_unet_b2.lora_up.weight"):
+        stream_write(out, [{k: ts[k] for k in order}], ts)
+    assert os.listdir(tmp_path) == []
