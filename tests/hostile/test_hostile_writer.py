@@ -81,6 +81,34 @@ def test_a_failing_disk_leaves_the_old_output(command, err, tmp_path, monkeypatc
     assert not Path(f"{out}.json").exists()
 
 
+def _checkpoint_pair(folder: Path) -> tuple[Path, Path]:
+    """An SD1.5-keyed base/tuned pair whose attention and conv weights changed (a streamed kohya output)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(9)
+    keys = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+            "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (320, 320, 3, 3),
+            "model.diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight": (1280, 1280)}
+    base = {k: torch.randn(*shape, generator=gen).half() for k, shape in keys.items()}
+    tuned = {k: (v.float() + 0.05 * torch.randn(*v.shape, generator=gen)).half() for k, v in base.items()}
+    return save(folder / "base.safetensors", base), save(folder / "tuned.safetensors", tuned)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO], ids=["ENOSPC", "EIO"])
+def test_a_disk_failing_while_extract_streams_leaves_the_old_output(err, tmp_path, monkeypatch) -> None:
+    """extract writes its kohya file while the modules are made (on the writer thread): a write that fails
+    there is the same one-line error, the old output stays, no temporary is left."""
+    base, tuned = _checkpoint_pair(tmp_path)
+    out = tmp_path / "out.safetensors"
+    _old_output(out, False)
+    before = snapshot([base, tuned, out])
+    monkeypatch.setattr(_FailingFile, "ERRNO", err)
+    monkeypatch.setattr(atomic.io, "FileIO", _FailingFile)
+    result = invoke("extract", str(base), str(tuned), "-r", "4", "--targets", "attn+conv", "-o", str(out), "--force")
+    line = check_refused(result, inputs=[base, tuned, out], before=before, names=[out.name])
+    assert os.strerror(err) in line, line
+
+
 _KILL_AT_COMMIT = """
 import os, signal, sys
 from loratool.io import atomic
