@@ -90,7 +90,7 @@ def run_loratool(base: Path, tuned: Path, args, stream: bool = True) -> dict:
     res, _ = extract_to(base, tuned, _options(args), _out(args, "loratool_out"), fmt,
                         Outputs([base, tuned], force=True), writer_args=extra, stream=stream, clock=clock)
     res.profile["overlap"] = overlap(clock.spans)
-    return {"modules": res.summary["modules"], "profile": res.profile}
+    return {"modules": res.summary["modules"], "planned": len(res.plan.modules), "profile": res.profile}
 
 
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -277,7 +277,7 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
     layers = f" ({args.layers} decoder layers)" if args.layers else ""
     lines = [f"extract {args.layout}{layers} rank {args.rank} --targets {args.targets} on {dev}; torch {torch.__version__}; "
              f"pair {size / 2**30:.2f} GiB (written in {gen_s:.0f} s); load average {os.getloadavg()[0]:.1f}", "",
-             "| method | modules | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
+             "| method | modules (extracted of planned) | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
              "| err/opt worst |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in ("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit"):
         r = results.get(name)
@@ -287,7 +287,8 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
         mean, worst = (sum(e) / len(e), max(e)) if e else (float("nan"), float("nan"))
         speed = f"{kohya['wall_s'] / r['wall_s']:.1f}" if kohya else "—"
         label = f"{name} (est., {r['measured']} of {r['modules']} modules measured)" if r.get("estimate") else name
-        lines.append(f"| {label} | {r.get('modules') or '—'} | {r['wall_s']:.2f} | "
+        count = f"{r['modules']} of {r['planned']}" if r.get("planned") else r.get("modules") or "—"
+        lines.append(f"| {label} | {count} | {r['wall_s']:.2f} | "
                      f"{r['wall_s'] / floor if floor else float('nan'):.2f} | {speed} | {r.get('rss_gib', 0):.2f} | "
                      f"{r.get('gpu_gib', 0):.2f} | {mean:.4f} | {worst:.4f} |")
     for name in ("loratool", "whole", "command", "floor"):
