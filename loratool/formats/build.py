@@ -35,8 +35,8 @@ class GroupError(ValueError):
 def swap_halves(t: torch.Tensor) -> torch.Tensor:
     """Rows ``[a, b]`` -> ``[b, a]`` (exact; an involution): a modulation whose single-file weight holds
     ``[shift, scale]`` where diffusers holds ``[scale, shift]`` (the family's table says which)."""
-    if t.is_meta:  # an outline (a streamed file's room): the shape is all there is; cat or empty_like on the meta
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")  # device import Python kernels (1.7 s here)
+    if t.is_meta:  # an outline (a streamed file's room) has shapes only; cat or empty_like there would build
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")  # torch's Python meta kernels (1.7 s)
     half = t.shape[0] // 2
     return torch.cat([t[half:], t[:half]], dim=0)
 

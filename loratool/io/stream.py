@@ -14,8 +14,8 @@ start by the reference writer (:func:`loratool.io.writer.write_file`): slower, n
 what it holds. ``sshs_model_hash`` is the SHA-256 of the data region as written; ``sshs_legacy_hash``
 is kohya's window of the reference serialisation, as :mod:`loratool.io.hashes` defines it.
 
-Finiteness is judged from the bits on the worker (no torch call there: torch's thread settings are the
-process's, and the compute runs beside it); a non-finite tensor is named on the next call.
+Finiteness is judged from the bits on the worker with numpy (no torch arithmetic there: torch's thread
+settings are the process's, and the compute runs beside it); a non-finite tensor is named on the next call.
 """
 
 from __future__ import annotations
@@ -48,8 +48,6 @@ if TYPE_CHECKING:
 # exponent masks: a value is NaN or ±inf exactly when all its exponent bits are set
 _NON_FINITE_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
                     "F64": (np.uint64, 0x7FF0000000000000), "C64": (np.uint32, 0x7F800000)}
-_FLOATS = {"F16", "BF16", "F32", "F64", "C64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
-           "F4", "F6_E2M3", "F6_E3M2"}
 
 
 def finite_bits(data: memoryview, dtype: str) -> bool:
@@ -103,8 +101,8 @@ class SafetensorsStream:
             dtype = dtype_name(t)
             if self.size % t.element_size():
                 continue  # finish appends it, or rewrites the file
-            if dtype in _FLOATS and dtype not in _NON_FINITE_BITS:
-                check_finite(name, t)  # rare float formats: torch, on this thread
+            if dtype not in _NON_FINITE_BITS:
+                check_finite(name, t)  # fp8 and complex by torch, on this thread (anything else passes at once)
             n = t.numel() * t.element_size()
             self.entries[name] = (dtype, tuple(t.shape), n)
             self.tensors[name] = t
