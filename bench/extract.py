@@ -69,7 +69,7 @@ def run_floor(base: Path, tuned: Path, args) -> dict:
         for pair in stream_pairs(b, t, plan.modules, torch.device(args.device), clock):
             if pair.ready is not None:
                 torch.cuda.current_stream().wait_event(pair.ready)
-            nb += sum(x.numel() * x.element_size() for x in (*pair.base, *pair.tuned))
+            nb += sum(x.numel() * x.element_size() for x in (pair.base, pair.tuned))
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"bytes": nb, "modules": len(plan.modules), "profile": clock.as_dict()}

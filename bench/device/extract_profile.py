@@ -44,7 +44,7 @@ def make_batches(out: Path, keyshapes: Path) -> None:
     from extract_pairs import _header, checkpoint_table
 
     from loratool.ops.extract_plan import build_plan, open_pair
-    from loratool.ops.extract_stream import CUDA_BATCH_BYTES, batches, pair_nbytes
+    from loratool.ops.extract_stream import CUDA_BATCH_BYTES, pair_batches
 
     lists = {}
     for layout, (rank, targets) in JOBS.items():
@@ -57,7 +57,7 @@ def make_batches(out: Path, keyshapes: Path) -> None:
         try:
             with open_pair(path, path) as (b, t):
                 plan = build_plan(b, t, _options(rank, targets))
-                jobs = batches(plan.modules, CUDA_BATCH_BYTES[1], lambda m: pair_nbytes(b, t, m))  # an 80 GB card's
+                jobs = pair_batches(b, t, plan.modules, CUDA_BATCH_BYTES[1])  # an 80 GB card's
         finally:
             path.unlink()
         lists[layout] = [[list(j[0].matrix_shape), len(j), j[0].rank] for j in jobs]

@@ -31,25 +31,26 @@ def extract_batch(pair: PairBatch, options: ExtractOptions, dtype: torch.dtype,
     if pair.ready is not None:  # CUDA: the copies ran on the reader's stream
         current = torch.cuda.current_stream()
         current.wait_event(pair.ready)
-        for x in (*pair.base, *pair.tuned):
+        for x in (pair.base, pair.tuned):
             x.record_stream(current)
     batch = pair.modules
-    m, n = batch[0].matrix_shape
-    base = [_arithmetic(x).reshape(m, n) for x in pair.base]
-    tuned = [_arithmetic(x).reshape(m, n) for x in pair.tuned]
-    pair.base = pair.tuned = []  # the batch's memory goes with these lists
+    base, tuned = pair.base, pair.tuned
+    pair.base = pair.tuned = None  # the batch's memory goes with these names
     changed = changed_flags(base, tuned)
     reports = [ModuleReport(mod.key, mod.shape, "unchanged", 0.0) for mod, c in zip(batch, changed, strict=True)
                if not c]
     idx = [i for i, c in enumerate(changed) if c]
     if not idx:
         return reports, []
-    delta = torch.empty((len(idx), m, n), dtype=torch.float32, device=base[0].device)
-    for j, i in enumerate(idx):
-        delta[j].copy_(tuned[i])
-        delta[j].sub_(base[i])
-    base_sq = torch.stack([sq_norm(base[i]) for i in idx])
+    if len(idx) < len(batch):
+        rows = torch.tensor(idx, device=base.device)
+        base, tuned = base.index_select(0, rows), tuned.index_select(0, rows)
+    base, tuned = _arithmetic(base), _arithmetic(tuned)
+    delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
+    delta.copy_(tuned)
+    delta.sub_(base)
     del tuned
+    base_sq = sq_norms(base)
     if batch[0].is_text_encoder:  # the --min-change test needs the norms before the work
         idx, delta, base_sq, skipped = _min_change(batch, idx, delta, base_sq, options.min_change)
         reports += skipped
@@ -87,26 +88,29 @@ def _name_non_finite(mods: list[PlannedModule], delta: torch.Tensor, base_sq: to
                                 f"{('BASE', 'TUNED')[side]}: there is no low-rank difference to extract", paths[side])
 
 
-def changed_flags(base: list[torch.Tensor], tuned: list[torch.Tensor]) -> list[bool]:
-    """Whether each pair differs in any stored bit (so ``-0.0`` vs ``0.0`` counts as a change, and a NaN
-    left as it was does not); one wait for the device."""
-    if base[0].device.type == "cpu":
-        return [not torch.equal(_bits(b), _bits(t)) for b, t in zip(base, tuned, strict=True)]
-    flags = torch.stack([(_bits(b) != _bits(t)).any() for b, t in zip(base, tuned, strict=True)])
-    return flags.cpu().tolist()
+def changed_flags(base: torch.Tensor, tuned: torch.Tensor) -> list[bool]:
+    """Whether each matrix of two stacks ``[n, rows, cols]`` differs in any stored bit (so ``-0.0`` vs
+    ``0.0`` counts as a change, and a NaN left as it was does not); one wait for the device."""
+    return (_bits(base) != _bits(tuned)).flatten(1).any(dim=1).tolist()
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_BITS[x.element_size()])
 
 
-def sq_norm(x: torch.Tensor) -> torch.Tensor:
-    """‖x‖_F² in float64 (a 0-d device tensor), read in chunks so that no float32 copy of a large
-    stored weight is made."""
-    flat = x.reshape(-1)
-    parts = [torch.linalg.vector_norm(flat[i:i + CHUNK], dtype=torch.float32).double().square()
-             for i in range(0, flat.numel(), CHUNK)]
-    return torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64, device=x.device)
+def sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x[i]‖_F² of each matrix of a stack ``[n, rows, cols]``, float64 ``[n]`` on its device, read at
+    most ``CHUNK`` elements at a time (so no float32 copy of a large stored weight is made)."""
+    n, rows, cols = x.shape
+    if rows * cols <= CHUNK:
+        per = max(1, CHUNK // max(1, rows * cols))
+        return torch.cat([_part_sq(x[i:i + per], dim=(1, 2)) for i in range(0, n, per)])
+    step = max(1, CHUNK // max(1, cols))
+    return torch.stack([sum(_part_sq(x[i, r:r + step]) for r in range(0, rows, step)) for i in range(n)])
+
+
+def _part_sq(x: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).double().square()
 
 
 def residual_sq(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -4,12 +4,18 @@ Batches hold same-shaped modules (in plan order of first appearance, a few tens 
 reader threads load batches at once (positional reads of only the rows a module needs: several
 files, shards or parts of one file in parallel), in order, a bounded number ahead of the consumer.
 
+A batch arrives stacked: one buffer a side, module after module, each module's stored rows back to back
+(a batch's modules share their matrix shape, stored dtypes and orientation), seen as ``[n, rows, cols]``.
+The consumer's work on it is then a few operations a batch, not a few a module: on a GPU host each
+operation costs ~10–25 µs of host time whatever its size, and SDXL has over a thousand modules.
+
 On CUDA a reader fills a small ring of pinned staging slots (``SLOT_BYTES`` each, whatever the model:
 a weight larger than a slot — an LLM's embedding — goes through in row chunks) and issues each slot's
-host→device copy itself, on a copy stream, as soon as the slot is full; a slot goes back to the
-readers when its copy is done. The consumer gets each batch's weights on the device, in their stored
-dtype, with an event to wait on, so reading, copying and the decomposition of earlier batches overlap;
-pinned memory stays ``slots × SLOT_BYTES``.
+host→device copy itself, on a copy stream, as soon as the slot is full (one copy per run of bytes that
+lie back to back in the slot and in the batch's buffer); a slot goes back to the readers when its copy
+is done. The consumer gets each batch's weights on the device, in their stored dtype, with an event to
+wait on, so reading, copying and the decomposition of earlier batches overlap; pinned memory stays
+``slots × SLOT_BYTES``.
 
 :class:`StageClock` collects where the time went (reading, copying, waiting, computing, writing).
 """
@@ -29,7 +35,6 @@ import torch
 
 from loratool.io.prefetch import StagingRing, prefetch
 from loratool.io.sources import TensorSource
-from loratool.io.weights import read_weight
 from loratool.ops.extract_plan import PlannedModule
 
 CPU_BATCH_BYTES = 64 << 20  # stored bytes of a batch's base + tuned weights
@@ -104,22 +109,25 @@ class StageClock:
 
 @dataclass
 class PairBatch:
-    """Same-shaped modules and their stored weights (layer shape, stored dtype) on the device."""
+    """Same-shaped modules and their stored weights on the device, stacked: ``base`` and ``tuned`` are
+    ``[n, rows, cols]`` (each module's matrix, in the stored dtype; a view of one buffer a side)."""
 
     modules: list[PlannedModule]
-    base: list[torch.Tensor]
-    tuned: list[torch.Tensor]
+    base: torch.Tensor
+    tuned: torch.Tensor
     ready: torch.cuda.Event | None = None  # CUDA: the copies are done once this has fired
 
 
-def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[PlannedModule], int] | None = None
-            ) -> list[list[PlannedModule]]:
-    """Same-shaped, same-rank modules grouped (in plan order of first appearance), each batch at most
-    ``budget`` bytes by ``nbytes(module)`` (default: the fp32 ΔW), and at least one module."""
+def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[PlannedModule], int] | None = None,
+            kind: Callable[[PlannedModule], tuple] | None = None) -> list[list[PlannedModule]]:
+    """Same-shaped, same-rank modules (and of the same ``kind(module)``, when given) grouped, in plan order
+    of first appearance, each batch at most ``budget`` bytes by ``nbytes(module)`` (default: the fp32 ΔW),
+    and at least one module."""
     nbytes = nbytes or (lambda m: 4 * math.prod(m.matrix_shape))
     groups: dict[tuple, list[PlannedModule]] = {}
     for m in modules:
-        groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder, m.embedding), []).append(m)
+        extra = kind(m) if kind is not None else ()
+        groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder, m.embedding, *extra), []).append(m)
     out = []
     for group in groups.values():
         per = max(1, budget // max(1, nbytes(group[0])))
@@ -127,9 +135,56 @@ def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[Planned
     return out
 
 
+def pair_batches(b: TensorSource, t: TensorSource, modules: list[PlannedModule], budget: int
+                 ) -> list[list[PlannedModule]]:
+    """:func:`batches` as the reader forms them: by stored bytes, and stackable (one orientation, one stored
+    dtype a side)."""
+    def kind(m: PlannedModule) -> tuple:
+        first = m.ref.segments[0].key
+        return m.ref.transpose, b.dtype(first), t.dtype(first)
+
+    return batches(modules, budget, lambda m: pair_nbytes(b, t, m), kind)
+
+
 def pair_nbytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
     """Stored bytes of one module's base and tuned weights."""
-    return sum(src.nbytes(seg.key, seg.rows(src)) for src in (b, t) for seg in m.ref.segments)
+    return module_nbytes(b, m) + module_nbytes(t, m)
+
+
+def module_nbytes(src: TensorSource, m: PlannedModule) -> int:
+    """Stored bytes of one module's weight in ``src`` (its segments' rows)."""
+    return sum(src.nbytes(seg.key, seg.rows(src)) for seg in m.ref.segments)
+
+
+def _pieces(src: TensorSource, m: PlannedModule) -> Iterator[tuple]:
+    """(segment, row range, byte offset in the module's stored weight) for each stored segment of ``m``."""
+    offset = 0
+    for seg in m.ref.segments:
+        start, stop = _row_range(src, seg)
+        yield seg, (start, stop), offset
+        offset += src.nbytes(seg.key, (start, stop))
+
+
+def stacked(buf: torch.Tensor, batch: list[PlannedModule], src: TensorSource) -> torch.Tensor:
+    """A batch's buffer of stored bytes (``uint8``, module after module) as its matrices ``[n, rows, cols]``
+    in the stored dtype (a view: transposed where the checkpoint stores the weight so)."""
+    m = batch[0]
+    rows, cols = m.matrix_shape
+    x = buf.view(src.dtype(m.ref.segments[0].key))
+    if m.ref.transpose:  # a 2-d weight stored as its transpose
+        return x.view(len(batch), cols, rows).transpose(1, 2)
+    return x.view(len(batch), rows, cols)
+
+
+def read_stacked(src: TensorSource, batch: list[PlannedModule]) -> torch.Tensor:
+    """A batch's stored weights read from ``src`` into one host buffer (positional reads of the rows each
+    module needs), as :func:`stacked` matrices."""
+    per = module_nbytes(src, batch[0])
+    buf = torch.empty(len(batch) * per, dtype=torch.uint8)
+    for i, m in enumerate(batch):
+        for seg, rows, offset in _pieces(src, m):
+            src.read(seg.key, rows, buf[i * per + offset:])
+    return stacked(buf, batch, src)
 
 
 @contextmanager
@@ -149,12 +204,12 @@ def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
     """:class:`PairBatch` es in order, read ahead on ``readers`` threads (default :func:`reader_count`)."""
     clock = clock or StageClock()
     readers = readers or reader_count(device)
-    jobs = batches(modules, batch_budget(device), lambda m: pair_nbytes(b, t, m))
+    jobs = pair_batches(b, t, modules, batch_budget(device))
     with _short_switch_interval():
         if device.type != "cuda":
             def load_cpu(batch: list[PlannedModule]) -> PairBatch:
                 t0 = time.perf_counter()
-                out = PairBatch(batch, [read_weight(b, m.ref) for m in batch], [read_weight(t, m.ref) for m in batch])
+                out = PairBatch(batch, read_stacked(b, batch), read_stacked(t, batch))
                 clock.add("read", time.perf_counter() - t0, sum(pair_nbytes(b, t, m) for m in batch))
                 return out
 
@@ -195,38 +250,22 @@ class Uploader:
         self._lock = threading.Lock()
 
     def load(self, batch: list[PlannedModule]) -> PairBatch:
-        b, t = self.sources
+        sides = self.sources
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            dests = [[self._empty(src, m) for m in batch] for src in (b, t)]
-            pieces = [(src, seg, rows, dest, offset)
-                      for side, src in enumerate((b, t)) for i, m in enumerate(batch)
-                      for seg, rows, offset, dest in self._segments(src, m, dests[side][i])]
+            per = [module_nbytes(src, batch[0]) for src in sides]
+            dests = [torch.empty(len(batch) * n, dtype=torch.uint8, device=self.device) for n in per]
+            pieces = [(src, seg, rows, dest, i * n + offset)
+                      for src, dest, n in zip(sides, dests, per, strict=True) for i, m in enumerate(batch)
+                      for seg, rows, offset in _pieces(src, m)]
             ready = self._copy(pieces)
-        base = [_finish(d, m) for d, m in zip(dests[0], batch, strict=True)]
-        tuned = [_finish(d, m) for d, m in zip(dests[1], batch, strict=True)]
-        return PairBatch(batch, base, tuned, ready)
-
-    def _empty(self, src: TensorSource, m: PlannedModule) -> torch.Tensor:
-        """The stored rows of ``m`` (segments stacked) as one device tensor, not yet filled."""
-        first = m.ref.segments[0]
-        rows = sum(_row_range(src, seg)[1] - _row_range(src, seg)[0] for seg in m.ref.segments)
-        return torch.empty((rows, *src.shape(first.key)[1:]), dtype=src.dtype(first.key), device=self.device)
-
-    @staticmethod
-    def _segments(src: TensorSource, m: PlannedModule, dest: torch.Tensor):
-        """(segment, row range, first destination row, destination) for each stored segment of ``m``."""
-        offset = 0
-        for seg in m.ref.segments:
-            start, stop = _row_range(src, seg)
-            yield seg, (start, stop), offset, dest
-            offset += stop - start
+        return PairBatch(batch, stacked(dests[0], batch, sides[0]), stacked(dests[1], batch, sides[1]), ready)
 
     def _copy(self, pieces: list) -> torch.cuda.Event:
         """Read every row range into slots (splitting ranges larger than a slot) and copy each full slot
         to its destinations; returns the event recorded after the last copy."""
         slot, used, staged = None, 0, []
         last = None
-        for src, seg, (start, stop), dest, first_row in pieces:
+        for src, seg, (start, stop), dest, at in pieces:
             row_bytes = src.nbytes(seg.key, (start, start + 1)) if stop > start else 0
             per_slot = max(1, SLOT_BYTES // max(1, row_bytes))
             row = start
@@ -238,9 +277,9 @@ class Uploader:
                         last = self._send(slot, staged)
                     slot, used, staged = self._take(), 0, []
                 t0 = time.perf_counter()
-                view = src.read(seg.key, (row, row + n), slot[used:])
+                src.read(seg.key, (row, row + n), slot[used:])
                 self.clock.add("read", time.perf_counter() - t0, n * row_bytes)
-                staged.append((dest[first_row + row - start:first_row + row - start + n], view))
+                _stage(staged, dest, at + (row - start) * row_bytes, used, n * row_bytes)
                 used += need
                 row += n
         if slot is not None:
@@ -253,8 +292,8 @@ class Uploader:
     def _send(self, slot: torch.Tensor, staged: list) -> torch.cuda.Event:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(self.stream)
-        for dest, view in staged:
-            dest.copy_(view.reshape(dest.shape), non_blocking=True)
+        for dest, at, src_at, nbytes in staged:
+            dest[at:at + nbytes].copy_(slot[src_at:src_at + nbytes], non_blocking=True)
         end.record(self.stream)
         self.clock.copy_events(start, end)
         with self._lock:
@@ -282,10 +321,15 @@ class Uploader:
         self.ring.close()
 
 
-def _finish(dest: torch.Tensor, m: PlannedModule) -> torch.Tensor:
-    """The stored rows as the layer's weight (transposed where the checkpoint stores it so)."""
-    w = dest.transpose(0, 1) if m.ref.transpose else dest
-    return w.reshape(m.ref.shape)
+def _stage(staged: list, dest: torch.Tensor, at: int, src_at: int, nbytes: int) -> None:
+    """Add a copy of ``nbytes`` from byte ``src_at`` of the slot to byte ``at`` of ``dest``, as part of the
+    previous copy when both continue it (one host→device copy per run of back-to-back bytes)."""
+    if staged:
+        d, a, s, n = staged[-1]
+        if d is dest and a + n == at and s + n == src_at:
+            staged[-1] = (d, a, s, n + nbytes)
+            return
+    staged.append((dest, at, src_at, nbytes))
 
 
 def _row_range(src: TensorSource, seg) -> tuple[int, int]:

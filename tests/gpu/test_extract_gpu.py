@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -148,3 +151,27 @@ def test_resize_on_gpu_matches_cpu():
         new = resize(a, ResizeOptions(rank=16, device=device)).adapter.modules["unet.x"]
         assert new.scale == old.scale and new.rank == 16
         assert float((new.delta(torch.float64) - d).norm()) <= 1.0001 * optimal
+
+
+def test_the_cuda_stream_stacks_each_batch_as_the_cpu_reader_does(tmp_path, monkeypatch):
+    """Fused rows, a transposed weight, a conv and a dtype that differs on one side, through pinned slots
+    small enough that weights are split across slots and copies are merged across modules."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))  # the CPU test's files and modules
+    from test_extract_stream import MODULES, _files
+
+    from loratool.io.sources import open_source
+    from loratool.ops import extract_stream
+    from loratool.ops.extract_stream import stream_pairs
+
+    monkeypatch.setattr(extract_stream, "SLOT_BYTES", 256)  # 2⅔ modules of 96 bytes a slot
+    b, t = _files(tmp_path)
+    with open_source(b) as bs, open_source(t) as ts:
+        cpu = list(stream_pairs(bs, ts, MODULES, torch.device("cpu")))
+        gpu = list(stream_pairs(bs, ts, MODULES, torch.device("cuda")))
+        assert [[m.path for m in p.modules] for p in gpu] == [[m.path for m in p.modules] for p in cpu]
+        for pc, pg in zip(cpu, gpu, strict=True):
+            torch.cuda.current_stream().wait_event(pg.ready)
+            for side in ("base", "tuned"):
+                got, want = getattr(pg, side), getattr(pc, side)
+                assert got.device.type == "cuda" and got.dtype == want.dtype
+                assert torch.equal(got.cpu(), want), (side, [m.path for m in pc.modules])
