@@ -12,6 +12,7 @@ the time went is in ``ExtractResult.profile``.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,12 +21,13 @@ import torch
 from loratool.core.dtypes import DTYPES
 from loratool.core.modules import Adapter, LoraModule
 from loratool.errors import LoraToolError
+from loratool.io.prefetch import prefetch
 from loratool.io.sources import TensorSource
 from loratool.ops.extract_batch import extract_batch, lora_module
 from loratool.ops.extract_deltas import add_deltas
 from loratool.ops.extract_plan import ExtractOptions, Plan, build_plan, open_pair, plan_extract
 from loratool.ops.extract_report import ModuleReport, compact, summarize
-from loratool.ops.extract_stream import StageClock, batches, stream_pairs
+from loratool.ops.extract_stream import PairBatch, StageClock, batches, stream_pairs
 
 __all__ = ["ExtractResult", "batches", "extract", "open_pair", "output_dtype", "plan_extract", "stream_pairs"]
 
@@ -103,6 +105,14 @@ def _adapter(plan: Plan) -> Adapter:
     return Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
 
 
+def compute_workers(device: torch.device) -> int:
+    """Batches decomposed at once: two on a GPU, each on its own thread and stream, so that one thread's
+    launches overlap the other's waits for the device (a batch waits for it a few times: which modules
+    changed, whether the sketch held, the factors; meanwhile the device would idle); one on a CPU, whose
+    cores the math already uses."""
+    return 2 if device.type == "cuda" else 1
+
+
 def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, dtype: torch.dtype,
          progress: Progress | None, clock: StageClock, sink: Sink | None = None
          ) -> tuple[list[ModuleReport], list[LoraModule]]:
@@ -110,9 +120,21 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     modules: list[LoraModule] = []
     done = 0
     device = torch.device(options.device)
-    for pair in stream_pairs(b, t, plan.modules, device, clock):
-        with clock.timed("compute"):
-            r, mods = extract_batch(pair, options, dtype, (b.path, t.path))
+    paths = (b.path, t.path)
+    workers = compute_workers(device)
+    streams: dict[int, torch.cuda.Stream] = {}
+
+    def work(pair: PairBatch) -> tuple[list[ModuleReport], list[LoraModule]]:
+        if device.type != "cuda":
+            with clock.timed("compute"):
+                return extract_batch(pair, options, dtype, paths)
+        stream = streams.setdefault(threading.get_ident(), torch.cuda.Stream(device))
+        with torch.cuda.device(device), torch.cuda.stream(stream), clock.timed("compute"):
+            return extract_batch(pair, options, dtype, paths)
+
+    pairs = stream_pairs(b, t, plan.modules, device, clock)
+    results = ((pair, work(pair)) for pair in pairs) if workers == 1 else prefetch(pairs, work, workers, workers)
+    for pair, (r, mods) in results:
         reports += r
         modules += mods
         if sink is not None and mods:

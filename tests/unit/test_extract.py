@@ -268,3 +268,30 @@ def test_a_gpu_batch_is_a_fortieth_of_the_card_within_bounds(monkeypatch, gib, e
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib << 30))
     assert batch_budget(torch.device("cuda", 0)) == pytest.approx(expected_mib * 2**20, abs=1)
     assert batch_budget(torch.device("cpu")) == CPU_BATCH_BYTES
+
+
+def test_batches_decomposed_on_two_threads_give_the_same_lora_in_the_same_order(tmp_path, gen, monkeypatch):
+    """The GPU path decomposes two batches at once (each thread its own stream); here the same scheduling on
+    the CPU: results, reports and the order the sink sees are those of one thread."""
+    from loratool.ops import extract as extract_mod
+    from loratool.ops import extract_stream
+
+    shapes = [(64, 96), (96, 64), (64, 96), (48, 48), (96, 64), (32, 80)]
+    base = {f"l{i}.weight": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
+    deltas = {k: low_rank(v.shape, 5, gen) for k, v in base.items() if k != "l3.weight"}
+    b, t = pair(tmp_path, base, deltas)
+    opts = ExtractOptions(rank=4, arch="generic")
+    monkeypatch.setattr(extract_stream, "CPU_BATCH_BYTES", 2 * 2 * 4 * 64 * 96)  # two modules a batch at most
+
+    def run():
+        seen: list[str] = []
+        res = extract(b, t, opts, sink=lambda mods: seen.extend(m.key for m in mods))
+        return res, seen
+
+    one, one_seen = run()
+    monkeypatch.setattr(extract_mod, "compute_workers", lambda device: 2)
+    two, two_seen = run()
+    assert two_seen == one_seen and len(one_seen) == 5
+    assert [(r.key, r.status, r.rank) for r in two.reports] == [(r.key, r.status, r.rank) for r in one.reports]
+    for k, m in one.adapter.modules.items():
+        assert torch.equal(m.up, two.adapter.modules[k].up) and torch.equal(m.down, two.adapter.modules[k].down)
