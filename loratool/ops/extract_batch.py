@@ -90,7 +90,10 @@ def _name_non_finite(mods: list[PlannedModule], delta: torch.Tensor, base_sq: to
 
 def changed_flags(base: torch.Tensor, tuned: torch.Tensor) -> list[bool]:
     """Whether each matrix of two stacks ``[n, rows, cols]`` differs in any stored bit (so ``-0.0`` vs
-    ``0.0`` counts as a change, and a NaN left as it was does not); one wait for the device."""
+    ``0.0`` counts as a change, and a NaN left as it was does not); one wait for the device. On a CPU
+    matrix by matrix, with no temporary (an LLM's embedding would need a flag a weight)."""
+    if base.device.type == "cpu":
+        return [not torch.equal(_bits(b), _bits(t)) for b, t in zip(base, tuned, strict=True)]
     return (_bits(base) != _bits(tuned)).flatten(1).any(dim=1).tolist()
 
 
