@@ -27,6 +27,7 @@ from loratool.ops.extract_batch import extract_batch, lora_module
 from loratool.ops.extract_deltas import add_deltas
 from loratool.ops.extract_plan import ExtractOptions, Plan, build_plan, open_pair, plan_extract
 from loratool.ops.extract_report import ModuleReport, compact, summarize
+from loratool.ops.extract_startup import warm_kernels
 from loratool.ops.extract_stream import PairBatch, StageClock, batches, stream_pairs
 
 __all__ = ["ExtractResult", "batches", "extract", "open_pair", "output_dtype", "plan_extract", "stream_pairs"]
@@ -132,6 +133,8 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
         with torch.cuda.device(device), torch.cuda.stream(stream), clock.timed("compute"):
             return extract_batch(pair, options, dtype, paths)
 
+    if workers > 1 and device.type == "cuda":
+        warm_kernels(device)
     pairs = stream_pairs(b, t, plan.modules, device, clock)
     results = ((pair, work(pair)) for pair in pairs) if workers == 1 else prefetch(pairs, work, workers, workers)
     for pair, (r, mods) in results:

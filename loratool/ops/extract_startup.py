@@ -26,10 +26,20 @@ def _warm(resolve: Callable[[], Any]) -> Any:
         return device
     import torch
 
+    warm_kernels(device)
+    torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
+    return device
+
+
+def warm_kernels(device: Any) -> None:
+    """Run the kernels a batch runs once (matmuls, Cholesky, triangular solves, a small SVD), on this thread.
+    Besides loading them early, this must happen before two threads decompose at once: torch loads its CUDA
+    linear-algebra library on the first such call and refuses a second first call made meanwhile ("lazy
+    wrapper should be called at most once")."""
+    import torch
+
     from loratool.linalg import randomized_svd
 
-    with torch.cuda.device(device):  # the kernels a batch runs: matmuls, Cholesky, triangular solves, a small SVD
+    with torch.cuda.device(device):
         randomized_svd(torch.randn(2, 96, 48, device=device), 8, names=["warm-up a", "warm-up b"])
-        torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
         torch.cuda.synchronize(device)
-    return device
