@@ -27,7 +27,7 @@ from loratool.ops.extract_batch import extract_batch, lora_module
 from loratool.ops.extract_deltas import add_deltas
 from loratool.ops.extract_plan import ExtractOptions, Plan, build_plan, open_pair, plan_extract
 from loratool.ops.extract_report import ModuleReport, compact, summarize
-from loratool.ops.extract_startup import warm_kernels
+from loratool.ops.extract_startup import warming
 from loratool.ops.extract_stream import PairBatch, StageClock, batches, stream_pairs
 
 __all__ = ["ExtractResult", "batches", "extract", "open_pair", "output_dtype", "plan_extract", "stream_pairs"]
@@ -124,17 +124,19 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     paths = (b.path, t.path)
     workers = compute_workers(device)
     streams: dict[int, torch.cuda.Stream] = {}
+    warmed = warming(device) if workers > 1 and device.type == "cuda" else None  # beside the first reads
 
     def work(pair: PairBatch) -> tuple[list[ModuleReport], list[LoraModule]]:
         if device.type != "cuda":
             with clock.timed("compute"):
                 return extract_batch(pair, options, dtype, paths)
-        stream = streams.setdefault(threading.get_ident(), torch.cuda.Stream(device))
+        if warmed is not None:
+            warmed.result()
+        me = threading.get_ident()
+        stream = streams.get(me) or streams.setdefault(me, torch.cuda.Stream(device))
         with torch.cuda.device(device), torch.cuda.stream(stream), clock.timed("compute"):
             return extract_batch(pair, options, dtype, paths)
 
-    if workers > 1 and device.type == "cuda":
-        warm_kernels(device)
     pairs = stream_pairs(b, t, plan.modules, device, clock)
     results = ((pair, work(pair)) for pair in pairs) if workers == 1 else prefetch(pairs, work, workers, workers)
     for pair, (r, mods) in results:

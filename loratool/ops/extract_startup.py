@@ -14,8 +14,18 @@ def start_device(resolve: Callable[[], Any]) -> Future:
     """A future of ``resolve()`` (which imports torch and returns a ``torch.device``), warmed up: the
     caller must import nothing that needs torch until it has taken the result (imports that wait
     on each other across threads can deadlock)."""
+    return _background(_warm, resolve)
+
+
+def warming(device: Any) -> Future:
+    """:func:`warm_kernels` on a thread of its own, so that loading the kernels overlaps the first reads; take
+    the future's result before the first batch is decomposed."""
+    return _background(warm_kernels, device)
+
+
+def _background(fn: Callable[..., Any], *args: Any) -> Future:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-startup")
-    future = pool.submit(_warm, resolve)
+    future = pool.submit(fn, *args)
     pool.shutdown(wait=False)
     return future
 
