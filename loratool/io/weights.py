@@ -4,11 +4,13 @@ A checkpoint does not always store a layer's weight as one tensor: SAI/BFL files
 (and Flux's single-block MLP) into one tensor, some rows in another order, some transposed. A
 :class:`WeightRef` says which rows of which stored tensors make up one weight; :func:`read_weight`
 reads exactly those bytes (positional reads, nothing else of the tensor) back to back into one
-buffer, so a fused 21504-row tensor costs only the rows a module needs.
+buffer, so a fused 21504-row tensor costs only the rows a module needs. :func:`as_matrices` views the
+bytes of one or several such weights (an extraction's batch) as matrices without a copy.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,8 +18,6 @@ from loratool.io.sources import TensorSource
 
 if TYPE_CHECKING:
     import torch
-
-ALIGN = 64  # every segment starts on this byte boundary of the buffer (any dtype can view it)
 
 
 @dataclass(frozen=True)
@@ -44,28 +44,54 @@ class WeightRef:
     transpose: bool = False
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def weight_nbytes(src: TensorSource, ref: WeightRef) -> int:
-    """Bytes :func:`read_weight` needs in a staging buffer (segments aligned to 64 bytes)."""
-    return sum(_aligned(src.nbytes(seg.key, seg.rows(src))) for seg in ref.segments)
+    """Stored bytes of the weight (its segments' rows, back to back)."""
+    return sum(nbytes for *_, nbytes in weight_pieces(src, ref))
+
+
+def weight_pieces(src: TensorSource, ref: WeightRef) -> list[tuple[Segment, tuple[int, int], int, int]]:
+    """(segment, row range, byte offset, bytes) of each stored segment, the segments back to back (a row's
+    bytes are a multiple of its element size, so every piece can be viewed as the dtype)."""
+    out, offset = [], 0
+    for seg in ref.segments:
+        rows = seg.rows(src)
+        if rows is None:
+            shape = src.shape(seg.key)
+            rows = (0, shape[0] if shape else 1)
+        n = src.nbytes(seg.key, rows)
+        out.append((seg, rows, offset, n))
+        offset += n
+    return out
+
+
+def read_into(src: TensorSource, ref: WeightRef, out: torch.Tensor) -> None:
+    """Read the weight's stored bytes into ``out`` (a contiguous CPU ``uint8`` tensor of at least
+    :func:`weight_nbytes` bytes), segments back to back."""
+    for seg, rows, offset, _ in weight_pieces(src, ref):
+        src.read(seg.key, rows, out[offset:])
+
+
+def as_matrices(buf: torch.Tensor, ref: WeightRef, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """``count`` weights laid out like ``ref``, their stored bytes one after the other in ``buf`` (``uint8``,
+    any device), as matrices ``[count, rows, cols]`` (``rows`` the layer's first dim, ``cols`` the rest) of
+    ``dtype``: a view, transposed where the checkpoint stores the weight so."""
+    rows, cols = ref.shape[0], math.prod(ref.shape[1:])
+    x = buf.view(dtype)
+    if ref.transpose:  # a 2-d weight stored as its transpose
+        return x.view(count, cols, rows).transpose(1, 2)
+    return x.view(count, rows, cols)
 
 
 def read_weight(src: TensorSource, ref: WeightRef, out: torch.Tensor | None = None) -> torch.Tensor:
     """The layer weight described by ``ref``, in the stored dtype and the layer's shape.
 
-    With ``out`` (a uint8 buffer of at least :func:`weight_nbytes` bytes) the segments are read into
-    it back to back and the result is a view of it (unless segments must be joined or transposed).
+    With ``out`` (a uint8 buffer of at least :func:`weight_nbytes` bytes) the segments are read into it back
+    to back and the result is a view of it (unless the weight is stored transposed: then a copy).
     """
     import torch
 
-    parts, offset = [], 0
-    for seg in ref.segments:
-        parts.append(src.read(seg.key, seg.rows(src), None if out is None else out[offset:]))
-        offset += _aligned(src.nbytes(seg.key, seg.rows(src)))
-    t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    if ref.transpose:
-        t = t.transpose(0, 1).contiguous()
-    return t.reshape(ref.shape)
+    buf = torch.empty(weight_nbytes(src, ref), dtype=torch.uint8) if out is None else out[:weight_nbytes(src, ref)]
+    read_into(src, ref, buf)
+    w = as_matrices(buf, ref, 1, src.dtype(ref.segments[0].key))[0]
+    return (w.contiguous() if ref.transpose else w).reshape(ref.shape)
+

@@ -35,12 +35,13 @@ import torch
 
 from loratool.io.prefetch import StagingRing, prefetch
 from loratool.io.sources import TensorSource
+from loratool.io.weights import as_matrices, read_into, weight_nbytes, weight_pieces
 from loratool.ops.extract_plan import PlannedModule
 
 CPU_BATCH_BYTES = 64 << 20  # stored bytes of a batch's base + tuned weights
 CUDA_BATCH_BYTES = (128 << 20, 512 << 20)  # on a GPU: 1/40 of its memory, within these bounds
 SLOT_BYTES = 64 << 20
-ALIGN = 64
+ALIGN = 64  # each piece starts on this byte boundary of a slot (the two sides may differ in dtype)
 
 
 def batch_budget(device: torch.device) -> int:
@@ -153,27 +154,14 @@ def pair_nbytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
 
 def module_nbytes(src: TensorSource, m: PlannedModule) -> int:
     """Stored bytes of one module's weight in ``src`` (its segments' rows)."""
-    return sum(src.nbytes(seg.key, seg.rows(src)) for seg in m.ref.segments)
-
-
-def _pieces(src: TensorSource, m: PlannedModule) -> Iterator[tuple]:
-    """(segment, row range, byte offset in the module's stored weight) for each stored segment of ``m``."""
-    offset = 0
-    for seg in m.ref.segments:
-        start, stop = _row_range(src, seg)
-        yield seg, (start, stop), offset
-        offset += src.nbytes(seg.key, (start, stop))
+    return weight_nbytes(src, m.ref)
 
 
 def stacked(buf: torch.Tensor, batch: list[PlannedModule], src: TensorSource) -> torch.Tensor:
     """A batch's buffer of stored bytes (``uint8``, module after module) as its matrices ``[n, rows, cols]``
     in the stored dtype (a view: transposed where the checkpoint stores the weight so)."""
-    m = batch[0]
-    rows, cols = m.matrix_shape
-    x = buf.view(src.dtype(m.ref.segments[0].key))
-    if m.ref.transpose:  # a 2-d weight stored as its transpose
-        return x.view(len(batch), cols, rows).transpose(1, 2)
-    return x.view(len(batch), rows, cols)
+    ref = batch[0].ref
+    return as_matrices(buf, ref, len(batch), src.dtype(ref.segments[0].key))
 
 
 def read_stacked(src: TensorSource, batch: list[PlannedModule]) -> torch.Tensor:
@@ -182,8 +170,7 @@ def read_stacked(src: TensorSource, batch: list[PlannedModule]) -> torch.Tensor:
     per = module_nbytes(src, batch[0])
     buf = torch.empty(len(batch) * per, dtype=torch.uint8)
     for i, m in enumerate(batch):
-        for seg, rows, offset in _pieces(src, m):
-            src.read(seg.key, rows, buf[i * per + offset:])
+        read_into(src, m.ref, buf[i * per:])
     return stacked(buf, batch, src)
 
 
@@ -256,7 +243,7 @@ class Uploader:
             dests = [torch.empty(len(batch) * n, dtype=torch.uint8, device=self.device) for n in per]
             pieces = [(src, seg, rows, dest, i * n + offset)
                       for src, dest, n in zip(sides, dests, per, strict=True) for i, m in enumerate(batch)
-                      for seg, rows, offset in _pieces(src, m)]
+                      for seg, rows, offset, _ in weight_pieces(src, m.ref)]
             ready = self._copy(pieces)
         return PairBatch(batch, stacked(dests[0], batch, sides[0]), stacked(dests[1], batch, sides[1]), ready)
 
@@ -330,11 +317,6 @@ def _stage(staged: list, dest: torch.Tensor, at: int, src_at: int, nbytes: int) 
             staged[-1] = (d, a, s, n + nbytes)
             return
     staged.append((dest, at, src_at, nbytes))
-
-
-def _row_range(src: TensorSource, seg) -> tuple[int, int]:
-    rows = seg.rows(src)
-    return rows if rows is not None else (0, src.shape(seg.key)[0] if src.shape(seg.key) else 1)
 
 
 def _aligned(n: int) -> int:
