@@ -295,3 +295,26 @@ def test_batches_decomposed_on_two_threads_give_the_same_lora_in_the_same_order(
     assert [(r.key, r.status, r.rank) for r in two.reports] == [(r.key, r.status, r.rank) for r in one.reports]
     for k, m in one.adapter.modules.items():
         assert torch.equal(m.up, two.adapter.modules[k].up) and torch.equal(m.down, two.adapter.modules[k].down)
+
+
+def test_a_non_finite_weight_met_by_one_of_two_workers_is_named(tmp_path, gen, monkeypatch):
+    """With two batches decomposed at once, a NaN in a later batch still stops the run with the tensor and file
+    named, raised where that batch's results are taken."""
+    from safetensors.torch import load_file, save_file
+
+    from loratool.ops import extract as extract_mod
+    from loratool.ops import extract_stream
+
+    base = {f"l{i}.weight": torch.randn(48, 64, generator=gen) for i in range(6)}
+    deltas = {k: low_rank(v.shape, 3, gen) for k, v in base.items()}
+    b, t = pair(tmp_path, base, deltas)
+    bad = load_file(t)
+    bad["l4.weight"][3, 5] = float("nan")
+    save_file(bad, t)  # another tool's file: ours refuses to write a NaN
+    monkeypatch.setattr(extract_stream, "CPU_BATCH_BYTES", 2 * 2 * 4 * 48 * 64)  # two modules a batch
+    monkeypatch.setattr(extract_mod, "compute_workers", lambda device: 2)
+    seen: list[str] = []
+    with pytest.raises(LoraToolError, match=r"l4\.weight.*TUNED") as err:
+        extract(b, t, ExtractOptions(rank=3, arch="generic"), sink=lambda mods: seen.extend(m.key for m in mods))
+    assert str(t) in str(err.value)
+    assert seen == ["model.l0", "model.l1", "model.l2", "model.l3"]  # the batches before it, in order
