@@ -90,7 +90,8 @@ def read_weight(src: TensorSource, ref: WeightRef, out: torch.Tensor | None = No
     """
     import torch
 
-    buf = torch.empty(weight_nbytes(src, ref), dtype=torch.uint8) if out is None else out[:weight_nbytes(src, ref)]
+    n = weight_nbytes(src, ref)
+    buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
     read_into(src, ref, buf)
     w = as_matrices(buf, ref, 1, src.dtype(ref.segments[0].key))[0]
     return (w.contiguous() if ref.transpose else w).reshape(ref.shape)

@@ -149,12 +149,7 @@ def pair_batches(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
 
 def pair_nbytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
     """Stored bytes of one module's base and tuned weights."""
-    return module_nbytes(b, m) + module_nbytes(t, m)
-
-
-def module_nbytes(src: TensorSource, m: PlannedModule) -> int:
-    """Stored bytes of one module's weight in ``src`` (its segments' rows)."""
-    return weight_nbytes(src, m.ref)
+    return weight_nbytes(b, m.ref) + weight_nbytes(t, m.ref)
 
 
 def stacked(buf: torch.Tensor, batch: list[PlannedModule], src: TensorSource) -> torch.Tensor:
@@ -167,7 +162,7 @@ def stacked(buf: torch.Tensor, batch: list[PlannedModule], src: TensorSource) ->
 def read_stacked(src: TensorSource, batch: list[PlannedModule]) -> torch.Tensor:
     """A batch's stored weights read from ``src`` into one host buffer (positional reads of the rows each
     module needs), as :func:`stacked` matrices."""
-    per = module_nbytes(src, batch[0])
+    per = weight_nbytes(src, batch[0].ref)
     buf = torch.empty(len(batch) * per, dtype=torch.uint8)
     for i, m in enumerate(batch):
         read_into(src, m.ref, buf[i * per:])
@@ -239,7 +234,7 @@ class Uploader:
     def load(self, batch: list[PlannedModule]) -> PairBatch:
         sides = self.sources
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            per = [module_nbytes(src, batch[0]) for src in sides]
+            per = [weight_nbytes(src, batch[0].ref) for src in sides]
             dests = [torch.empty(len(batch) * n, dtype=torch.uint8, device=self.device) for n in per]
             pieces = [(src, seg, rows, dest, i * n + offset)
                       for src, dest, n in zip(sides, dests, per, strict=True) for i, m in enumerate(batch)
