@@ -19,11 +19,18 @@ its own process on the same files (page cache warm for all: the files were just 
 * mergekit — `mergekit-extract-lora` (PyPI mergekit 0.1.5) from its own venv (bench/peers/setup.sh),
              whole command; LLM layouts only, when the venv exists.
 
+``--tree NAME=DIR`` (a checkout of another revision, e.g. a ``git worktree``; repeatable) adds ``METHOD@NAME``
+for each in-process contender (floor, loratool, whole): the same run with DIR's ``loratool`` imported, on the
+same files in the same call; ``--repeat N`` runs every in-process contender N times, interleaved, and keeps
+the fastest (each row says how many it took).
+
 Errors: ‖ΔW − up·down‖_F / ‖ΔW‖_F of each written adapter (factors as stored) on every --stride-th
 module, over the Eckart–Young optimum from the exact singular values of the same ΔW.
 
     python bench/extract.py --layout sdxl --rank 64 --targets attn+conv --device cuda
     python bench/extract.py --layout qwen2-0.5b --rank 32 --device cpu --methods floor,loratool,command,mergekit
+    python bench/extract.py --layout sdxl --rank 64 --targets attn+conv --methods floor,whole,loratool \
+        --tree before=.dev/base --repeat 2
 """
 
 from __future__ import annotations
@@ -168,15 +175,24 @@ def one(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
+IN_PROCESS = ("floor", "loratool", "whole")
+
+
 def child(method: str, base: Path, tuned: Path, args) -> dict:
+    """One in-process contender in a fresh interpreter; ``METHOD@NAME`` imports ``loratool`` from ``--tree NAME=DIR``."""
+    method, _, tree = method.partition("@")
+    env = None
+    if tree:
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(args.trees[tree]).resolve()), *paths])}
     cmd = [sys.executable, __file__, "--one", method, "--base", str(base), "--tuned", str(tuned),
            "--layout", args.layout, "--rank", str(args.rank), "--targets", args.targets, "--device", args.device,
            "--workdir", str(args.workdir), "--niter", str(args.niter), "--threads", str(args.threads),
            "--stride", str(args.stride)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{method}{'@' + tree if tree else ''} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][7:])
 
 
@@ -279,22 +295,44 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
              f"pair {size / 2**30:.2f} GiB (written in {gen_s:.0f} s); load average {os.getloadavg()[0]:.1f}", "",
              "| method | modules (extracted of planned) | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
              "| err/opt worst |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name in ("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit"):
+    names = [n for m in ("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit")
+             for n in [*(f"{m}@{t}" for t in args.trees), m]]
+    for name in names:
         r = results.get(name)
         if r is None:
             continue
         e = errs.get(name) or r.get("err_opt") or errs.get("loratool" if name in ("command", "whole") else "", [])
+        if "@" in name:
+            e = []  # the error check reads this checkout's output only
         mean, worst = (sum(e) / len(e), max(e)) if e else (float("nan"), float("nan"))
         speed = f"{kohya['wall_s'] / r['wall_s']:.1f}" if kohya else "—"
         label = f"{name} (est., {r['measured']} of {r['modules']} modules measured)" if r.get("estimate") else name
+        if r.get("runs", 1) > 1:
+            label += f" (fastest of {r['runs']}: " + ", ".join(f"{w:.2f}" for w in r["walls"]) + ")"
         count = f"{r['modules']} of {r['planned']}" if r.get("planned") else r.get("modules") or "—"
         lines.append(f"| {label} | {count} | {r['wall_s']:.2f} | "
                      f"{r['wall_s'] / floor if floor else float('nan'):.2f} | {speed} | {r.get('rss_gib', 0):.2f} | "
                      f"{r.get('gpu_gib', 0):.2f} | {mean:.4f} | {worst:.4f} |")
-    for name in ("loratool", "whole", "command", "floor"):
+    for name in [n for m in ("loratool", "whole", "command", "floor") for n in [*(f"{m}@{t}" for t in args.trees), m]]:
         if "profile" in results.get(name, {}):
             lines.append(f"\n{name} profile: " + ", ".join(f"{k} {v}" for k, v in results[name]["profile"].items()))
     return "\n".join(lines)
+
+
+def _order(methods: list[str], args) -> list[str]:
+    """The runs in order: each in-process contender --repeat times (beside its twins of the other trees),
+    interleaved round by round so that machine load falls on all alike; the others once, after the first
+    round."""
+    inproc = [n for m in methods if m in IN_PROCESS for n in [*(f"{m}@{t}" for t in args.trees), m]]
+    rest = [m for m in methods if m not in IN_PROCESS]
+    return inproc + rest + inproc * (args.repeat - 1)
+
+
+def _fastest(old: dict | None, new: dict) -> dict:
+    """The faster of two runs of one contender, with every run's wall seconds under ``walls``."""
+    walls = [*(old or {}).get("walls", []), new["wall_s"]]
+    best = new if old is None or new["wall_s"] < old["wall_s"] else old
+    return {**best, "walls": walls, "runs": len(walls)}
 
 
 def main() -> None:
@@ -312,10 +350,14 @@ def main() -> None:
     p.add_argument("--peer-venv", default="/tmp/peer-venv")
     p.add_argument("--keyshapes", default=str(REPO.parent / "shared" / "fixtures" / "real" / "keyshapes"))
     p.add_argument("--json-out", default=None)
+    p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                   help="another revision's checkout: adds METHOD@NAME rows (repeatable)")
+    p.add_argument("--repeat", type=int, default=1, help="in-process contenders: fastest of N, interleaved")
     p.add_argument("--one", choices=list(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
     p.add_argument("--tuned", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.trees = dict(t.split("=", 1) for t in args.tree)
     if args.one:
         return one(args)
     peers = Path(args.peer_venv).exists()
@@ -329,10 +371,11 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         print(f"pair written in {gen_s:.0f} s", flush=True)
         results = {}
-        for m in methods:
+        for m in _order(methods, args):
             runner = {"command": run_command, "mergekit": run_mergekit, "lycoris": run_lycoris}.get(m)
-            results[m] = runner(base, tuned, args) if runner else child(m, base, tuned, args)
-            print(f"{m}: {json.dumps({k: v for k, v in results[m].items() if k != 'err_opt'})}", flush=True)
+            r = runner(base, tuned, args) if runner else child(m, base, tuned, args)
+            print(f"{m}: {json.dumps({k: v for k, v in r.items() if k != 'err_opt'})}", flush=True)
+            results[m] = _fastest(results.get(m), r)
         adapters = {"loratool": _out(args, "loratool_out"), "mergekit": Path(tmp) / "mergekit_out"}
         errs = errors(base, tuned, args, adapters) if args.stride > 0 else {}
         text = table(results, errs, args, gen_s, nbytes(base) + nbytes(tuned))

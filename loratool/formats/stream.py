@@ -60,6 +60,11 @@ class AdapterStream:
     def busy_s(self) -> float:
         return self.stream.busy_s
 
+    @property
+    def busy_parts(self) -> dict[str, float]:
+        """``busy_s`` by step: judging finiteness, hashing, writing (and starting write-back)."""
+        return {k: round(v, 4) for k, v in self.stream.parts.items()}
+
     @contextlib.contextmanager
     def _naming_output(self) -> Iterator[None]:
         try:

@@ -76,6 +76,7 @@ class SafetensorsStream:
         self.tensors: dict[str, torch.Tensor] = {}
         self.size = 0  # bytes of data so far
         self.busy_s = 0.0  # the worker's seconds (overlapped with the caller's work)
+        self.parts = {"finite": 0.0, "hash": 0.0, "write": 0.0}  # busy_s by step
         self._digest = hashlib.sha256()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-write")
         self._jobs: list[Future] = []
@@ -112,20 +113,32 @@ class SafetensorsStream:
             self._jobs.append(self._pool.submit(self._write_all, queued))
 
     def _write_all(self, queued: list[tuple[str, torch.Tensor, str]]) -> None:
-        t0 = time.perf_counter()
+        t0 = clock = time.perf_counter()
+        parts = self.parts
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            parts[step] += now - clock
+            clock = now
+
         for run, data, dtype in _runs(queued):
             if dtype in _NON_FINITE_BITS and not finite_bits(data, dtype):
                 raise _NonFinite(next(name for name, t, _ in run if not finite_bits(tensor_bytes(t), dtype)))
+            lap("finite")
             for lo in range(0, len(data), HASH_CHUNK):
                 chunk = data[lo:lo + HASH_CHUNK]
                 self._digest.update(chunk)
+                lap("hash")
                 self.fh.write(chunk)
+                lap("write")
             self._pos += len(data)
             pos = self._pos
             if self._writeback is not None and pos - self._started >= WRITEBACK_BYTES:
                 self.fh.flush()
                 self._writeback(self.fh.fileno(), self._started, pos - self._started)
                 self._started = pos
+                lap("write")
         self.busy_s += time.perf_counter() - t0
 
     def _raise_done(self, wait: bool = False) -> None:

@@ -40,7 +40,7 @@ def extract_to(base: str | os.PathLike[str], tuned: str | os.PathLike[str], opti
     ``write_adapter`` arguments for a layout written whole (peft's embeddings and config); ``stream=False``
     writes a kohya-style file whole too (the benchmarks' comparison).
     The profile gains ``write_s`` (after the last module: the rest of the file, fsync and rename) and, when
-    streamed, ``write_busy_s`` (the writer thread's time, overlapped) and ``streamed`` (False when what
+    streamed, ``write_busy_s`` (the writer thread's time, overlapped; ``write_busy``: by step) and ``streamed`` (False when what
     was streamed could not stand and the file was written again); ``clock`` as for :func:`extract`."""
     plan = plan or plan_extract(base, tuned, options)
     meta = dict(metadata or {})
@@ -50,7 +50,7 @@ def extract_to(base: str | os.PathLike[str], tuned: str | os.PathLike[str], opti
         meta[REPORT_KEY] = result.compact_report()
         if into is not None:
             streamed = into.finish(result.adapter, meta)
-            result.profile.update(write_busy_s=round(into.busy_s, 4), streamed=streamed)
+            result.profile.update(write_busy_s=round(into.busy_s, 4), write_busy=into.busy_parts, streamed=streamed)
             path = Path(output)
         else:
             from loratool.formats.write import write_adapter
