@@ -253,8 +253,17 @@ def detect_checkpoint(keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tu
         return Detection(name, ("keys",) if name != UNKNOWN else (), (name,) if name != UNKNOWN else (), meta,
                          key_meta)
 
+    joined, seen = "\n".join(shapes), {}  # fragments hold no newline: a search of all names at once
+
     def has(parts: Sequence[str]) -> bool:
-        return any(all(p in k for p in parts) for k in shapes)
+        key = tuple(parts)
+        if key not in seen:
+            if not key:
+                seen[key] = bool(shapes)
+            else:
+                first, rest = key[0], key[1:]
+                seen[key] = first in joined and (not rest or any(all(p in k for p in rest) for k in shapes if first in k))
+        return seen[key]
 
     for stage in ("checkpoint_keys", "cross_attention", "checkpoint_names", "text_encoder_width"):
         if stage in ("cross_attention", "text_encoder_width"):

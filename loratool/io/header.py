@@ -10,6 +10,8 @@ Every defect is a :class:`SafetensorsError` of one line naming the file.
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from loratool.errors import SafetensorsError
@@ -142,8 +144,33 @@ def _json_type(v: object) -> str:
 def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int, bool]:
     """Validate a header (the bytes after the 8-byte length) against the file size.
 
-    Returns (tensors in file order, metadata, data_start, whether ``__metadata__`` is present).
+    Returns (tensors in file order, metadata, data_start, whether ``__metadata__`` is present). The last
+    few headers that passed are remembered by their bytes and the file size (an extraction opens both
+    models to plan and again to read: SDXL's two headers cost ~50 ms to parse); a caller gets its own dicts.
     """
+    key = (raw, file_size)
+    with _PARSED_LOCK:
+        hit = _PARSED.get(key)
+        if hit is not None:
+            _PARSED.move_to_end(key)
+    if hit is None:
+        hit = _parse_header(raw, path, file_size)
+        if len(raw) <= _PARSED_MAX_BYTES:
+            with _PARSED_LOCK:
+                _PARSED[key] = hit
+                while len(_PARSED) > _PARSED_COUNT:
+                    _PARSED.popitem(last=False)
+    tensors, metadata, data_start, present = hit
+    return dict(tensors), dict(metadata), data_start, present
+
+
+_PARSED: OrderedDict[tuple[bytes, int], tuple] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+_PARSED_COUNT = 4  # a base and a tuned model, each as one file or a few components
+_PARSED_MAX_BYTES = 8 << 20  # larger headers (an LLM's many shards are each small) are parsed again
+
+
+def _parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int, bool]:
     header = _decode_json(raw, path)
     present = "__metadata__" in header
     metadata = _parse_metadata(header.pop("__metadata__", None), path)

@@ -326,3 +326,29 @@ def test_dtype_tables_are_built_lazily_and_agree() -> None:
     assert all(bits == DTYPES[name][1] for name, bits in dtypes.BITS.items())
     assert dtypes.names_by_torch()[torch.bfloat16] == "BF16" and dtypes.torch_dtype("F8_E4M3") == torch.float8_e4m3fn
     assert dtypes.FLOAT_NAMES == {n for n, (t, _) in DTYPES.items() if t is not None and t.is_floating_point}
+
+
+def test_a_header_parsed_again_comes_from_memory_as_fresh_dicts(tmp_path) -> None:
+    """An extraction opens both models to plan and again to read: the second parse of the same bytes is
+    remembered, but each opener gets dicts of its own, and a file whose size changed is checked anew."""
+    from loratool.io import header
+
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(st_save({"w": torch.ones(2, 3)}, {"k": "v"}))
+    with SafetensorsFile(path) as f:
+        f.tensors.pop("w")
+        f.metadata["k"] = "changed"
+    calls = []
+    real = header._parse_header
+    header._parse_header = lambda *a: calls.append(a) or real(*a)
+    try:
+        with SafetensorsFile(path) as g:
+            assert list(g.tensors) == ["w"] and g.metadata == {"k": "v"}
+        assert calls == []  # remembered
+        with open(path, "ab") as fh:
+            fh.write(b"\0" * 4)  # the same header over trailing bytes: parsed again, and refused
+        with pytest.raises(SafetensorsError, match="unexpected bytes after the tensor data"):
+            SafetensorsFile(path)
+        assert len(calls) == 1
+    finally:
+        header._parse_header = real
