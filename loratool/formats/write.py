@@ -51,8 +51,9 @@ def _is_kxk(m) -> bool:
 def _kohya_meta(adapter: Adapter) -> dict[str, str]:
     """kohya's network keys: dim/alpha of the linear (and 1x1) modules, conv_dim/conv_alpha of the kxk convs."""
     mods = list(adapter.modules.values())
-    conv = [m for m in mods if isinstance(m, LoraModule) and _is_kxk(m)]
-    dim, alpha = _dim_alpha([m for m in mods if m not in conv] or mods)
+    kxk = [isinstance(m, LoraModule) and _is_kxk(m) for m in mods]
+    conv = [m for m, k in zip(mods, kxk, strict=True) if k]
+    dim, alpha = _dim_alpha([m for m, k in zip(mods, kxk, strict=True) if not k] or mods)
     module = kohya_codec.network_module(adapter)
     args = adapter.metadata.get("ss_network_args")
     if not args or adapter.metadata.get("ss_network_module") != module:  # the source's args describe its own kind
