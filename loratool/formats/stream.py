@@ -40,10 +40,12 @@ class AdapterStream:
 
     def add(self, modules: Iterable[Module]) -> None:
         """Stream ``modules`` (one batch of an extraction), their tensors in the order they lie in memory:
-        a batch's factors are views of a few host tensors, which the stream then writes as a few runs."""
+        a batch's factors are views of a few host tensors, and its scalars (kohya's alphas) are gathered
+        into one tensor a dtype, so that the stream writes the batch as a few runs, not one a module."""
         tensors: dict[str, torch.Tensor] = {}
         for module in modules:
             tensors.update(self._encode(module))
+        _gather_scalars(tensors)
         with self._naming_output():
             self.stream.add(dict(sorted(tensors.items(), key=_in_memory_order(tensors.values()))))
 
@@ -62,7 +64,7 @@ class AdapterStream:
 
     @property
     def busy_parts(self) -> dict[str, float]:
-        """``busy_s`` by step: judging finiteness, hashing, writing (and starting write-back)."""
+        """``busy_s`` by step: judging finiteness, hashing, writing, starting write-back to disk."""
         return {k: round(v, 4) for k, v in self.stream.parts.items()}
 
     @contextlib.contextmanager
@@ -73,6 +75,19 @@ class AdapterStream:
             if e.path is None:  # a tensor refused: say which output it was for
                 raise LoraToolError(e.message, self._shown) from None
             raise
+
+
+def _gather_scalars(tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the 0-d tensors of ``tensors`` by views of one new tensor per dtype (the same values)."""
+    import torch
+
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, t in tensors.items():
+        if t.dim() == 0 and t.device.type == "cpu":
+            groups.setdefault(t.dtype, []).append(name)
+    for names in groups.values():
+        if len(names) > 1:
+            tensors.update(zip(names, torch.stack([tensors[n] for n in names]).unbind(), strict=True))
 
 
 def _in_memory_order(tensors: Iterable[torch.Tensor]) -> Callable[[tuple[str, torch.Tensor]], tuple[int, int]]:
