@@ -246,3 +246,37 @@ def test_a_non_finite_value_inside_a_run_names_its_tensor(tmp_path, bad):
     with pytest.raises(LoraToolError, match="lora_unet_b2.lora_up.weight"):
         stream_write(out, [{k: ts[k] for k in order}], ts)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("inline", [0, 1 << 30])
+def test_runs_longer_than_a_step_hash_and_check_every_step(tmp_path, monkeypatch, inline):
+    """A run goes a STEP at a time (here 64 bytes): hashed on the hashing thread or in place, the file and its
+    sshs hashes are the reference writer's; a NaN in a later step still names its tensor."""
+    import loratool.io.stream as stream
+
+    monkeypatch.setattr(stream, "STEP", 64)
+    monkeypatch.setattr(stream, "INLINE_HASH", inline)
+    ts = batch_views()
+    order = sorted(ts, key=lambda k: ("alpha" in k, "up" in k, k))
+    out = tmp_path / "s.safetensors"
+    assert stream_write(out, [{k: ts[k] for k in order}], ts) is True
+    same_content(out, reference(tmp_path, ts))
+    assert all(v["ok"] for v in hash_report(out).values())
+    os.remove(out)
+    ts["lora_unet_b3.lora_down.weight"][2, 5] = float("nan")  # well past the first step of the downs' run
+    with pytest.raises(LoraToolError, match="lora_unet_b3.lora_down.weight"):
+        stream_write(out, [{k: ts[k] for k in order}], ts)
+    assert not out.exists()
+
+
+def test_a_batch_s_scalars_are_gathered_into_one_tensor_a_dtype():
+    from loratool.formats.stream import _gather_scalars
+
+    ts = {"a.alpha": torch.tensor(4.0, dtype=torch.float16), "b.alpha": torch.tensor(8.0, dtype=torch.float16),
+          "c.alpha": torch.tensor(3.5), "d.lora_down.weight": torch.ones(2, 3, dtype=torch.float16)}
+    before, down = {k: t.clone() for k, t in ts.items()}, ts["d.lora_down.weight"]
+    _gather_scalars(ts)
+    assert all(torch.equal(ts[k], before[k]) and ts[k].dtype == before[k].dtype for k in ts)
+    assert ts["a.alpha"].untyped_storage().data_ptr() == ts["b.alpha"].untyped_storage().data_ptr()
+    assert ts["a.alpha"].dim() == 0 and ts["b.alpha"].storage_offset() == 1
+    assert ts["d.lora_down.weight"] is down  # only the 0-d ones are replaced
