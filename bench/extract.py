@@ -2,7 +2,8 @@
 
 One command per table: builds a base/tuned pair in a real key layout (bench/extract_pairs.py: SD1.5,
 SDXL, SD3, Flux single files; Llama-3-8B- and Qwen2-0.5B-shaped HF folders), then runs each contender in
-its own process on the same files (page cache warm for all: the files were just written):
+its own process on the same files (page cache warm for all: the files were just written, then flushed to
+disk so that no contender's write waits behind theirs):
 
 * floor    — loratool's reader alone (ops.extract_stream.stream_pairs: the same reader threads, pinned
              slots and host→device copies) over the same target weights; no math;
@@ -369,7 +370,9 @@ def main() -> None:
         t0 = time.perf_counter()
         base, tuned = write_pair(args.layout, Path(tmp), Path(args.keyshapes), args.device, layers=args.layers)
         gen_s = time.perf_counter() - t0
-        print(f"pair written in {gen_s:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        os.sync()  # the pair's write-back would otherwise compete with every contender's output write
+        print(f"pair written in {gen_s:.0f} s, flushed to disk in {time.perf_counter() - t0:.0f} s", flush=True)
         results = {}
         for m in _order(methods, args):
             runner = {"command": run_command, "mergekit": run_mergekit, "lycoris": run_lycoris}.get(m)

@@ -14,6 +14,7 @@ the pinned cache only grows.
 from __future__ import annotations
 
 import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,34 +60,45 @@ def prefetch(jobs: Iterable[J], load: Callable[[J], R], ahead: int = 2, workers:
 
 
 class StagingRing:
-    """``slots`` byte buffers of ``slot_bytes`` each, handed out by :meth:`take` and returned by
-    :meth:`give`; ``pinned`` page-locks them (CUDA builds only). The process's buffer memory stays
-    ``slots × slot_bytes``."""
+    """Up to ``slots`` byte buffers of ``slot_bytes`` each, handed out by :meth:`take` and returned by
+    :meth:`give`; ``pinned`` page-locks them (CUDA builds only). A buffer is made when one is asked for and
+    none is free (page-locking all at once would delay the first read); the process's buffer memory stays
+    at most ``slots × slot_bytes``."""
 
     def __init__(self, slot_bytes: int, slots: int, *, pinned: bool = True):
+        self.slot_bytes = slot_bytes
+        self.pinned = pinned
+        self._free: queue.Queue = queue.Queue()
+        self._unmade = slots
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _make(self) -> torch.Tensor | None:
+        with self._lock:
+            if self._unmade == 0:
+                return None
+            self._unmade -= 1
         import torch
 
-        self.slot_bytes = slot_bytes
-        self._free: queue.Queue = queue.Queue()
-        for _ in range(slots):
-            self._free.put(torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=pinned))
-        self.closed = False
+        return torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=self.pinned)
 
     def take(self) -> torch.Tensor:
         """A free buffer, waiting for one to be given back; an error once the ring is closed."""
-        while True:
+        buf = self.try_take()
+        while buf is None:
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:
                 if self.closed:
                     raise RuntimeError("staging ring closed") from None
+        return buf
 
     def try_take(self) -> torch.Tensor | None:
-        """A free buffer, or None at once when there is none."""
+        """A free buffer, or None at once when there is none (and all are made)."""
         try:
             return self._free.get_nowait()
         except queue.Empty:
-            return None
+            return self._make()
 
     def give(self, buf: torch.Tensor) -> None:
         self._free.put(buf)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -124,7 +125,11 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     paths = (b.path, t.path)
     workers = compute_workers(device)
     streams: dict[int, torch.cuda.Stream] = {}
-    warmed = warming(device) if workers > 1 and device.type == "cuda" else None  # beside the first reads
+    warmed = None
+    if workers > 1 and device.type == "cuda":  # beside the first reads; its span is the clock's "warm"
+        t0 = time.perf_counter()
+        warmed = warming(device)
+        warmed.add_done_callback(lambda _: clock.add("warm", time.perf_counter() - t0))
 
     def work(pair: PairBatch) -> tuple[list[ModuleReport], list[LoraModule]]:
         if device.type != "cuda":

@@ -42,6 +42,7 @@ CPU_BATCH_BYTES = 64 << 20  # stored bytes of a batch's base + tuned weights
 CUDA_BATCH_BYTES = (128 << 20, 512 << 20)  # on a GPU: 1/40 of its memory, within these bounds
 SLOT_BYTES = 64 << 20
 ALIGN = 64  # each piece starts on this byte boundary of a slot (the two sides may differ in dtype)
+RAMP = 3  # on a GPU the first batches are 1/8, 1/4 and 1/2 of the budget: the first decomposition starts sooner
 
 
 def batch_budget(device: torch.device) -> int:
@@ -120,10 +121,11 @@ class PairBatch:
 
 
 def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[PlannedModule], int] | None = None,
-            kind: Callable[[PlannedModule], tuple] | None = None) -> list[list[PlannedModule]]:
+            kind: Callable[[PlannedModule], tuple] | None = None, ramp: int = 0) -> list[list[PlannedModule]]:
     """Same-shaped, same-rank modules (and of the same ``kind(module)``, when given) grouped, in plan order
     of first appearance, each batch at most ``budget`` bytes by ``nbytes(module)`` (default: the fp32 ΔW),
-    and at least one module."""
+    and at least one module. ``ramp``: the first batches get ``budget / 2**ramp``, then twice that, … up to
+    ``budget`` (the consumer starts on a small batch while the readers fill the large ones)."""
     nbytes = nbytes or (lambda m: 4 * math.prod(m.matrix_shape))
     groups: dict[tuple, list[PlannedModule]] = {}
     for m in modules:
@@ -131,12 +133,15 @@ def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[Planned
         groups.setdefault((m.matrix_shape, m.rank, m.is_text_encoder, m.embedding, *extra), []).append(m)
     out = []
     for group in groups.values():
-        per = max(1, budget // max(1, nbytes(group[0])))
-        out.extend(group[i:i + per] for i in range(0, len(group), per))
+        size, i = max(1, nbytes(group[0])), 0
+        while i < len(group):
+            per = max(1, (budget >> max(0, ramp - len(out))) // size)
+            out.append(group[i:i + per])
+            i += per
     return out
 
 
-def pair_batches(b: TensorSource, t: TensorSource, modules: list[PlannedModule], budget: int
+def pair_batches(b: TensorSource, t: TensorSource, modules: list[PlannedModule], budget: int, ramp: int = 0
                  ) -> list[list[PlannedModule]]:
     """:func:`batches` as the reader forms them: by stored bytes, and stackable (one orientation, one stored
     dtype a side)."""
@@ -144,7 +149,7 @@ def pair_batches(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
         first = m.ref.segments[0].key
         return m.ref.transpose, b.dtype(first), t.dtype(first)
 
-    return batches(modules, budget, lambda m: pair_nbytes(b, t, m), kind)
+    return batches(modules, budget, lambda m: pair_nbytes(b, t, m), kind, ramp)
 
 
 def pair_nbytes(b: TensorSource, t: TensorSource, m: PlannedModule) -> int:
@@ -186,7 +191,7 @@ def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
     """:class:`PairBatch` es in order, read ahead on ``readers`` threads (default :func:`reader_count`)."""
     clock = clock or StageClock()
     readers = readers or reader_count(device)
-    jobs = pair_batches(b, t, modules, batch_budget(device))
+    jobs = pair_batches(b, t, modules, batch_budget(device), RAMP if device.type == "cuda" else 0)
     with _short_switch_interval():
         if device.type != "cuda":
             def load_cpu(batch: list[PlannedModule]) -> PairBatch:

@@ -8,7 +8,7 @@ from loratool.io.sources import open_source
 from loratool.io.weights import Segment, WeightRef, read_weight
 from loratool.io.writer import write_safetensors
 from loratool.ops.extract_plan import PlannedModule
-from loratool.ops.extract_stream import _stage, pair_batches, read_stacked, stream_pairs
+from loratool.ops.extract_stream import _stage, batches, pair_batches, read_stacked, stream_pairs
 
 
 def _files(tmp_path):
@@ -51,6 +51,19 @@ def test_batches_stack_only_what_one_buffer_can_hold(tmp_path):
         # a budget of two modules' bytes splits the large group in plan order
         assert [[m.path for m in job] for job in pair_batches(bs, ts, MODULES, budget=2 * 2 * 96)][:2] == [
             ["a", "kq"], ["conv", "b"]]
+
+
+def test_a_ramp_makes_the_first_batches_smaller_then_full(tmp_path):
+    """On a GPU the first batches get 1/2**ramp of the budget, doubling up to it, so that the first
+    decomposition starts while the readers fill the large batches; every module still comes once, in order."""
+    same = [_module(f"m{i}", WeightRef((Segment(f"m{i}"),), (8, 6))) for i in range(40)]
+    per = 4 * 8 * 6  # the default measure: the fp32 ΔW
+    jobs = batches(same, budget=8 * per, ramp=2)
+    assert [len(j) for j in jobs] == [2, 4, 8, 8, 8, 8, 2]
+    assert [m.path for j in jobs for m in j] == [m.path for m in same]
+    assert [len(j) for j in batches(same, budget=8 * per)] == [8, 8, 8, 8, 8]
+    # a module larger than the ramp's first share still makes a batch of its own
+    assert [len(j) for j in batches(same[:3], budget=per, ramp=3)] == [1, 1, 1]
 
 
 def test_the_cpu_stream_yields_the_stacks_in_order(tmp_path):

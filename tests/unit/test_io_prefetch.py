@@ -72,7 +72,9 @@ def test_stopping_early_starts_no_more_work() -> None:
 
 def test_staging_ring_hands_out_and_back() -> None:
     ring = StagingRing(1024, 2, pinned=False)
+    assert ring._free.qsize() == 0  # a buffer is made when first asked for (pinning all at once delays the first read)
     a, b = ring.take(), ring.take()
+    assert ring.try_take() is None  # both made and out: no third
     assert a.numel() == 1024 and a.dtype == torch.uint8 and a.data_ptr() != b.data_ptr()
     ring.give(a)
     assert ring.take().data_ptr() == a.data_ptr()
