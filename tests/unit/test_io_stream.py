@@ -87,6 +87,14 @@ def test_streamed_file_holds_what_the_reference_writer_would(tmp_path):
     assert f.data_start == 8 + n
 
 
+def test_scalars_made_again_with_the_same_value_let_the_stream_stand(tmp_path):
+    ts = tensors()
+    final = {k: (torch.tensor(t.item(), dtype=t.dtype) if t.dim() == 0 else t) for k, t in ts.items()}
+    out = tmp_path / "s.safetensors"
+    assert stream_write(out, [ts], final) is True
+    same_content(out, reference(tmp_path, final))
+
+
 def test_tensors_not_streamed_are_appended_at_the_end(tmp_path):
     ts = tensors()
     streamed = {k: v for k, v in ts.items() if "b5" not in k}
@@ -97,7 +105,7 @@ def test_tensors_not_streamed_are_appended_at_the_end(tmp_path):
     assert "b5" in last.name
 
 
-@pytest.mark.parametrize("case", ["value", "missing", "dtype", "room"])
+@pytest.mark.parametrize("case", ["value", "alpha", "signed zero", "missing", "dtype", "room"])
 def test_what_cannot_stand_is_rewritten_by_the_reference_writer(tmp_path, case):
     ts = tensors()
     streamed = dict(ts)
@@ -106,6 +114,11 @@ def test_what_cannot_stand_is_rewritten_by_the_reference_writer(tmp_path, case):
     key = "lora_unet_b2.lora_up.weight"
     if case == "value":
         final[key] = ts[key] * 2  # what was written is not what the file must hold
+    elif case == "alpha":
+        final["lora_unet_b2.alpha"] = torch.tensor(5.0, dtype=torch.float16)  # a scalar made again, another value
+    elif case == "signed zero":
+        streamed["lora_unet_b2.alpha"] = torch.tensor(0.0, dtype=torch.float16)
+        final["lora_unet_b2.alpha"] = torch.tensor(-0.0, dtype=torch.float16)  # equal values, other bits
     elif case == "missing":
         del final[key]  # written, but not the file's
     elif case == "dtype":
