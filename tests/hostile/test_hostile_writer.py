@@ -124,8 +124,9 @@ _PATCHES = {  # kill -9 after the temporary is complete, just before it would be
 
 
 def _child(code: str, *args: object) -> subprocess.CompletedProcess:
+    # no family-table cache: its first store is an atomic rename too, which the patch would kill instead
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(CODE)})
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(CODE), "LORATOOL_CACHE_DIR": "off"})
 
 
 @pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
