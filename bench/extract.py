@@ -296,9 +296,7 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
              f"pair {size / 2**30:.2f} GiB (written in {gen_s:.0f} s); load average {os.getloadavg()[0]:.1f}", "",
              "| method | modules (extracted of planned) | wall s | × floor | × vs kohya (est.) | peak RSS GiB | peak GPU GiB | err/opt mean "
              "| err/opt worst |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    names = [n for m in ("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit")
-             for n in [*(f"{m}@{t}" for t in args.trees), m]]
-    for name in names:
+    for name in _with_trees(("loratool", "whole", "command", "floor", "kohya", "lycoris", "mergekit"), args):
         r = results.get(name)
         if r is None:
             continue
@@ -314,17 +312,22 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
         lines.append(f"| {label} | {count} | {r['wall_s']:.2f} | "
                      f"{r['wall_s'] / floor if floor else float('nan'):.2f} | {speed} | {r.get('rss_gib', 0):.2f} | "
                      f"{r.get('gpu_gib', 0):.2f} | {mean:.4f} | {worst:.4f} |")
-    for name in [n for m in ("loratool", "whole", "command", "floor") for n in [*(f"{m}@{t}" for t in args.trees), m]]:
+    for name in _with_trees(("loratool", "whole", "command", "floor"), args):
         if "profile" in results.get(name, {}):
             lines.append(f"\n{name} profile: " + ", ".join(f"{k} {v}" for k, v in results[name]["profile"].items()))
     return "\n".join(lines)
+
+
+def _with_trees(methods, args) -> list[str]:
+    """Each method preceded by its runs under the other trees (``METHOD@NAME``), as the table lists them."""
+    return [n for m in methods for n in [*(f"{m}@{t}" for t in args.trees), m]]
 
 
 def _order(methods: list[str], args) -> list[str]:
     """The runs in order: each in-process contender --repeat times (beside its twins of the other trees),
     interleaved round by round so that machine load falls on all alike; the others once, after the first
     round."""
-    inproc = [n for m in methods if m in IN_PROCESS for n in [*(f"{m}@{t}" for t in args.trees), m]]
+    inproc = _with_trees([m for m in methods if m in IN_PROCESS], args)
     rest = [m for m in methods if m not in IN_PROCESS]
     return inproc + rest + inproc * (args.repeat - 1)
 

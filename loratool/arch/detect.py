@@ -257,12 +257,8 @@ def detect_checkpoint(keys_and_shapes: Mapping[str, Sequence[int]] | Iterable[tu
 
     def has(parts: Sequence[str]) -> bool:
         key = tuple(parts)
-        if key not in seen:
-            if not key:
-                seen[key] = bool(shapes)
-            else:
-                first, rest = key[0], key[1:]
-                seen[key] = first in joined and (not rest or any(all(p in k for p in rest) for k in shapes if first in k))
+        if key not in seen:  # most fragments are in no name: the joined search answers at once
+            seen[key] = (not key or key[0] in joined) and any(all(p in k for p in key) for k in shapes)
         return seen[key]
 
     for stage in ("checkpoint_keys", "cross_attention", "checkpoint_names", "text_encoder_width"):

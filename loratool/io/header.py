@@ -141,6 +141,12 @@ def _json_type(v: object) -> str:
             type(None): "null"}.get(type(v), type(v).__name__)
 
 
+_PARSED: OrderedDict[tuple[bytes, int], tuple] = OrderedDict()
+_PARSED_LOCK = threading.Lock()
+_PARSED_COUNT = 4  # a base and a tuned model, each as one file or a few components
+_PARSED_MAX_BYTES = 8 << 20  # larger headers (an LLM's many shards are each small) are parsed again
+
+
 def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int, bool]:
     """Validate a header (the bytes after the 8-byte length) against the file size.
 
@@ -162,12 +168,6 @@ def parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, Tenso
                     _PARSED.popitem(last=False)
     tensors, metadata, data_start, present = hit
     return dict(tensors), dict(metadata), data_start, present
-
-
-_PARSED: OrderedDict[tuple[bytes, int], tuple] = OrderedDict()
-_PARSED_LOCK = threading.Lock()
-_PARSED_COUNT = 4  # a base and a tuned model, each as one file or a few components
-_PARSED_MAX_BYTES = 8 << 20  # larger headers (an LLM's many shards are each small) are parsed again
 
 
 def _parse_header(raw: bytes, path: str, file_size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int, bool]:

@@ -85,13 +85,14 @@ class StagingRing:
     def take(self) -> torch.Tensor:
         """A free buffer, waiting for one to be given back; an error once the ring is closed."""
         buf = self.try_take()
-        while buf is None:
+        if buf is not None:
+            return buf
+        while True:
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:
                 if self.closed:
                     raise RuntimeError("staging ring closed") from None
-        return buf
 
     def try_take(self) -> torch.Tensor | None:
         """A free buffer, or None at once when there is none (and all are made)."""
