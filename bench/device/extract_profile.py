@@ -10,7 +10,8 @@
 3. *orthonormalisation* — CholeskyQR2 as the library runs it, beside a variant that inverts the small
    Cholesky factor and multiplies (one GEMM instead of a triangular solve), and Householder QR.
 0. *start-up* — fresh interpreters: bare python, importing torch, the first CUDA calls one by one, and
-   the whole command on the bundled tiny pair beside its report's own seconds.
+   the whole command on the bundled tiny pair beside its report's own seconds; *warm*: after the CUDA
+   context, the kernel warm-up and the first batches of work after it, each on a fresh thread and stream.
 4. *in process* — the real ``extract`` on a written SDXL pair: the stage clock, then per-batch compute
    with a synchronisation after each batch (so the cost of each shape group shows), then under the
    profiler.
@@ -286,6 +287,51 @@ print("STEPS " + json.dumps(dict(zip(names, [b - a for a, b in zip(t, t[1:])])))
 """
 
 
+WARM = """
+import json, sys, threading, time
+import torch
+sys.path.insert(0, "bench/device")
+from extract_profile import _delta, _work
+torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+from loratool.ops.extract_startup import warm_kernels
+dev, gen, rows = torch.device("cuda"), torch.Generator("cuda").manual_seed(0), {}
+deltas = [_delta(4, 640, 640, gen), _delta(4, 640, 640, gen), _delta(2, 1280, 5120, gen), _delta(2, 1280, 5120, gen)]
+torch.cuda.synchronize()
+t0 = time.perf_counter(); warm_kernels(dev); rows["warm_kernels (main thread)"] = time.perf_counter() - t0
+def batch(name, delta):
+    s = torch.cuda.Stream(dev)
+    with torch.cuda.stream(s):
+        t = time.perf_counter(); _work(delta, 64, [str(i) for i in range(len(delta))]); s.synchronize()
+        rows[name] = time.perf_counter() - t
+for i, d in enumerate(deltas):  # each on a fresh thread and stream, as the two workers are
+    th = threading.Thread(target=batch, args=(f"batch {i + 1} {tuple(d.shape)} (new thread)", d)); th.start(); th.join()
+batch("batch 1 again (main thread)", deltas[0])
+print("WARM " + json.dumps(rows))
+"""
+
+
+def warm(out: list[str], repeat: int = 3) -> None:
+    """Fresh interpreters, CUDA context made first (as the bench's contenders do): the kernel warm-up, then
+    the first batches of real work after it, each on a fresh thread and stream (what is still loaded late)."""
+    import statistics
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
+    rows: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat):
+        proc = subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True, env=env, cwd=repo)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-800:])
+        for k, v in json.loads(proc.stdout.split("WARM ", 1)[1]).items():
+            rows[k].append(v)
+    out.append(f"\n### kernel warm-up and the first batches after it (median of {repeat} fresh interpreters)\n")
+    out.append("| what | s (median) | all |")
+    out.append("| --- | --- | --- |")
+    out += [f"| {k} | {statistics.median(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |" for k, v in rows.items()]
+    print("\n".join(out[-len(rows) - 3:]), flush=True)
+
+
 def startup(out: list[str], repeat: int = 3) -> None:
     """Fresh interpreters: bare python, the steps of a CUDA start one by one, and the whole command on the
     bundled tiny pair (its report's start-up and command seconds beside the wall time seen from outside)."""
@@ -355,7 +401,7 @@ def main() -> None:
         lists = {k: v[:args.limit] for k, v in lists.items()}
     name = torch.cuda.get_device_name(0) if DEV == "cuda" else "CPU"
     out = [f"# extract on {name}, torch {torch.__version__}\n"]
-    steps = {"startup": lambda: startup(out, args.repeat),
+    steps = {"startup": lambda: startup(out, args.repeat), "warm": lambda: warm(out, args.repeat),
              "compute": lambda: compute_alone(lists, args.layouts.split(","), out),
              "profile": lambda: profiled(lists, "sdxl", out),
              "svd": lambda: small_svd(lists, "sdxl", out, args.quick),

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,7 @@ def extract(base: str | os.PathLike[str], tuned: str | os.PathLike[str], options
     each batch's modules as soon as they are made, in the order the adapter holds them (the time it takes
     counts as ``sink``)."""
     clock = clock or StageClock()
+    warm_start(options.device)  # beside planning; _run takes the same warm-up
     with open_pair(base, tuned) as (b, t):
         with clock.timed("plan"):
             plan = plan or build_plan(b, t, options)
@@ -107,6 +109,17 @@ def _adapter(plan: Plan) -> Adapter:
     return Adapter(base_model=plan.arch if plan.arch != "generic" else "unknown", source_format="extract")
 
 
+def warm_start(device: torch.device | str) -> Future | None:
+    """The kernel warm-up of ``device`` (:func:`~loratool.ops.extract_startup.warming`: once per device and
+    process), started now when a GPU extraction will need it, else None (also for a name torch refuses:
+    the extraction says so where it takes the device)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        return None
+    return warming(device) if compute_workers(device) > 1 and device.type == "cuda" else None
+
+
 def compute_workers(device: torch.device) -> int:
     """Batches decomposed at once: two on a GPU, each on its own thread and stream, so that one thread's
     launches overlap the other's waits for the device (a batch waits for it a few times: which modules
@@ -125,11 +138,8 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     paths = (b.path, t.path)
     workers = compute_workers(device)
     streams: dict[int, torch.cuda.Stream] = {}
-    warmed = None
-    if workers > 1 and device.type == "cuda":  # beside the first reads; its span is the clock's "warm"
-        t0 = time.perf_counter()
-        warmed = warming(device)
-        warmed.add_done_callback(lambda _: clock.add("warm", time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    warmed = warm_start(device)  # started before planning; the clock's "warm": how long it ran on after here
 
     def work(pair: PairBatch) -> tuple[list[ModuleReport], list[LoraModule]]:
         if device.type != "cuda":
@@ -156,4 +166,6 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
     if device.type == "cuda":
         with clock.timed("compute"):
             torch.cuda.synchronize(device)
+    if warmed is not None and warmed.done() and warmed.exception() is None:  # taken by the first batch
+        clock.add("warm", max(0.0, warmed.result() - t0))
     return reports, modules

@@ -5,9 +5,14 @@ while the caller parses headers and plans (both torch-free). Importing this modu
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+_WARMING: dict[str, Future] = {}  # one warm-up per device and process (a failed one is tried again)
+_WARMING_LOCK = threading.Lock()
 
 
 def start_device(resolve: Callable[[], Any]) -> Future:
@@ -18,9 +23,18 @@ def start_device(resolve: Callable[[], Any]) -> Future:
 
 
 def warming(device: Any) -> Future:
-    """:func:`warm_kernels` on a thread of its own, so that loading the kernels overlaps the first reads; take
-    the future's result before the first batch is decomposed."""
-    return _background(warm_kernels, device)
+    """:func:`warm_kernels` on a thread of its own, so that loading the kernels overlaps planning and the
+    first reads; take the future's result (the ``time.perf_counter()`` at which it ended) before the first
+    batch is decomposed. Started once per device and process: later calls get the same future (done at
+    once when the kernels are loaded)."""
+    from loratool.linalg import randomized_svd  # noqa: F401  imported here, not across threads
+
+    key = str(device)
+    with _WARMING_LOCK:
+        future = _WARMING.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = _WARMING[key] = _background(_ended, warm_kernels, device)
+    return future
 
 
 def _background(fn: Callable[..., Any], *args: Any) -> Future:
@@ -30,13 +44,18 @@ def _background(fn: Callable[..., Any], *args: Any) -> Future:
     return future
 
 
+def _ended(fn: Callable[..., Any], *args: Any) -> float:
+    fn(*args)
+    return time.perf_counter()
+
+
 def _warm(resolve: Callable[[], Any]) -> Any:
     device = resolve()
     if device.type != "cuda":
         return device
     import torch
 
-    warm_kernels(device)
+    warming(device).result()
     torch.empty(1 << 20, dtype=torch.uint8, pin_memory=True)
     return device
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loratool.ops.extract import ExtractResult, Progress, extract, outline
+from loratool.ops.extract import ExtractResult, Progress, extract, outline, warm_start
 from loratool.ops.extract_plan import ExtractOptions, Plan, plan_extract
 from loratool.ops.extract_report import report_room
 from loratool.ops.extract_stream import StageClock
@@ -42,6 +42,7 @@ def extract_to(base: str | os.PathLike[str], tuned: str | os.PathLike[str], opti
     The profile gains ``write_s`` (after the last module: the rest of the file, fsync and rename) and, when
     streamed, ``write_busy_s`` (the writer thread's time, overlapped; ``write_busy``: by step) and ``streamed`` (False when what
     was streamed could not stand and the file was written again); ``clock`` as for :func:`extract`."""
+    warm_start(options.device)  # the GPU's kernels load while the plan and the stream are made
     plan = plan or plan_extract(base, tuned, options)
     meta = dict(metadata or {})
     with _stream(outputs, output, fmt, plan, meta, stream) as into:

@@ -175,3 +175,18 @@ def test_the_cuda_stream_stacks_each_batch_as_the_cpu_reader_does(tmp_path, monk
                 got, want = getattr(pg, side), getattr(pc, side)
                 assert got.device.type == "cuda" and got.dtype == want.dtype
                 assert torch.equal(got.cpu(), want), (side, [m.path for m in pc.modules])
+
+
+def test_the_kernel_warm_up_runs_once_per_process(tmp_path):
+    from loratool.ops.extract import extract
+    from loratool.ops.extract_plan import ExtractOptions
+    from loratool.ops.extract_startup import warming
+
+    b, t = _pair(tmp_path)
+    opts = ExtractOptions(rank=6, arch="generic", device="cuda", dtype="fp32")
+    first = extract(b, t, opts)
+    warmed = warming(torch.device("cuda"))
+    assert warmed.done() and warmed.exception() is None
+    second = extract(b, t, opts)  # the same future, done: no wait at the start
+    assert warming(torch.device("cuda")) is warmed
+    assert second.profile["warm"] <= first.profile["warm"] and second.profile["warm"] < 0.01
