@@ -61,28 +61,43 @@ def _warm(resolve: Callable[[], Any]) -> Any:
 
 
 def warm_kernels(device: Any) -> None:
-    """Run, once, what a batch runs: a tiny two-module batch through ``extract_batch`` for each of fp16 and
-    bf16 (bit comparison, float32 ΔW, norms, the sketch, CholeskyQR, the batched float64 core SVD, the
-    split, the casts, the residual), on this thread and a stream of its own. The GPU loads each kernel on
-    its first launch; here that happens beside planning and the first reads, not in the first batch.
-    Besides, this must happen before two threads decompose at once: torch loads its CUDA linear-algebra
-    library on the first such call and refuses a second first call made meanwhile ("lazy wrapper should be
-    called at most once")."""
+    """Run, once, what a batch runs (:func:`warm_up_batches` through ``extract_batch``: bit comparison,
+    float32 ΔW, norms, the sketch, CholeskyQR, the batched float64 core SVD, the split, the casts, the
+    residual), on this thread and a stream of its own. The GPU loads each kernel on its first launch; here
+    that happens beside planning and the first reads, not in the first batch. Besides, this must happen
+    before two threads decompose at once: torch loads its CUDA linear-algebra library on the first such
+    call and refuses a second first call made meanwhile ("lazy wrapper should be called at most once")."""
+    import torch
+
+    from loratool.ops.extract_batch import extract_batch
+    from loratool.ops.extract_plan import ExtractOptions
+
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        for pair in warm_up_batches(device):
+            extract_batch(pair, ExtractOptions(rank=WARM_RANK), pair.base.dtype)
+        torch.cuda.synchronize(device)
+
+
+WARM_RANK = 8
+
+
+def warm_up_batches(device: Any) -> list:
+    """Two tiny batches of three 96×48 modules, fp16 and bf16 (the stored dtypes of nearly every checkpoint),
+    the middle module unchanged: small enough to cost nothing, large enough for the randomized path."""
     import torch
 
     from loratool.io.weights import Segment, WeightRef
-    from loratool.ops.extract_batch import extract_batch
-    from loratool.ops.extract_plan import ExtractOptions, PlannedModule
+    from loratool.ops.extract_plan import PlannedModule
     from loratool.ops.extract_stream import PairBatch
 
     shape, gen = (96, 48), torch.Generator(device=device).manual_seed(0)
-    mods = [PlannedModule("unet", f"warm-up.{i}", shape, WeightRef((Segment(f"warm-up.{i}"),), shape), 8)
+    mods = [PlannedModule("unet", f"warm-up.{i}", shape, WeightRef((Segment(f"warm-up.{i}"),), shape), WARM_RANK)
             for i in range(3)]
-    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-        for dtype in (torch.float16, torch.bfloat16):
-            base = torch.randn(3, *shape, device=device, generator=gen)
-            change = torch.randn(3, shape[0], 4, device=device, generator=gen) @ torch.randn(
-                3, 4, shape[1], device=device, generator=gen)
-            change[1] = 0  # one unchanged: the batch keeps the changed rows
-            extract_batch(PairBatch(mods, base.to(dtype), (base + change).to(dtype)), ExtractOptions(rank=8), dtype)
-        torch.cuda.synchronize(device)
+    out = []
+    for dtype in (torch.float16, torch.bfloat16):
+        base = torch.randn(3, *shape, device=device, generator=gen)
+        change = torch.randn(3, shape[0], 4, device=device, generator=gen) @ torch.randn(
+            3, 4, shape[1], device=device, generator=gen)
+        change[1] = 0
+        out.append(PairBatch(mods, base.to(dtype), (base + change).to(dtype)))
+    return out

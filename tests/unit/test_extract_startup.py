@@ -74,3 +74,21 @@ def test_extraction_on_the_cpu_starts_no_warm_up(counted, tmp_path):
     write_safetensors(tmp_path / "t.safetensors", {"l.weight": w + 0.1 * torch.randn(64, 48, generator=gen)}, None)
     res = extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", ExtractOptions(rank=4, arch="generic"))
     assert len(res.adapter.modules) == 1 and calls == [] and "warm" not in res.profile
+
+
+def test_the_warm_up_batches_take_the_path_a_real_batch_takes():
+    """The warm-up loads a batch's kernels only if its tiny batches go where real ones go: the randomized
+    decomposition (not the exact one small matrices get), one module unchanged, both stored dtypes."""
+    import torch
+
+    from loratool.ops.extract_batch import extract_batch
+    from loratool.ops.extract_plan import ExtractOptions
+
+    pairs = startup.warm_up_batches("cpu")
+    assert [p.base.dtype for p in pairs] == [torch.float16, torch.bfloat16]
+    for pair in pairs:
+        dtype = pair.base.dtype
+        reports, modules = extract_batch(pair, ExtractOptions(rank=startup.WARM_RANK), dtype)
+        assert [r.status for r in reports] == ["unchanged", "ok", "ok"]
+        assert {r.method for r in reports if r.status == "ok"} == {"randomized"}
+        assert len(modules) == 2 and modules[0].up.dtype == dtype
