@@ -21,7 +21,7 @@ disk so that no contender's write waits behind theirs):
              whole command; LLM layouts only, when the venv exists.
 
 ``--tree NAME=DIR`` (a checkout of another revision, e.g. a ``git worktree``; repeatable) adds ``METHOD@NAME``
-for each in-process contender (floor, loratool, whole): the same run with DIR's ``loratool`` imported, on the
+for each in-process contender (floor, loratool, whole; ``--tree-methods`` narrows them): the same run with DIR's ``loratool`` imported, on the
 same files in the same call; ``--repeat N`` runs every in-process contender N times, interleaved, and keeps
 the fastest (each row says how many it took).
 
@@ -320,7 +320,8 @@ def table(results: dict, errs: dict, args, gen_s: float, size: int) -> str:
 
 def _with_trees(methods, args) -> list[str]:
     """Each method preceded by its runs under the other trees (``METHOD@NAME``), as the table lists them."""
-    return [n for m in methods for n in [*(f"{m}@{t}" for t in args.trees), m]]
+    under = args.tree_methods.split(",")
+    return [n for m in methods for n in [*(f"{m}@{t}" for t in args.trees if m in under), m]]
 
 
 def _order(methods: list[str], args) -> list[str]:
@@ -356,6 +357,8 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     p.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
                    help="another revision's checkout: adds METHOD@NAME rows (repeatable)")
+    p.add_argument("--tree-methods", default=",".join(IN_PROCESS),
+                   help="the in-process contenders run under each --tree (e.g. whole,loratool: one floor)")
     p.add_argument("--repeat", type=int, default=1, help="in-process contenders: fastest of N, interleaved")
     p.add_argument("--one", choices=list(RUNNERS), help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
