@@ -73,7 +73,7 @@ def test_extraction_on_the_cpu_starts_no_warm_up(counted, tmp_path):
     write_safetensors(tmp_path / "b.safetensors", {"l.weight": w}, None)
     write_safetensors(tmp_path / "t.safetensors", {"l.weight": w + 0.1 * torch.randn(64, 48, generator=gen)}, None)
     res = extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", ExtractOptions(rank=4, arch="generic"))
-    assert len(res.adapter.modules) == 1 and calls == [] and "warm" not in res.profile
+    assert len(res.adapter.modules) == 1 and calls == [] and "warm_s" not in res.profile
 
 
 def test_the_warm_up_batches_take_the_path_a_real_batch_takes():
