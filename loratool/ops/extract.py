@@ -11,12 +11,10 @@ the time went is in ``ExtractResult.profile``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -135,6 +133,7 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
          ) -> tuple[list[ModuleReport], list[LoraModule]]:
     reports: list[ModuleReport] = []
     modules: list[LoraModule] = []
+    done = 0
     device = torch.device(options.device)
     paths = (b.path, t.path)
     workers = compute_workers(device)
@@ -155,40 +154,6 @@ def _run(b: TensorSource, t: TensorSource, plan: Plan, options: ExtractOptions, 
 
     pairs = stream_pairs(b, t, plan.modules, device, clock)
     results = ((pair, work(pair)) for pair in pairs) if workers == 1 else prefetch(pairs, work, workers, workers)
-    with _quick_handoffs(device.type == "cuda"):
-        _consume(results, reports, modules, plan, clock, sink, progress)
-    if device.type == "cuda":
-        with clock.timed("compute"):
-            torch.cuda.synchronize(device)
-    if warmed is not None and warmed.done() and warmed.exception() is None:  # taken by the first batch
-        clock.add("warm", max(0.0, warmed.result() - t0))
-    return reports, modules
-
-
-SWITCH_INTERVAL = 5e-4  # s; Python's default is 5e-3
-
-
-@contextlib.contextmanager
-def _quick_handoffs(wanted: bool) -> Iterator[None]:
-    """A shorter interpreter switch interval while a GPU extraction runs. Its threads (two compute workers,
-    four readers, the stream's writer) each hold the interpreter's lock only between calls that release
-    it: a torch op, a read, a hash. A thread back from such a call waits for the lock until the holder
-    lets go, up to the switch interval; at Python's default 5 ms a batch's few hundred ops can queue that
-    long many times over. Restored afterwards (the setting is the process's)."""
-    if not wanted:
-        yield
-        return
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, SWITCH_INTERVAL))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
-
-
-def _consume(results, reports: list[ModuleReport], modules: list[LoraModule], plan: Plan, clock: StageClock,
-             sink: Sink | None, progress: Progress | None) -> None:
-    done = 0
     for pair, (r, mods) in results:
         reports += r
         modules += mods
@@ -198,3 +163,9 @@ def _consume(results, reports: list[ModuleReport], modules: list[LoraModule], pl
         done += len(pair.modules)
         if progress:
             progress(done, len(plan.modules), pair.modules[-1].key)
+    if device.type == "cuda":
+        with clock.timed("compute"):
+            torch.cuda.synchronize(device)
+    if warmed is not None and warmed.done() and warmed.exception() is None:  # taken by the first batch
+        clock.add("warm", max(0.0, warmed.result() - t0))
+    return reports, modules

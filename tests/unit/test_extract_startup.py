@@ -92,19 +92,3 @@ def test_the_warm_up_batches_take_the_path_a_real_batch_takes():
         assert [r.status for r in reports] == ["unchanged", "ok", "ok"]
         assert {r.method for r in reports if r.status == "ok"} == {"randomized"}
         assert len(modules) == 2 and modules[0].up.dtype == dtype
-
-
-def test_a_gpu_extraction_shortens_the_switch_interval_and_restores_it():
-    import sys
-
-    from loratool.ops.extract import SWITCH_INTERVAL, _quick_handoffs
-
-    before = sys.getswitchinterval()
-    with _quick_handoffs(True):
-        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
-    assert sys.getswitchinterval() == before
-    with pytest.raises(KeyError), _quick_handoffs(True):
-        raise KeyError("a batch failed")
-    assert sys.getswitchinterval() == before
-    with _quick_handoffs(False):  # the CPU path leaves the process's setting alone
-        assert sys.getswitchinterval() == before
