@@ -46,17 +46,25 @@ from loratool.io.writer import (
 if TYPE_CHECKING:
     import torch
 
-STEP = 32 << 20  # bytes of a run judged finite at a time (numpy's temporaries stay this size)
-# exponent masks: a value is NaN or ±inf exactly when all its exponent bits are set
+STEP = 32 << 20  # bytes of a run judged finite at a time (the scratch buffer's size)
+# exponent masks: a value is NaN or ±inf exactly when all its exponent bits are set, that is when its bits
+# without the sign are at least the mask (the exponent lies just below the sign bit)
 _NON_FINITE_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
                     "F64": (np.uint64, 0x7FF0000000000000), "C64": (np.uint32, 0x7F800000)}
 
 
-def finite_bits(data: memoryview, dtype: str) -> bool:
-    """Whether the bytes of a ``dtype`` tensor (F16, BF16, F32, F64, C64) hold no NaN and no ±inf."""
+def finite_bits(data: memoryview, dtype: str, scratch: np.ndarray | None = None) -> bool:
+    """Whether the bytes of a ``dtype`` tensor (F16, BF16, F32, F64, C64) hold no NaN and no ±inf.
+    Two passes, one call each: the bits without the sign into ``scratch`` (bytes, at least ``len(data)``;
+    a fresh array without it), then their maximum. A reused scratch spares the page faults of a fresh
+    temporary on every call (on a 485 MiB adapter: 0.07 s instead of 0.16-0.28 s here)."""
     kind, mask = _NON_FINITE_BITS[dtype]
     words = np.frombuffer(data, dtype=kind)
-    return not bool(np.any(np.bitwise_and(words, kind(mask)) == kind(mask)))
+    if not len(words):
+        return True
+    out = None if scratch is None else scratch[:len(data)].view(kind)
+    magnitude = np.bitwise_and(words, kind(np.iinfo(kind).max >> 1), out=out)
+    return bool(magnitude.max() < kind(mask))
 
 
 def header_room(entries: list[tuple[str, str, tuple[int, ...]]], total_bytes: int, metadata_bytes: int) -> int:
@@ -79,6 +87,7 @@ class SafetensorsStream:
         self.size = 0  # bytes of data so far
         self.busy_s = 0.0  # the worker's seconds (overlapped with the caller's work)
         self.parts = {"finite": 0.0, "hash": 0.0, "write": 0.0, "writeback": 0.0}  # busy_s by step
+        self._scratch: np.ndarray | None = None  # the worker's buffer for judging finiteness (≤ STEP bytes)
         self._digest = hashlib.sha256()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratool-write")
         self._jobs: list[Future] = []
@@ -131,8 +140,12 @@ class SafetensorsStream:
         try:
             for run, data, dtype in _runs(queued):
                 if dtype in _NON_FINITE_BITS:
+                    if self._scratch is None:
+                        self._scratch = np.empty(min(STEP, max(len(data), 1 << 20)), dtype=np.uint8)
+                    elif len(self._scratch) < min(STEP, len(data)):
+                        self._scratch = np.empty(STEP, dtype=np.uint8)
                     for lo in range(0, len(data), STEP):
-                        if not finite_bits(data[lo:lo + STEP], dtype):
+                        if not finite_bits(data[lo:lo + STEP], dtype, self._scratch):
                             raise _NonFinite(next(name for name, t, _ in run
                                                   if not finite_bits(tensor_bytes(t), dtype)))
                 lap("finite")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -198,6 +199,8 @@ def test_finite_bits_agrees_with_torch(dtype):
         t = case.to(dtype)
         expect = bool(torch.isfinite(t).all())
         assert finite_bits(tensor_bytes(t), dtype_name(t)) is expect, (dtype, case)
+        scratch = np.empty(t.numel() * t.element_size(), dtype=np.uint8)
+        assert finite_bits(tensor_bytes(t), dtype_name(t), scratch) is expect, (dtype, case)
 
 
 def test_swapped_halves_of_an_outline_stay_on_the_meta_device():
@@ -291,3 +294,22 @@ def test_a_batch_s_scalars_are_gathered_into_one_tensor_a_dtype():
     assert ts["a.alpha"].untyped_storage().data_ptr() == ts["b.alpha"].untyped_storage().data_ptr()
     assert ts["a.alpha"].dim() == 0 and ts["b.alpha"].storage_offset() == 1
     assert ts["d.lora_down.weight"] is down  # only the 0-d ones are replaced
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64])
+def test_finite_bits_with_a_reused_scratch_buffer(dtype):
+    """The writer judges every run through one scratch buffer: leftovers of a longer earlier run must not
+    decide a shorter later one, and an empty tensor is finite."""
+    from loratool.io.writer import dtype_name
+
+    scratch = np.empty(4096, dtype=np.uint8)
+    bad = torch.zeros(300).to(dtype)
+    bad[299] = float("nan")
+    assert finite_bits(tensor_bytes(bad), dtype_name(bad), scratch) is False  # fills the buffer's tail
+    good = torch.ones(10).to(dtype)
+    assert finite_bits(tensor_bytes(good), dtype_name(good), scratch) is True
+    edge = torch.full((5,), torch.finfo(torch.float16).max).to(dtype)
+    edge[2] = -float("inf")
+    assert finite_bits(tensor_bytes(edge), dtype_name(edge), scratch) is False
+    empty = torch.empty(0, dtype=dtype)
+    assert finite_bits(tensor_bytes(empty), dtype_name(empty), scratch) is True
