@@ -140,9 +140,7 @@ class SafetensorsStream:
         try:
             for run, data, dtype in _runs(queued):
                 if dtype in _NON_FINITE_BITS:
-                    if self._scratch is None:
-                        self._scratch = np.empty(min(STEP, max(len(data), 1 << 20)), dtype=np.uint8)
-                    elif len(self._scratch) < min(STEP, len(data)):
+                    if self._scratch is None:  # pages are touched only as far as runs reach
                         self._scratch = np.empty(STEP, dtype=np.uint8)
                     for lo in range(0, len(data), STEP):
                         if not finite_bits(data[lo:lo + STEP], dtype, self._scratch):

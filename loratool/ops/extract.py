@@ -117,7 +117,7 @@ def warm_start(device: torch.device | str) -> Future | None:
         device = torch.device(device)
     except RuntimeError:
         return None
-    return warming(device) if compute_workers(device) > 1 and device.type == "cuda" else None
+    return warming(device) if device.type == "cuda" else None
 
 
 def compute_workers(device: torch.device) -> int:

@@ -27,7 +27,7 @@ def warming(device: Any) -> Future:
     first reads; take the future's result (the ``time.perf_counter()`` at which it ended) before the first
     batch is decomposed. Started once per device and process: later calls get the same future (done at
     once when the kernels are loaded)."""
-    from loratool.linalg import randomized_svd  # noqa: F401  imported here, not across threads
+    import loratool.ops.extract_batch  # noqa: F401  what warm_kernels runs, imported here, not across threads
 
     key = str(device)
     with _WARMING_LOCK:
