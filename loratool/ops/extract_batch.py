@@ -152,8 +152,9 @@ def _stacked(batch, idx, delta, base_sq, tr: Truncations, dtype: torch.dtype):
     up, down = split_singular(tr.u, tr.s, tr.vh, dtype=torch.float32)
     up, down = up.to(dtype), down.to(dtype)
     err_sq = residual_sq(delta, up.float(), down.float())
-    host = torch.stack([err_sq, base_sq]).cpu().tolist()
-    up, down = up.cpu(), down.cpu()
+    stats, up, down = to_host(torch.stack([err_sq, base_sq]), up, down)
+    host = stats.tolist()
+    ups, downs = up.unbind(0), down.unbind(0)
     reports, modules = [], []
     for j, i in enumerate(idx):
         mod, d2 = batch[i], tr.totals_sq[j]
@@ -163,8 +164,25 @@ def _stacked(batch, idx, delta, base_sq, tr: Truncations, dtype: torch.dtype):
         err = math.sqrt(host[0][j] / d2)
         reports.append(ModuleReport(mod.key, mod.shape, "ok", _change(d2, host[1][j]), tr.ranks[j], err,
                                     tr.retained(j), tr.method))
-        modules.append(lora_module(mod, up[j], down[j]))
+        modules.append(lora_module(mod, ups[j], downs[j]))
     return reports, modules
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` on the host. From a GPU in one copy, so one wait for the device instead of one a tensor:
+    their bytes packed into one buffer there (each tensor's start stays aligned when the widest dtype comes
+    first), unpacked here as views of one storage, back to back (the stream writes a batch's factors as
+    one run)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return tensors
+    parts = [t.contiguous() for t in tensors]
+    host = torch.cat([p.reshape(-1).view(torch.uint8) for p in parts]).cpu()
+    out, at = [], 0
+    for p in parts:
+        n = p.numel() * p.element_size()
+        out.append(host[at:at + n].view(p.dtype).view(p.shape))
+        at += n
+    return tuple(out)
 
 
 def _one_by_one(batch, idx, delta, base_sq, tr: Truncations, clamp_q: float | None, dtype: torch.dtype):
@@ -181,10 +199,11 @@ def _one_by_one(batch, idx, delta, base_sq, tr: Truncations, clamp_q: float | No
             up, down = clamp_factors(up, down, clamp_q)
         up, down = up.to(dtype).contiguous(), down.to(dtype).contiguous()
         d2 = one.total_sq
-        err = math.sqrt(float(residual_sq(delta[j:j + 1], up.float()[None], down.float()[None])[0]) / d2)
+        res, up, down = to_host(residual_sq(delta[j:j + 1], up.float()[None], down.float()[None]), up, down)
+        err = math.sqrt(float(res[0]) / d2)
         reports.append(ModuleReport(mod.key, mod.shape, "ok", _change(d2, norms[j]), one.rank, err, one.retained,
                                     one.method))
-        modules.append(lora_module(mod, up.cpu(), down.cpu()))
+        modules.append(lora_module(mod, up, down))
     return reports, modules
 
 

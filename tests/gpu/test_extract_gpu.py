@@ -134,6 +134,23 @@ def test_streamed_extract_on_gpu_matches_cpu_and_repeats_exactly(tmp_path):
         assert rg.key == rc.key and rg.rel_error == pytest.approx(rc.rel_error, rel=1e-2, abs=1e-4)
 
 
+def test_clamped_extract_on_gpu_module_by_module_matches_cpu(tmp_path):
+    from loratool.ops.extract import extract
+    from loratool.ops.extract_plan import ExtractOptions
+
+    b, t = _pair(tmp_path)
+    opts = {"rank": 6, "arch": "generic", "dtype": "fp16", "clamp_quantile": 0.99}
+    gpu = extract(b, t, ExtractOptions(device="cuda", **opts))
+    cpu = extract(b, t, ExtractOptions(device="cpu", **opts))
+    assert len(gpu.adapter.modules) == 5
+    for key, m in gpu.adapter.modules.items():
+        assert m.up.device.type == m.down.device.type == "cpu" and m.up.dtype == torch.float16
+        d_gpu, d_cpu = m.delta(torch.float64), cpu.adapter.modules[key].delta(torch.float64)
+        assert float((d_gpu - d_cpu).norm() / d_cpu.norm()) < 1e-2
+    for rg, rc in zip(gpu.reports, cpu.reports, strict=True):
+        assert rg.key == rc.key and rg.rel_error == pytest.approx(rc.rel_error, rel=1e-2, abs=1e-3)
+
+
 def test_resize_on_gpu_matches_cpu():
     from loratool.core.modules import Adapter, LoraModule
     from loratool.ops.resize import ResizeOptions, resize
@@ -190,3 +207,20 @@ def test_the_kernel_warm_up_runs_once_per_process(tmp_path):
     second = extract(b, t, opts)  # the same future, done: no wait at the start
     assert warming(torch.device("cuda")) is warmed
     assert second.profile["warm_s"] <= first.profile["warm_s"] and second.profile["warm_s"] < 0.01
+
+
+def test_a_batchs_stats_and_factors_come_to_the_host_in_one_storage_back_to_back():
+    from loratool.ops.extract_batch import to_host
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    stats = torch.randn(2, 5, dtype=torch.float64, device="cuda", generator=gen)
+    up = torch.randn(5, 77, 3, device="cuda", generator=gen).to(torch.float16)
+    down = torch.randn(5, 3, 131, device="cuda", generator=gen).to(torch.float16).transpose(1, 2)  # not contiguous
+    got = to_host(stats, up, down)
+    for mine, want in zip(got, (stats, up, down), strict=True):
+        assert mine.device.type == "cpu" and mine.dtype == want.dtype and mine.shape == want.shape
+        assert torch.equal(mine, want.cpu())
+    storages = {t.untyped_storage().data_ptr() for t in got}
+    assert len(storages) == 1
+    assert got[1].storage_offset() * 2 == stats.numel() * 8  # up right after the stats
+    assert (got[2].storage_offset() - got[1].storage_offset()) == up.numel()  # down right after up
