@@ -270,6 +270,19 @@ def test_a_gpu_batch_is_a_fortieth_of_the_card_within_bounds(monkeypatch, gib, e
     assert batch_budget(torch.device("cpu")) == CPU_BATCH_BYTES
 
 
+@pytest.mark.parametrize("gib,ahead", [(2, 5), (8, 5), (24, 6), (32, 8), (80, 9), (141, 9)])
+def test_a_large_card_reads_further_ahead_within_an_eighth_of_its_memory(monkeypatch, gib, ahead):
+    from types import SimpleNamespace
+
+    from loratool.ops.extract_stream import batch_budget, read_ahead
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=gib << 30))
+    cuda = torch.device("cuda", 0)
+    assert read_ahead(cuda, 4) == ahead
+    assert ahead == 5 or ahead * batch_budget(cuda) <= (gib << 30) / 8
+    assert read_ahead(torch.device("cpu"), 2) == 3
+
+
 def test_batches_decomposed_on_two_threads_give_the_same_lora_in_the_same_order(tmp_path, gen, monkeypatch):
     """The GPU path decomposes two batches at once (each thread its own stream); here the same scheduling on
     the CPU: results, reports and the order the sink sees are those of one thread."""
