@@ -204,6 +204,7 @@ def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
     clock = clock or StageClock()
     readers = readers or reader_count(device)
     jobs = pair_batches(b, t, modules, batch_budget(device), RAMP if device.type == "cuda" else 0)
+    ahead = read_ahead(device, readers)
     with _short_switch_interval():
         if device.type != "cuda":
             def load_cpu(batch: list[PlannedModule]) -> PairBatch:
@@ -212,12 +213,11 @@ def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
                 clock.add("read", time.perf_counter() - t0, sum(pair_nbytes(b, t, m) for m in batch))
                 return out
 
-            for _, loaded in _timed(prefetch(jobs, load_cpu, ahead=readers + 1, workers=readers), clock):
+            for _, loaded in _timed(prefetch(jobs, load_cpu, ahead=ahead, workers=readers), clock):
                 yield loaded
             return
         uploader = Uploader(b, t, device, clock, slots=readers + 2)
         try:
-            ahead = read_ahead(device, readers)
             for _, loaded in _timed(prefetch(jobs, uploader.load, ahead=ahead, workers=readers), clock):
                 yield loaded
         finally:
