@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from loratool.core.consistency import check_consistent
 from loratool.core.modules import (
     Dora,
     FullModule,
@@ -21,7 +22,6 @@ from loratool.core.modules import (
     LoraModule,
     Module,
     NormModule,
-    check_consistent,
 )
 from loratool.errors import LoraToolError
 
@@ -135,7 +135,7 @@ def _lokr(group: Group, alpha: float | None, shape_hint: tuple[int, ...] | None)
 
 def build_module(component: str, path: str, group: Group, shape_hint: tuple[int, ...] | None = None) -> Module:
     """The module these role -> tensor pairs describe (``GroupError`` when they describe none, or one
-    that cannot make a ΔW: :func:`loratool.core.modules.check_consistent`)."""
+    that cannot make a ΔW: :func:`loratool.core.consistency.check_consistent`)."""
     try:
         module = _build(group, shape_hint)
     except (RuntimeError, IndexError) as e:  # shapes that no kind's math accepts
