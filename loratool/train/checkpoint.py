@@ -26,8 +26,20 @@ import torch
 from loratool.errors import LoraToolError
 from loratool.io.output import Outputs
 from loratool.io.safetensors import SafetensorsFile
+from loratool.train.config import TrainConfig
 
 FORMAT = "loratool-train-checkpoint"
+
+
+def run_meta(cfg: TrainConfig) -> dict[str, str]:
+    """The metadata of a run's checkpoints: the settings a run resuming from one must share (what
+    :func:`check_compatible` compares)."""
+    return {"loratool.adapter": cfg.adapter, "loratool.rank": str(cfg.rank),
+            "loratool.alpha": str(float(cfg.alpha if cfg.alpha is not None else cfg.rank)),
+            "loratool.trilora_init": cfg.trilora_init if cfg.adapter == "trilora" else "",
+            "loratool.targets": json_list(cfg.targets),
+            "loratool.unet_layers": cfg.unet_layers if {"unet", "text_encoder"} & set(cfg.targets) else "",
+            "loratool.new_tokens": json_list(cfg.new_tokens)}
 
 
 def save(folder: Path, layers: dict, embeddings: dict[int, torch.Tensor], meta: dict[str, str],

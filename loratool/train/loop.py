@@ -1,21 +1,8 @@
-"""DreamBooth-LoRA / TriLoRA training: setting up, one step, the whole run.
+"""DreamBooth-LoRA / TriLoRA training: setting up a run, then running it step by step.
 
-One step (epsilon or v-prediction, as the model's scheduler says):
-
-1. draw ``batch_size`` instance images (and as many class images with prior preservation);
-2. take their latents (from the latent cache, or by encoding them with the frozen VAE), add DDPM noise at
-   uniform timesteps (plus ``noise_offset``·N(0,1) per channel), condition on the prompts (from the text
-   cache, or by running the text encoders);
-3. per-sample MSE of the UNet's prediction, weighted ``min(SNR, γ)/SNR`` under ``--snr-gamma``
-   (``/(SNR+1)`` for v-prediction); loss = instance mean + ``prior_loss_weight`` · class mean;
-4. with ``vae`` among the targets, the decoder's LoRA learns to rebuild the instance images from
-   their latents (a pixel MSE added to the loss);
-5. clip the gradient norm, AdamW step (fused on CUDA).
-
-All randomness (image choice, VAE sampling, noise, timesteps) comes from one seeded CPU generator, so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would, and the CPU and CUDA take the
-same steps. On CUDA a step never waits for the GPU: inputs are copied from pinned memory, the loss stays on
-the device, and :meth:`Trainer.run` reads the losses (and checks them) a few times a second.
+A step computes the loss (what it minimises: loratool.train.objective), then clips the gradient norm and
+takes an AdamW step (fused on CUDA). On CUDA a step never waits for the GPU: the loss stays on the device,
+and :meth:`Trainer.run` reads the losses (and checks them) a few times a second.
 
 Setup order (what is on the GPU when): the base loads on the CPU; the caches are filled with the VAE (fp32)
 and the text encoders visiting the device; layers are adapted; under mixed precision the frozen weights
@@ -33,7 +20,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from loratool.errors import LoraToolError
@@ -42,7 +28,8 @@ from loratool.train import cache, checkpoint, data, parallel
 from loratool.train.config import TrainConfig
 from loratool.train.export import run_outputs
 from loratool.train.layers import adapt, target_names
-from loratool.train.model import add_tokens, encode_tokens, load_base, size_ids, skeleton_base, tokenize
+from loratool.train.model import add_tokens, load_base, skeleton_base, tokenize
+from loratool.train.objective import Objective
 
 Callback = Callable[[int, float, dict], None]
 CPU = torch.device("cpu")
@@ -88,7 +75,6 @@ class Trainer:
         self.klass, class_prompts = self._class_images() if cfg.class_data else (None, None)
         self.examples = data.Examples(self.instance, instance_prompts, self.klass, class_prompts)
         self.prompts, prompt_of_image = self.examples.prompt_table()
-        self.latent_shape = cache.latent_shape(self.base, cfg.resolution)
         self.latents, self.texts = self._caches()
         self.layers = self._adapt()
         self.on_device = self._place()
@@ -99,7 +85,8 @@ class Trainer:
             from loratool.train.recompute import enable
 
             enable(cfg, self.base, self.autocast if dry_run else None)
-        self._ready_step(prompt_of_image)
+        self.objective = Objective(cfg, self.base, self.examples, self.latents, self.texts, self.prompts,
+                                   prompt_of_image, self.par, self.device, self.autocast, self.gen, dry_run)
         self.step_no, self.losses = 0, []
         if cfg.resume:
             self._resume(Path(cfg.resume))
@@ -203,36 +190,14 @@ class Trainer:
         fused = {"fused": True} if self.device.type == "cuda" else {}  # one kernel for every factor
         return torch.optim.AdamW([g for g in params if g["params"]], betas=(0.9, 0.999), eps=1e-8, **fused)
 
-    def _ready_step(self, prompt_of_image: torch.Tensor) -> None:
-        """What every step reads from the device, put there once (and the DDP wrappers)."""
-        base, dev, res = self.base, self.device, self.cfg.resolution
-        self.unet_forward = parallel.wrap(base.unet, self.par, dev)
-        if self.cfg.compile_unet and not self.dry_run:  # the training call only: sampling stays eager
-            self.unet_forward = torch.compile(self.unet_forward, dynamic=False)
-        trained_te = "text_encoder" in self.cfg.targets
-        self.te_forward = [parallel.wrap(te, self.par, dev) if trained_te else te for te in base.text_encoders]
-        self.prompt_of_image = prompt_of_image.to(dev)
-        self.tokens = None if self.texts else [tokenize(tok, self.prompts, dev) for tok in base.tokenizers]
-        self.time_ids = size_ids(res, 1, dev) if base.is_sdxl else None
-        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(dev)
-
     def close(self) -> None:
         """End the run's part in a process group: drop the DDP wrappers, then leave the group."""
-        self.unet_forward, self.te_forward = self.base.unet, list(self.base.text_encoders)
+        self.objective.unwrap()
         gc.collect()
         self.par.finish()
 
-    def checkpoint_meta(self) -> dict[str, str]:
-        cfg = self.cfg
-        return {"loratool.adapter": cfg.adapter, "loratool.rank": str(cfg.rank),
-                "loratool.alpha": str(float(cfg.alpha if cfg.alpha is not None else cfg.rank)),
-                "loratool.trilora_init": cfg.trilora_init if cfg.adapter == "trilora" else "",
-                "loratool.targets": checkpoint.json_list(cfg.targets),
-                "loratool.unet_layers": cfg.unet_layers if {"unet", "text_encoder"} & set(cfg.targets) else "",
-                "loratool.new_tokens": checkpoint.json_list(cfg.new_tokens)}
-
     def _resume(self, folder: Path) -> None:
-        checkpoint.check_compatible(folder, self.checkpoint_meta())
+        checkpoint.check_compatible(folder, checkpoint.run_meta(self.cfg))
         table = self.base.text_encoders[0].get_input_embeddings().weight if self.token_ids else None
         rows = dict(enumerate(self.token_ids))
         self.step_no, self.losses = checkpoint.load(folder, self.layers, rows, table, self.optimizer, self.gen)
@@ -244,81 +209,17 @@ class Trainer:
         return {i: table[row] for i, row in enumerate(self.token_ids)}
 
     def save_checkpoint(self, folder: Path) -> Path:
-        return checkpoint.save(folder, self.layers, self.new_embeddings(), self.checkpoint_meta(), self.optimizer,
-                               self.step_no, self.gen, self.losses, self.outputs)
+        return checkpoint.save(folder, self.layers, self.new_embeddings(), checkpoint.run_meta(self.cfg),
+                               self.optimizer, self.step_no, self.gen, self.losses, self.outputs)
 
     # -- training ----------------------------------------------------------------------------
-    def _draw(self) -> tuple[torch.Tensor, ...]:
-        """This step's randomness, drawn for the whole batch of every process (so that any number of
-        processes takes the same steps), then this process's rows: image numbers, the VAE's standard
-        normal sample, the noise and the timesteps (all on the CPU)."""
-        cfg, gen = self.cfg, self.gen
-        images = self.examples.draw(cfg.batch_size * self.par.world, gen)
-        shape = (len(images), *self.latent_shape)
-        eps = torch.randn(shape, generator=gen)
-        noise = torch.randn(shape, generator=gen)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn(*shape[:2], 1, 1, generator=gen)
-        t = torch.randint(0, self.base.noise_scheduler.config.num_train_timesteps, (len(images),), generator=gen)
-        rows = self.par.rows(cfg.batch_size, self.klass is not None)
-        return images[rows], eps[rows], noise[rows], t[rows]
-
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # from pinned memory: the host does not wait for the copy
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
-
-    def _conditioning(self, images: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
-        prompts = self.prompt_of_image[images]
-        time_ids = None if self.time_ids is None else self.time_ids.expand(len(images), -1)
-        if self.texts is not None:
-            states, pooled = self.texts.lookup(prompts)
-            return states, None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
-        return encode_tokens(self.base, [table[prompts] for table in self.tokens], time_ids, self.te_forward)
-
-    def loss(self) -> torch.Tensor:
-        cfg, base = self.cfg, self.base
-        chosen, eps, noise, t = self._draw()
-        images, eps, noise, t = (self._to_device(x) for x in (chosen, eps, noise, t))
-        sched, n_inst = base.noise_scheduler, cfg.batch_size
-        with self.autocast:
-            if self.latents is not None:
-                raw = self.latents.sample(images, eps)
-            else:
-                with torch.no_grad():
-                    pixels = self._to_device(self.examples.pixels(chosen))
-                    dist = base.vae.encode(pixels.to(base.vae.dtype)).latent_dist
-                    raw = dist.mean.float() + dist.std.float() * eps
-            latents = raw * base.vae.config.scaling_factor
-            noisy = sched.add_noise(latents, noise, t)
-            if cfg.channels_last:
-                noisy = noisy.contiguous(memory_format=torch.channels_last)
-            states, cond = self._conditioning(images)
-            pred = self.unet_forward(noisy, t, states, added_cond_kwargs=cond).sample.float()
-        v_pred = sched.config.prediction_type == "v_prediction"
-        target = sched.get_velocity(latents, noise, t) if v_pred else noise
-        per = F.mse_loss(pred[:, : target.shape[1]], target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.snr_gamma:
-            acp = self.alphas_cumprod[t]
-            snr = acp / (1 - acp)
-            per = per * snr.clamp(max=cfg.snr_gamma) / (snr + 1 if v_pred else snr)
-        loss = per[:n_inst].mean()
-        if n_inst < len(per):
-            loss = loss + cfg.prior_loss_weight * per[n_inst:].mean()
-        if "vae" in cfg.targets:
-            pixels = self._to_device(self.examples.pixels(chosen[:n_inst]))
-            with self.autocast:
-                rec = base.vae.decode(raw[:n_inst].to(base.vae.dtype)).sample.float()
-            loss = loss + F.mse_loss(rec, pixels.float())
-        return loss
-
     def params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _step(self) -> torch.Tensor:
         """One optimizer step; the loss (averaged over the processes) stays on the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss()
+        loss = self.objective.loss()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)

@@ -73,14 +73,16 @@ def estimate(cfg: TrainConfig) -> MemoryEstimate:
     on_gpu = [t for name in tr.on_device for m in [comps[name]] for t in [*m.parameters(), *m.buffers()]]
     trained = {id(p) for p in tr._params}
     frozen = [t for t in on_gpu if id(t) not in trained]
-    kept = [tr.prompt_of_image, tr.alphas_cumprod, *(tr.tokens or []), *([] if tr.time_ids is None else [tr.time_ids])]
+    objective = tr.objective  # what every step reads from the device
+    kept = [objective.prompt_of_image, objective.alphas_cumprod, *(objective.tokens or []),
+            *([] if objective.time_ids is None else [objective.time_ids])]
     cached = [] if tr.latents is None else [tr.latents.mean, tr.latents.std]
     if tr.texts is not None:
         cached += [tr.texts.states] + ([] if tr.texts.pooled is None else [tr.texts.pooled])
     existing = [*on_gpu, *tr._params, *kept, *cached]
 
     def step() -> None:
-        tr.loss().backward()
+        objective.loss().backward()
 
     adapter = _bytes(tr._params)
     estimate_ = MemoryEstimate(weights=_bytes(frozen) + _bytes(kept), adapter=adapter, optimizer=2 * adapter,

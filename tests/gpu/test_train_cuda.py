@@ -63,7 +63,7 @@ def test_fp32_cuda_loss_and_gradients_equal_the_cpus(tmp_path, adapter, no_tf32)
     runs = {}
     for dev in ("cpu", "cuda"):
         tr = Trainer(config(tmp_path / dev, adapter=adapter), torch.device(dev))
-        loss = tr.loss()
+        loss = tr.objective.loss()
         loss.backward()
         runs[dev] = float(loss.detach()), [p.grad.detach().double().cpu() for p in tr.params()]
     (loss_cpu, g_cpu), (loss_gpu, g_gpu) = runs["cpu"], runs["cuda"]
@@ -129,7 +129,7 @@ def test_recomputing_pointwise_steps_on_cuda_keeps_the_loss_and_lowers_the_peak(
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        loss = tr.loss()
+        loss = tr.objective.loss()
         loss.backward()
         torch.cuda.synchronize()
         peaks[recompute] = torch.cuda.max_memory_allocated() - held

@@ -117,7 +117,7 @@ def test_a_compiled_unet_trains_as_the_eager_one(tmp_path):
         tr.run()
         runs.append(tr)
     eager, compiled = runs
-    assert compiled.unet_forward is not compiled.base.unet and not hasattr(compiled.base.unet, "_orig_mod")
+    assert compiled.objective.unet_forward is not compiled.base.unet and not hasattr(compiled.base.unet, "_orig_mod")
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
     for key, layer in eager.layers.items():
         assert torch.allclose(layer.delta(), compiled.layers[key].delta(), atol=1e-5), key
