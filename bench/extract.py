@@ -6,7 +6,8 @@ its own process on the same files (page cache warm for all: the files were just 
 disk so that no contender's write waits behind theirs):
 
 * floor    — loratool's reader alone (ops.extract_stream.stream_pairs: the same reader threads, pinned
-             slots and host→device copies) over the same target weights; no math;
+             slots and host→device copies) over the same target weights; no math (not even the copy
+             stream's bit comparison);
 * loratool — ops.extract_write.extract_to in process, the command's path (a kohya file streamed as
              modules are made), with its stage profile (CUDA context made before the clock starts, as
              for every contender);
@@ -37,6 +38,7 @@ module, over the Eckart–Young optimum from the exact singular values of the sa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -72,9 +74,11 @@ def run_floor(base: Path, tuned: Path, args) -> dict:
     from loratool.ops.extract_stream import StageClock, stream_pairs
 
     nb, clock = 0, StageClock()
+    # the reader's copies alone: no bit comparison on the copy stream (older trees make none)
+    quiet = {"flags": False} if "flags" in inspect.signature(stream_pairs).parameters else {}
     with open_pair(base, tuned) as (b, t):
         plan = build_plan(b, t, _options(args))
-        for pair in stream_pairs(b, t, plan.modules, torch.device(args.device), clock):
+        for pair in stream_pairs(b, t, plan.modules, torch.device(args.device), clock, **quiet):
             if pair.ready is not None:
                 torch.cuda.current_stream().wait_event(pair.ready)
             nb += sum(x.numel() * x.element_size() for x in (pair.base, pair.tuned))

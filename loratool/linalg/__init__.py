@@ -14,11 +14,13 @@ _HOMES = {
     "exact_svd": "exact", "thin_svd": "exact", "top_singular": "exact",
     "factored_svd": "factored", "fold_core": "factored", "product_norm": "factored", "product_sq_norm": "factored",
     "stack_factors": "factored", "tail_energy": "factored",
-    "randomized_svd": "randomized",
+    "randomized_svd": "randomized", "randomized_svd_checked": "randomized",
+    "randomized_svd_deferred": "randomized",
     "RankMode": "policy", "parse_rank_mode": "policy", "SvdPolicy": "policy",
     "numerical_rank": "rank", "select_rank": "rank",
     "split_coefficient": "split", "split_singular": "split",
     "Truncation": "truncated", "Truncations": "truncated", "decompose": "truncated", "decompose_batch": "truncated",
+    "PendingBatch": "truncated", "start_batch": "truncated",
 }
 
 __all__ = sorted(_HOMES)

@@ -42,6 +42,45 @@ def randomized_svd(
 
     Returns float32 ``U [.., m, k]``, ``S [.., k]``, ``Vh [.., k, n]``, ``k = min(rank, m, n)``.
     """
+    u, s, vh, held = randomized_svd_deferred(a, rank, names=names, seed=seed, niter=niter, oversample=oversample)
+    if held is not None and not bool(held):
+        u, s, vh, _ = _svd(a, rank, names, seed, niter, oversample, checked=True)
+    return u, s, vh
+
+
+def randomized_svd_deferred(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    names: Sequence[str],
+    seed: int = 0,
+    niter: int = 2,
+    oversample: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`randomized_svd` without waiting for the device: ``(U, S, Vh, held)``. On a GPU the checks
+    are not read: ``held`` is a 0-d device bool saying whether every unchecked step held, for the caller
+    to read with whatever else it needs from the device, and to call :func:`randomized_svd_checked` when
+    it did not (the factors are then not to be used). On a CPU every step is checked as it goes and
+    ``held`` is ``None``."""
+    return _svd(a, rank, names, seed, niter, oversample, checked=a.device.type == "cpu")
+
+
+def randomized_svd_checked(
+    a: torch.Tensor,
+    rank: int,
+    *,
+    names: Sequence[str],
+    seed: int = 0,
+    niter: int = 2,
+    oversample: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`randomized_svd` with every step checked as it goes (each check a wait for the device on a
+    GPU): the redo of a batch whose unchecked steps did not hold."""
+    return _svd(a, rank, names, seed, niter, oversample, checked=True)[:3]
+
+
+def _svd(a: torch.Tensor, rank: int, names: Sequence[str], seed: int, niter: int, oversample: int | None,
+         checked: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     batch, was_2d = as_batch(a)
     if len(names) != batch.shape[0]:
         raise ValueError(f"{len(names)} names for a batch of {batch.shape[0]} matrices")
@@ -52,17 +91,17 @@ def randomized_svd(
         x = x.transpose(-1, -2)
     k = max(0, min(rank, m, n))
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
-    if x.device.type == "cpu":
+    if checked:
         u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth_checked, _core_svd)
-    else:  # the checks wait for the device: make them once, at the end, and redo the batch if one fails
+        held = None
+    else:  # the checks wait for the device: they are gathered into one flag for the caller to read
         checks: list[torch.Tensor] = []
         u, s, vh = _range_finder_svd(x, width, niter, seed, names,
                                      lambda y, final: _orth_unchecked(y, checks, final),
                                      lambda c: _core_svd_batched(c, checks))
-        if not bool(torch.stack(checks).all()):
-            u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth_checked, _core_svd)
+        held = torch.stack(checks).all()
     u, s, vh = u[..., :k], s[..., :k], vh[..., :k, :]
-    return finish(u, s, vh, wide=wide, was_2d=was_2d)
+    return (*finish(u, s, vh, wide=wide, was_2d=was_2d), held)
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:

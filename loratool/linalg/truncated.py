@@ -16,10 +16,11 @@ import torch
 from loratool.linalg.exact import exact_svd
 from loratool.linalg.orient import require_finite
 from loratool.linalg.policy import METHODS, SvdPolicy
-from loratool.linalg.randomized import randomized_svd
+from loratool.linalg.randomized import randomized_svd_checked, randomized_svd_deferred
 from loratool.linalg.rank import RankMode, select_rank
 
-__all__ = ["METHODS", "SvdPolicy", "Truncation", "Truncations", "decompose", "decompose_batch"]
+__all__ = ["METHODS", "PendingBatch", "SvdPolicy", "Truncation", "Truncations", "decompose", "decompose_batch",
+           "start_batch"]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Truncations:
     totals_sq: list[float]
     kept_sq: list[float]
     method: str
+    redone: bool = False  # the first, unchecked result did not hold and was redone (PendingBatch.settle)
 
     def __len__(self) -> int:
         return len(self.ranks)
@@ -85,8 +87,18 @@ def decompose(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | 
 
 def decompose_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | None = None,
                     policy: SvdPolicy | None = None) -> Truncations:
-    """:func:`decompose` kept stacked: the host learns the spectra, norms and ranks in one transfer
-    (on a GPU the decomposition itself waits for the host once more, in the randomized path)."""
+    """:func:`decompose` kept stacked: the host learns the spectra, norms, ranks and whether the fast
+    path held in one transfer (:func:`start_batch`, then :meth:`PendingBatch.settle`)."""
+    pending = start_batch(a, names, cap, mode, policy)
+    return pending.settle(pending.head().cpu())
+
+
+def start_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode | None = None,
+                policy: SvdPolicy | None = None) -> PendingBatch:
+    """The decomposition of a batch ``[b, m, n]`` (or one ``[m, n]``) launched, nothing read back: on a
+    GPU the host does not wait for the device here (the exact path's choice of route aside), so a caller
+    can queue more work on the guessed result (factors, errors) before it reads :meth:`PendingBatch.head`
+    with it, in one transfer."""
     mode = mode or RankMode()
     policy = policy or SvdPolicy()
     batch = a.unsqueeze(0) if a.dim() == 2 else a
@@ -94,29 +106,72 @@ def decompose_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankM
     cap = max(1, min(int(cap), m, n))
     exact = policy.uses_exact(cap, m, n)
     totals = torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float64).square()
+    held = None
     try:
         if exact:
             u, s, vh = exact_svd(batch, cap)
         else:
-            u, s, vh = randomized_svd(batch, cap, names=names, seed=policy.seed, niter=policy.niter,
-                                      oversample=policy.oversample)
+            u, s, vh, held = randomized_svd_deferred(batch, cap, names=names, seed=policy.seed, niter=policy.niter,
+                                                     oversample=policy.oversample)
     except RuntimeError:  # LAPACK gives up on NaN/inf: name the module instead
         _refuse_non_finite(batch, names, totals.cpu())
         raise
-    finite = torch.isfinite(s).all().to(torch.float64).reshape(1)
-    host = torch.cat([finite, totals, s.to(torch.float64).reshape(-1)]).cpu()
-    _refuse_non_finite(batch, names, host[1:1 + len(totals)])
-    if not exact and host[0] == 0:
-        u, s, vh = exact_svd(batch, cap)
-        host = torch.cat([host[:1 + len(totals)], s.to(torch.float64).reshape(-1).cpu()])
-        exact = True
-    b = batch.shape[0]
-    totals_sq = host[1:1 + b].tolist()
-    spectra = host[1 + b:].reshape(b, -1)
-    totals_sum = _nuclear_norms(batch) if mode.needs_full_spectrum else [None] * b
-    ranks = [select_rank(spectra[i], mode, cap, total_sq=totals_sq[i], total_sum=totals_sum[i]) for i in range(b)]
-    kept = [float(spectra[i, :k].clamp_min(0).square().sum()) for i, k in enumerate(ranks)]
-    return Truncations(u, s, vh, ranks, totals_sq, kept, "exact" if exact else "randomized")
+    return PendingBatch(batch, list(names), cap, mode, policy, exact, u, s, vh, totals, held)
+
+
+@dataclass
+class PendingBatch:
+    """A batch's decomposition as :func:`start_batch` launched it: the guess ``u``, ``s``, ``vh`` on the
+    device, not yet known to be usable."""
+
+    batch: torch.Tensor
+    names: list[str]
+    cap: int
+    mode: RankMode
+    policy: SvdPolicy
+    exact: bool
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    totals: torch.Tensor  # ‖A‖_F² of each matrix, float64 on the device
+    held: torch.Tensor | None  # the randomized path's unchecked steps held (a device flag), None if checked
+
+    def head(self) -> torch.Tensor:
+        """What the host needs before the guess can be used, as one float64 vector on the device: whether
+        the unchecked steps held, whether every singular value is finite, each matrix's ‖A‖_F², then the
+        spectra ``[b, k]`` flattened."""
+        finite = torch.isfinite(self.s).all()
+        held = self.held if self.held is not None else torch.ones_like(finite)
+        flags = torch.stack([held, finite]).to(torch.float64)
+        return torch.cat([flags, self.totals, self.s.to(torch.float64).reshape(-1)])
+
+    def settle(self, head: torch.Tensor) -> Truncations:
+        """The batch's :class:`Truncations`, from its :meth:`head` read on the host: a matrix holding NaN or
+        ±inf is refused by name; a randomized batch whose unchecked steps did not hold is redone with every
+        step checked, and one whose singular values are not finite is redone exactly. ``redone`` then says
+        so: anything formed from the guess is not the result."""
+        b = self.batch.shape[0]
+        totals = head[2:2 + b]
+        _refuse_non_finite(self.batch, self.names, totals)
+        u, s, vh, spectra, exact = self.u, self.s, self.vh, head[2 + b:], self.exact
+        finite, redone = bool(head[1]), False
+        if not bool(head[0]):
+            u, s, vh = randomized_svd_checked(self.batch, self.cap, names=self.names, seed=self.policy.seed,
+                                              niter=self.policy.niter, oversample=self.policy.oversample)
+            spectra = s.to(torch.float64).reshape(-1).cpu()
+            finite, redone = bool(torch.isfinite(spectra).all()), True
+        if not exact and not finite:
+            u, s, vh = exact_svd(self.batch, self.cap)
+            spectra = s.to(torch.float64).reshape(-1).cpu()
+            exact, redone = True, True
+        totals_sq = totals.tolist()
+        spectra = spectra.reshape(b, -1)
+        mode = self.mode
+        totals_sum = _nuclear_norms(self.batch) if mode.needs_full_spectrum else [None] * b
+        ranks = [select_rank(spectra[i], mode, self.cap, total_sq=totals_sq[i], total_sum=totals_sum[i])
+                 for i in range(b)]
+        kept = [float(spectra[i, :k].clamp_min(0).square().sum()) for i, k in enumerate(ranks)]
+        return Truncations(u, s, vh, ranks, totals_sq, kept, "exact" if exact else "randomized", redone)
 
 
 def _refuse_non_finite(batch: torch.Tensor, names: Sequence[str], totals_sq: torch.Tensor) -> None:

@@ -15,13 +15,12 @@ import torch
 
 from loratool.core.modules import LoraModule
 from loratool.errors import LoraToolError
-from loratool.linalg import Truncations, clamp_factors, decompose_batch, split_singular
+from loratool.linalg import Truncations, clamp_factors, split_singular, start_batch
 from loratool.ops.extract_plan import ExtractOptions, PlannedModule
 from loratool.ops.extract_report import ModuleReport
 from loratool.ops.extract_stream import PairBatch
 
 CHUNK = 1 << 24  # elements: norms and residuals of large weights are taken this many at a time
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def extract_batch(pair: PairBatch, options: ExtractOptions, dtype: torch.dtype,
@@ -34,16 +33,18 @@ def extract_batch(pair: PairBatch, options: ExtractOptions, dtype: torch.dtype,
         for x in (pair.base, pair.tuned):
             x.record_stream(current)
     batch = pair.modules
+    changed = pair.changed_modules()
     base, tuned = pair.base, pair.tuned
     pair.base = pair.tuned = None  # the batch's memory goes with these names
-    changed = changed_flags(base, tuned)
     reports = [ModuleReport(mod.key, mod.shape, "unchanged", 0.0) for mod, c in zip(batch, changed, strict=True)
                if not c]
     idx = [i for i, c in enumerate(changed) if c]
     if not idx:
         return reports, []
     if len(idx) < len(batch):
-        rows = torch.tensor(idx, device=base.device)
+        rows = torch.tensor(idx)
+        if base.device.type == "cuda":  # from pinned memory: no wait for the device
+            rows = rows.pin_memory().to(base.device, non_blocking=True)
         base, tuned = base.index_select(0, rows), tuned.index_select(0, rows)
     base, tuned = _arithmetic(base), _arithmetic(tuned)
     delta = torch.empty(base.shape, dtype=torch.float32, device=base.device)
@@ -58,12 +59,21 @@ def extract_batch(pair: PairBatch, options: ExtractOptions, dtype: torch.dtype,
             return reports, []
     del base
     names = [batch[i].key for i in idx]
+    guess = options.rank_mode.kind == "fixed" and options.clamp_quantile is None
     try:
-        tr = decompose_batch(delta, names, batch[0].rank, options.rank_mode, options.policy)
+        pending = start_batch(delta, names, batch[0].rank, options.rank_mode, options.policy)
+        if guess:  # every matrix keeps the cap: its factors come back with the spectra, in one transfer
+            up, down, err_sq = _factors(delta, pending.u, pending.s, pending.vh, dtype)
+            head, stats, up, down = to_host(pending.head(), torch.stack([err_sq, base_sq]), up, down)
+        else:
+            head = pending.head().cpu()
+        tr = pending.settle(head)
     except LoraToolError:
         _name_non_finite([batch[i] for i in idx], delta, base_sq, paths)
         raise
-    if tr.uniform and options.clamp_quantile is None:
+    if guess and tr.uniform and not tr.redone:
+        r, mods = _stacked_reports(batch, idx, tr, stats.tolist(), up, down)
+    elif tr.uniform and options.clamp_quantile is None:
         r, mods = _stacked(batch, idx, delta, base_sq, tr, dtype)
     else:
         r, mods = _one_by_one(batch, idx, delta, base_sq, tr, options.clamp_quantile, dtype)
@@ -86,19 +96,6 @@ def _name_non_finite(mods: list[PlannedModule], delta: torch.Tensor, base_sq: to
             names = ", ".join(seg.key for seg in mods[j].ref.segments)
             raise LoraToolError(f"tensor {names} (module {mods[j].key}) holds NaN or infinite values in "
                                 f"{('BASE', 'TUNED')[side]}: there is no low-rank difference to extract", paths[side])
-
-
-def changed_flags(base: torch.Tensor, tuned: torch.Tensor) -> list[bool]:
-    """Whether each matrix of two stacks ``[n, rows, cols]`` differs in any stored bit (so ``-0.0`` vs
-    ``0.0`` counts as a change, and a NaN left as it was does not); one wait for the device. On a CPU
-    matrix by matrix, with no temporary (an LLM's embedding would need a flag a weight)."""
-    if base.device.type == "cpu":
-        return [not torch.equal(_bits(b), _bits(t)) for b, t in zip(base, tuned, strict=True)]
-    return (_bits(base) != _bits(tuned)).flatten(1).any(dim=1).tolist()
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view(_BITS[x.element_size()])
 
 
 def sq_norms(x: torch.Tensor) -> torch.Tensor:
@@ -147,13 +144,25 @@ def _change(d2: float, b2: float) -> float:
     return math.sqrt(d2 / b2) if b2 > 0 else (math.inf if d2 > 0 else 0.0)
 
 
+def _factors(delta: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's LoRA factors at its whole kept rank, cast to the output ``dtype``, and the squared error
+    of each as stored (``up, down, ‖ΔW − up·down‖_F²``), all on the device."""
+    up, down = split_singular(u, s, vh, dtype=torch.float32)
+    up, down = up.to(dtype), down.to(dtype)
+    return up, down, residual_sq(delta, up.float(), down.float())
+
+
 def _stacked(batch, idx, delta, base_sq, tr: Truncations, dtype: torch.dtype):
     """Every matrix kept at the cap: split, cast, measure and copy back as one batch."""
-    up, down = split_singular(tr.u, tr.s, tr.vh, dtype=torch.float32)
-    up, down = up.to(dtype), down.to(dtype)
-    err_sq = residual_sq(delta, up.float(), down.float())
+    up, down, err_sq = _factors(delta, tr.u, tr.s, tr.vh, dtype)
     stats, up, down = to_host(torch.stack([err_sq, base_sq]), up, down)
-    host = stats.tolist()
+    return _stacked_reports(batch, idx, tr, stats.tolist(), up, down)
+
+
+def _stacked_reports(batch, idx, tr: Truncations, host: list[list[float]], up: torch.Tensor, down: torch.Tensor):
+    """Reports and modules of a batch whose factors ``up``/``down`` (on the host) keep the cap, from its
+    squared errors and base norms ``host`` (``[errors, norms]``)."""
     ups, downs = up.unbind(0), down.unbind(0)
     reports, modules = [], []
     for j, i in enumerate(idx):

@@ -15,7 +15,9 @@ host→device copy itself, on a copy stream, as soon as the slot is full (one co
 lie back to back in the slot and in the batch's buffer); a slot goes back to the readers when its copy
 is done. The consumer gets each batch's weights on the device, in their stored dtype, with an event to
 wait on, so reading, copying and the decomposition of earlier batches overlap; pinned memory stays
-``slots × SLOT_BYTES``.
+``slots × SLOT_BYTES``. The copy stream also compares each batch's two sides bit for bit after its copies
+and sends which modules changed to pinned host memory before the event: the consumer learns that without
+a wait for its own queue.
 
 :class:`StageClock` collects where the time went (reading, copying, waiting, computing, writing).
 """
@@ -130,6 +132,36 @@ class PairBatch:
     base: torch.Tensor
     tuned: torch.Tensor
     ready: torch.cuda.Event | None = None  # CUDA: the copies are done once this has fired
+    changed: torch.Tensor | None = None  # CUDA: whether each module changed (pinned bool [n]), set by ``ready``
+
+    def changed_modules(self) -> list[bool]:
+        """Whether each module differs in any stored bit (:func:`changed_flags`): on CUDA as the reader's
+        copy stream found it, so the host waits for that stream only, not for the compute queue."""
+        if self.changed is None:
+            return changed_flags(self.base, self.tuned)
+        self.ready.synchronize()
+        return self.changed.tolist()
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def changed_flags(base: torch.Tensor, tuned: torch.Tensor) -> list[bool]:
+    """Whether each matrix of two stacks ``[n, rows, cols]`` differs in any stored bit (so ``-0.0`` vs
+    ``0.0`` counts as a change, and a NaN left as it was does not); one wait for the device. On a CPU
+    matrix by matrix, with no temporary (an LLM's embedding would need a flag a weight)."""
+    if base.device.type == "cpu":
+        return [not torch.equal(_bits(b), _bits(t)) for b, t in zip(base, tuned, strict=True)]
+    return differs(base, tuned).tolist()
+
+
+def differs(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
+    """:func:`changed_flags` left on the device: a bool ``[n]``."""
+    return (_bits(base) != _bits(tuned)).flatten(1).any(dim=1)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(_BITS[x.element_size()])
 
 
 def batches(modules: list[PlannedModule], budget: int, nbytes: Callable[[PlannedModule], int] | None = None,
@@ -199,8 +231,10 @@ def _short_switch_interval(seconds: float = 5e-4) -> Iterator[None]:
 
 
 def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule], device: torch.device,
-                 clock: StageClock | None = None, readers: int | None = None) -> Iterator[PairBatch]:
-    """:class:`PairBatch` es in order, read ahead on ``readers`` threads (default :func:`reader_count`)."""
+                 clock: StageClock | None = None, readers: int | None = None, flags: bool = True
+                 ) -> Iterator[PairBatch]:
+    """:class:`PairBatch` es in order, read ahead on ``readers`` threads (default :func:`reader_count`);
+    ``flags=False``: on CUDA the copy stream only copies (``changed`` stays ``None``: the benchmarks' floor)."""
     clock = clock or StageClock()
     readers = readers or reader_count(device)
     jobs = pair_batches(b, t, modules, batch_budget(device), RAMP if device.type == "cuda" else 0)
@@ -216,7 +250,7 @@ def stream_pairs(b: TensorSource, t: TensorSource, modules: list[PlannedModule],
             for _, loaded in _timed(prefetch(jobs, load_cpu, ahead=ahead, workers=readers), clock):
                 yield loaded
             return
-        uploader = Uploader(b, t, device, clock, slots=readers + 2)
+        uploader = Uploader(b, t, device, clock, slots=readers + 2, flags=flags)
         try:
             for _, loaded in _timed(prefetch(jobs, uploader.load, ahead=ahead, workers=readers), clock):
                 yield loaded
@@ -240,8 +274,10 @@ class Uploader:
     """Reads a batch into pinned slots and copies each slot to the device on a copy stream (see the
     module docstring); called on reader threads."""
 
-    def __init__(self, b: TensorSource, t: TensorSource, device: torch.device, clock: StageClock, slots: int):
+    def __init__(self, b: TensorSource, t: TensorSource, device: torch.device, clock: StageClock, slots: int,
+                 flags: bool = True):
         self.sources = (b, t)
+        self.flags = flags
         self.device = device
         self.clock = clock
         self.ring = StagingRing(SLOT_BYTES, slots)
@@ -250,6 +286,8 @@ class Uploader:
         self._lock = threading.Lock()
 
     def load(self, batch: list[PlannedModule]) -> PairBatch:
+        """The batch on the device, with the event that says its copies are done and, read back by the same
+        event, which of its modules changed (compared on the copy stream, after the copies)."""
         sides = self.sources
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             per = [weight_nbytes(src, batch[0].ref) for src in sides]
@@ -257,14 +295,20 @@ class Uploader:
             pieces = [(src, seg, rows, dest, i * n + offset)
                       for src, dest, n in zip(sides, dests, per, strict=True) for i, m in enumerate(batch)
                       for seg, rows, offset, _ in weight_pieces(src, m.ref)]
-            ready = self._copy(pieces)
-        return PairBatch(batch, stacked(dests[0], batch, sides[0]), stacked(dests[1], batch, sides[1]), ready)
+            self._copy(pieces)
+            base, tuned = stacked(dests[0], batch, sides[0]), stacked(dests[1], batch, sides[1])
+            changed = None
+            if self.flags:
+                changed = torch.empty(len(batch), dtype=torch.bool, pin_memory=True)
+                changed.copy_(differs(base, tuned), non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return PairBatch(batch, base, tuned, ready, changed)
 
-    def _copy(self, pieces: list) -> torch.cuda.Event:
+    def _copy(self, pieces: list) -> None:
         """Read every row range into slots (splitting ranges larger than a slot) and copy each full slot
-        to its destinations; returns the event recorded after the last copy."""
+        to its destinations, on the copy stream."""
         slot, used, staged = None, 0, []
-        last = None
         for src, seg, (start, stop), dest, at in pieces:
             row_bytes = src.nbytes(seg.key, (start, start + 1)) if stop > start else 0
             per_slot = max(1, SLOT_BYTES // max(1, row_bytes))
@@ -274,7 +318,7 @@ class Uploader:
                 need = _aligned(n * row_bytes)
                 if slot is None or used + need > SLOT_BYTES:
                     if slot is not None:
-                        last = self._send(slot, staged)
+                        self._send(slot, staged)
                     slot, used, staged = self._take(), 0, []
                 t0 = time.perf_counter()
                 src.read(seg.key, (row, row + n), slot[used:])
@@ -283,13 +327,9 @@ class Uploader:
                 used += need
                 row += n
         if slot is not None:
-            last = self._send(slot, staged)
-        if last is None:  # nothing to read (empty weights)
-            last = torch.cuda.Event()
-            last.record(self.stream)
-        return last
+            self._send(slot, staged)
 
-    def _send(self, slot: torch.Tensor, staged: list) -> torch.cuda.Event:
+    def _send(self, slot: torch.Tensor, staged: list) -> None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(self.stream)
         for dest, at, src_at, nbytes in staged:
@@ -298,7 +338,6 @@ class Uploader:
         self.clock.copy_events(start, end)
         with self._lock:
             self._in_flight.append((end, slot))
-        return end
 
     def _take(self) -> torch.Tensor:
         """A free slot: one whose copy has finished, else wait for the oldest copy in flight."""

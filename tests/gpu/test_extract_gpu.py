@@ -224,3 +224,91 @@ def test_a_batchs_stats_and_factors_come_to_the_host_in_one_storage_back_to_back
     assert len(storages) == 1
     assert got[1].storage_offset() * 2 == stats.numel() * 8  # up right after the stats
     assert (got[2].storage_offset() - got[1].storage_offset()) == up.numel()  # down right after up
+
+
+def test_a_gpu_batch_whose_fast_path_failed_writes_the_redone_factors(tmp_path, monkeypatch):
+    """At a fixed rank the factors are formed from the unchecked decomposition and come back with its
+    checks; when a check failed on the device, the batch is redone checked and those factors are written."""
+    from loratool.linalg import truncated
+    from loratool.ops.extract import extract
+    from loratool.ops.extract_plan import ExtractOptions
+
+    b, t = _pair(tmp_path)
+    opts = {"rank": 6, "arch": "generic", "dtype": "fp32"}
+    cpu = extract(b, t, ExtractOptions(device="cpu", **opts))
+    real, failed = truncated.randomized_svd_deferred, []
+
+    def failing(a, rank, **kw):
+        u, s, vh, held = real(a, rank, **kw)
+        failed.append(held is not None)
+        return u.flip(-1), s, vh, torch.zeros((), dtype=torch.bool, device=a.device)
+
+    monkeypatch.setattr(truncated, "randomized_svd_deferred", failing)
+    gpu = extract(b, t, ExtractOptions(device="cuda", **opts))
+    assert failed and all(failed)  # the GPU path defers its checks
+    assert {r.method for r in gpu.reports} == {"randomized"}
+    for key, m in gpu.adapter.modules.items():
+        d_gpu, d_cpu = m.delta(torch.float64), cpu.adapter.modules[key].delta(torch.float64)
+        assert float((d_gpu - d_cpu).norm() / d_cpu.norm()) < 1e-4
+    for rg, rc in zip(gpu.reports, cpu.reports, strict=True):
+        assert rg.rel_error == pytest.approx(rc.rel_error, rel=1e-2, abs=1e-4)
+
+
+def test_the_reader_flags_each_changed_module_by_its_stored_bits(tmp_path):
+    """The copy stream's flags are the CPU's bit comparison: -0.0 for 0.0 is a change, a NaN left as it
+    was is not, one changed element anywhere is."""
+    from safetensors.torch import save_file  # a NaN in a weight: another tool's file (ours refuses one)
+
+    from loratool.io.sources import open_source
+    from loratool.io.weights import Segment, WeightRef
+    from loratool.ops.extract_plan import PlannedModule
+    from loratool.ops.extract_stream import changed_flags, stream_pairs
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"m{i}": torch.randn(64, 48, generator=g).half() for i in range(6)}
+    base["m1"][3, 4] = 0.0
+    base["m2"][5, 6] = float("nan")
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["m1"][3, 4] = -0.0  # other bits, the same value
+    tuned["m3"][63, 47] += 1.0  # the last element
+    tuned["m5"][0, 0] += 1.0  # the first
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    mods = [PlannedModule("model", k, (64, 48), WeightRef((Segment(k),), (64, 48)), rank=2) for k in base]
+    with open_source(tmp_path / "b.safetensors") as bs, open_source(tmp_path / "t.safetensors") as ts:
+        gpu = list(stream_pairs(bs, ts, mods, torch.device("cuda")))
+        cpu = list(stream_pairs(bs, ts, mods, torch.device("cpu")))
+        got = [f for p in gpu for f in p.changed_modules()]
+        want = [f for p in cpu for f in changed_flags(p.base, p.tuned)]
+    assert all(p.changed is not None and p.changed.is_pinned() for p in gpu)
+    assert got == want == [False, True, False, True, False, True]
+
+
+def test_a_fixed_rank_batch_waits_for_the_device_at_most_twice(tmp_path):
+    """The host learns a batch's changed modules from the copy stream, and its checks, spectra, norms,
+    errors and factors in one transfer: the compute queue is waited for by that transfer and by cuSOLVER's
+    own error check in the batched core SVD (no variant without it), nothing else."""
+    import warnings
+
+    from loratool.ops.extract import open_pair
+    from loratool.ops.extract_batch import extract_batch
+    from loratool.ops.extract_plan import ExtractOptions, build_plan
+    from loratool.ops.extract_stream import stream_pairs
+
+    b, t = _pair(tmp_path)
+    opts = ExtractOptions(rank=6, arch="generic", device="cuda", dtype="fp16")
+    with open_pair(b, t) as (bs, ts):
+        plan = build_plan(bs, ts, opts)
+        pairs = list(stream_pairs(bs, ts, plan.modules, torch.device("cuda")))
+        extract_batch(pairs[0], opts, torch.float16)  # kernels loaded
+        for pair in pairs[1:]:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    reports, mods = extract_batch(pair, opts, torch.float16)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+            assert reports and all(r.status == "ok" and r.method == "randomized" for r in reports)
+            assert len(syncs) <= 2, syncs

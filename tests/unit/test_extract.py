@@ -331,3 +331,36 @@ def test_a_non_finite_weight_met_by_one_of_two_workers_is_named(tmp_path, gen, m
         extract(b, t, ExtractOptions(rank=3, arch="generic"), sink=lambda mods: seen.extend(m.key for m in mods))
     assert str(t) in str(err.value)
     assert seen == ["model.l0", "model.l1", "model.l2", "model.l3"]  # the batches before it, in order
+
+
+@pytest.mark.parametrize("failure", ["held", "finite"])
+def test_factors_guessed_before_a_batch_is_redone_are_not_kept(tmp_path, gen, monkeypatch, failure):
+    """At a fixed rank a batch's factors are formed from the first, unchecked decomposition and read back
+    with its spectra; when that decomposition turns out not to hold (a failed check on the device, or a
+    non-finite spectrum), the batch is redone and the factors written are formed from the redone one."""
+    from loratool.linalg import truncated
+
+    shapes = [(160, 200), (160, 200), (160, 200)]
+    base = {f"l{i}.weight": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
+    deltas = {k: low_rank(v.shape, 6, gen) for k, v in base.items()}
+    b, t = pair(tmp_path, base, deltas)
+    opts = ExtractOptions(rank=8, arch="generic", dtype="fp32")
+    good = extract(b, t, opts)
+    real = truncated.randomized_svd_deferred
+
+    def spoiled(a, rank, **kw):
+        u, s, vh, _ = real(a, rank, **kw)
+        if failure == "held":  # as if a check failed on the device: the guess is garbage
+            return u.flip(-1), s, vh, torch.zeros((), dtype=torch.bool)
+        return u, s * float("nan"), vh, None
+
+    monkeypatch.setattr(truncated, "randomized_svd_deferred", spoiled)
+    got = extract(b, t, opts)
+    assert [r.status for r in got.reports] == ["ok"] * 3
+    assert {r.method for r in got.reports} == {"randomized" if failure == "held" else "exact"}
+    for k, d in deltas.items():
+        mod = got.adapter.modules["model." + k.removesuffix(".weight")]
+        want = (base[k] + d).double() - base[k].double()
+        assert float((dense(mod) - want).norm() / want.norm()) < 1e-5
+        assert torch.allclose(dense(mod), dense(good.adapter.modules[mod.key]), atol=1e-5)
+    assert all(r.rel_error < 1e-5 for r in got.reports)
