@@ -122,8 +122,9 @@ def warm_start(device: torch.device | str) -> Future | None:
 
 def compute_workers(device: torch.device) -> int:
     """Batches decomposed at once: two on a GPU, each on its own thread and stream, so that one thread's
-    launches overlap the other's waits for the device (a batch waits for it a few times: which modules
-    changed, whether the sketch held, the factors; meanwhile the device would idle); one on a CPU, whose
+    launches overlap the other's waits for the device (a batch waits for it twice: cuSOLVER's own check in
+    the core SVD, then the one transfer of its checks, spectra and factors; meanwhile the device would
+    idle); one on a CPU, whose
     cores the math already uses."""
     return 2 if device.type == "cuda" else 1
 
