@@ -37,12 +37,15 @@ def randomized_svd(
     seed: int = 0,
     niter: int = 2,
     oversample: int | None = None,
+    checked: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` SVD of ``a`` (``[m, n]`` or ``[b, m, n]``), one name per matrix for the seed.
 
-    Returns float32 ``U [.., m, k]``, ``S [.., k]``, ``Vh [.., k, n]``, ``k = min(rank, m, n)``.
+    Returns float32 ``U [.., m, k]``, ``S [.., k]``, ``Vh [.., k, n]``, ``k = min(rank, m, n)``. On a GPU
+    the steps run unchecked and are redone checked when one did not hold; ``checked=True`` checks each
+    step as it goes (a wait for the device each: the redo of a batch whose unchecked steps failed).
     """
-    u, s, vh, held = randomized_svd_deferred(a, rank, names=names, seed=seed, niter=niter, oversample=oversample)
+    u, s, vh, held = _svd(a, rank, names, seed, niter, oversample, checked=checked or a.device.type == "cpu")
     if held is not None and not bool(held):
         u, s, vh, _ = _svd(a, rank, names, seed, niter, oversample, checked=True)
     return u, s, vh
@@ -59,24 +62,10 @@ def randomized_svd_deferred(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`randomized_svd` without waiting for the device: ``(U, S, Vh, held)``. On a GPU the checks
     are not read: ``held`` is a 0-d device bool saying whether every unchecked step held, for the caller
-    to read with whatever else it needs from the device, and to call :func:`randomized_svd_checked` when
-    it did not (the factors are then not to be used). On a CPU every step is checked as it goes and
+    to read with whatever else it needs from the device, and to call :func:`randomized_svd` with
+    ``checked=True`` when it did not (the factors are then not to be used). On a CPU every step is checked as it goes and
     ``held`` is ``None``."""
     return _svd(a, rank, names, seed, niter, oversample, checked=a.device.type == "cpu")
-
-
-def randomized_svd_checked(
-    a: torch.Tensor,
-    rank: int,
-    *,
-    names: Sequence[str],
-    seed: int = 0,
-    niter: int = 2,
-    oversample: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`randomized_svd` with every step checked as it goes (each check a wait for the device on a
-    GPU): the redo of a batch whose unchecked steps did not hold."""
-    return _svd(a, rank, names, seed, niter, oversample, checked=True)[:3]
 
 
 def _svd(a: torch.Tensor, rank: int, names: Sequence[str], seed: int, niter: int, oversample: int | None,

@@ -16,7 +16,7 @@ import torch
 from loratool.linalg.exact import exact_svd
 from loratool.linalg.orient import require_finite
 from loratool.linalg.policy import METHODS, SvdPolicy
-from loratool.linalg.randomized import randomized_svd_checked, randomized_svd_deferred
+from loratool.linalg.randomized import randomized_svd, randomized_svd_deferred
 from loratool.linalg.rank import RankMode, select_rank
 
 __all__ = ["METHODS", "PendingBatch", "SvdPolicy", "Truncation", "Truncations", "decompose", "decompose_batch",
@@ -156,8 +156,8 @@ class PendingBatch:
         u, s, vh, spectra, exact = self.u, self.s, self.vh, head[2 + b:], self.exact
         finite, redone = bool(head[1]), False
         if not bool(head[0]):
-            u, s, vh = randomized_svd_checked(self.batch, self.cap, names=self.names, seed=self.policy.seed,
-                                              niter=self.policy.niter, oversample=self.policy.oversample)
+            u, s, vh = randomized_svd(self.batch, self.cap, names=self.names, seed=self.policy.seed,
+                                      niter=self.policy.niter, oversample=self.policy.oversample, checked=True)
             spectra = s.to(torch.float64).reshape(-1).cpu()
             finite, redone = bool(torch.isfinite(spectra).all()), True
         if not exact and not finite:
