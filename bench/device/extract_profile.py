@@ -14,7 +14,7 @@
    context, the kernel warm-up and the first batches of work after it, each on a fresh thread and stream.
 4. *in process* — the real ``extract`` on a written SDXL pair: the stage clock, then per-batch compute
    with a synchronisation after each batch (so the cost of each shape group shows), then under the
-   profiler.
+   profiler, with how much of the run the GPU was computing (the union of its kernels' intervals).
 
     python bench/device/extract_profile.py --make-batches .dev/batches.json --keyshapes .dev/keyshapes   # here
     python bench/device/extract_profile.py --batches .dev/batches.json --keyshapes .dev/keyshapes --out DIR  # GPU
@@ -81,17 +81,15 @@ def _delta(b: int, m: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _work(delta: torch.Tensor, rank: int, names: list[str]) -> None:
-    """What extract_batch does with a changed batch at a fixed rank (its _stacked path)."""
-    from loratool.linalg import decompose_batch, split_singular
-    from loratool.ops.extract_batch import residual_sq
+    """What extract_batch does with a changed batch at a fixed rank: the decomposition launched, the fp16
+    factors and their errors formed from it, all of it to the host in one transfer, then settled."""
+    from loratool.linalg import start_batch
+    from loratool.ops.extract_batch import _factors, to_host
 
-    tr = decompose_batch(delta, names, rank)
-    up, down = split_singular(tr.u, tr.s, tr.vh, dtype=torch.float32)
-    up, down = up.half(), down.half()
-    err = residual_sq(delta, up.float(), down.float())
-    err.cpu()
-    up.cpu()
-    down.cpu()
+    pending = start_batch(delta, names, rank)
+    up, down, err = _factors(delta, pending.u, pending.s, pending.vh, torch.float16)
+    head, *_ = to_host(pending.head(), err, up, down)
+    pending.settle(head)
 
 
 def _sync() -> None:
@@ -264,6 +262,7 @@ def in_process(keyshapes: Path, workdir: Path, out: list[str], layout: str = "sd
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         extract(base, tuned, opts)
         _sync()
+    out.append(f"\n{gpu_busy(prof)}")
     ka = prof.key_averages()
     out.append("\nunder the profiler, top ops by host time:\n\n```")
     out.append(ka.table(sort_by="cpu_time_total", row_limit=28, max_name_column_width=56))
@@ -271,6 +270,34 @@ def in_process(keyshapes: Path, workdir: Path, out: list[str], layout: str = "sd
     out.append(ka.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=56))
     out.append("```")
     print("\n".join(out[-60:]), flush=True)
+
+
+def gpu_busy(prof) -> str:
+    """How much of the run the GPU computed: the union of its kernels' intervals (copies and memsets apart)
+    against the span from the first kernel to the last, from a torch.profiler run with CUDA activity."""
+    kernels, copies = [], []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        span = (e.time_range.start / 1e6, e.time_range.end / 1e6)
+        (copies if e.name.startswith(("Memcpy", "Memset")) else kernels).append(span)
+    if not kernels:
+        return "GPU: no kernel events in the profile"
+    busy, copying = _union_s(kernels), _union_s(copies)
+    window = max(b for _, b in kernels) - min(a for a, _ in kernels)
+    return (f"GPU busy computing {busy:.3f} s of the {window:.3f} s from the first kernel to the last "
+            f"({100 * busy / window:.0f} %); copies and memsets {copying:.3f} s")
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if a > end:
+            total += b - a
+        elif b > end:
+            total += b - end
+        end = max(end, b)
+    return total
 
 
 STEPS = """
