@@ -100,7 +100,8 @@ def command(ctx, base, tuned, rank, output, arch, targets, conv_rank, min_change
         clamp_quantile=clamp_quantile, dtype=dtype, device=device,
         deltas=frozenset(("bias", "norm") if deltas == "both" else (deltas,) if deltas else ()))
     device_ready = None if dry_run else start_device(lambda: resolve_device(device))  # torch loads while we plan
-    plan = plan_extract(base, tuned, options)  # headers only; the extraction takes this plan
+    # headers only; the extraction takes this plan, and a cold disk starts on its weights while torch loads
+    plan = plan_extract(base, tuned, options, advise=not dry_run)
     if not quiet:  # stderr: --json keeps stdout clean
         for note in _notes(ctx, plan, options):
             click.echo(f"loratool: note: {note}", err=True)

@@ -205,6 +205,12 @@ class SafetensorsFile:
         self._check_size(fd)  # changed while it was read: the bytes may be a mix of old and new
         return data
 
+    def extent(self, key: str, rows: Rows | None = None) -> tuple[int, int]:
+        """(offset in the file, length) of the bytes a :meth:`read` of ``key`` (rows ``[start, stop)`` of
+        it, or all) reads: what the OS can be told to fetch ahead (``posix_fadvise``)."""
+        begin, n, _ = self._rows(key, rows)
+        return self.data_start + begin, n
+
     def raw_data(self) -> memoryview:
         """The whole data region (small files; large files: :meth:`read_bytes` in chunks)."""
         return memoryview(self.read_bytes(0, self.file_size - self.data_start))

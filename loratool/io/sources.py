@@ -108,6 +108,12 @@ class TensorSource:
         """(the file that holds ``key``, its name in that file)."""
         raise NotImplementedError
 
+    def extent(self, key: str, rows: Rows | None = None) -> tuple[str, int, int] | None:
+        """(file, byte offset, length) of the stored bytes of ``key`` (or of rows of it) as one range of a
+        file, for telling the OS what will be read; None where they are not (a pickle: torch loads it
+        whole, its own way)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -197,6 +203,9 @@ class SafetensorsSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         return self.file.get(key)
 
+    def extent(self, key: str, rows: Rows | None = None) -> tuple[str, int, int] | None:
+        return (self.path, *self.file.extent(key, rows))
+
     def location(self, key: str) -> tuple[str, str]:
         self.file.info(key)
         return self.path, key
@@ -267,6 +276,10 @@ class MultiSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         src, inner = self._file(key)
         return src.get(inner)
+
+    def extent(self, key: str, rows: Rows | None = None) -> tuple[str, int, int] | None:
+        src, inner = self._file(key)
+        return src.extent(inner, rows)
 
     def location(self, key: str) -> tuple[str, str]:
         try:

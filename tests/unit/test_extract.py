@@ -364,3 +364,48 @@ def test_factors_guessed_before_a_batch_is_redone_are_not_kept(tmp_path, gen, mo
         assert float((dense(mod) - want).norm() / want.norm()) < 1e-5
         assert torch.allclose(dense(mod), dense(good.adapter.modules[mod.key]), atol=1e-5)
     assert all(r.rel_error < 1e-5 for r in got.reports)
+
+
+def test_the_reads_are_advised_in_plan_order_both_models_within_the_budget(tmp_path, gen, monkeypatch):
+    """Before a command's extraction the OS is told which bytes it will read: every target weight of both
+    models in plan order, stopping before the budget is passed, on a thread of its own."""
+    import os
+
+    from loratool.ops.extract_plan import advise_reads, open_pair, read_extents
+
+    base = {f"l{i}.weight": torch.randn(32, 48, generator=gen) for i in range(4)}
+    b, t = pair(tmp_path, base, {k: low_rank(v.shape, 2, gen) for k, v in base.items()}, dtype=torch.float16)
+    plan = plan_extract(b, t, ExtractOptions(rank=2, arch="generic"))
+    per = 32 * 48 * 2
+    with open_pair(b, t) as (bs, ts):
+        extents = read_extents(bs, ts, plan.modules, budget=1 << 30)
+        assert [(os.path.basename(f), n) for f, _, n in extents] == [("base.safetensors", per),
+                                                                     ("tuned.safetensors", per)] * 4
+        for (f, off, n), m in zip(extents[::2], plan.modules, strict=True):  # the bytes a read of the weight gets
+            with open(f, "rb") as fh:
+                fh.seek(off)
+                assert fh.read(n) == bs.read(m.ref.segments[0].key).numpy().tobytes()
+        assert len(read_extents(bs, ts, plan.modules, budget=3 * per + 1)) == 3
+    seen = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: seen.append((off, n, advice)), raising=False)
+    advise_reads(extents).join()
+    assert seen == [(off, n, os.POSIX_FADV_WILLNEED) for _, off, n in extents]
+
+
+def test_the_command_advises_its_reads_and_a_dry_run_does_not(tmp_path, gen, monkeypatch):
+    from click.testing import CliRunner
+
+    from loratool.cli.main import cli
+    from loratool.ops import extract_plan
+
+    base = {f"l{i}.weight": torch.randn(32, 48, generator=gen) for i in range(2)}
+    b, t = pair(tmp_path, base, {k: low_rank(v.shape, 2, gen) for k, v in base.items()})
+    seen = []
+    monkeypatch.setattr(extract_plan, "advise_reads", lambda extents: seen.extend(extents))
+    res = CliRunner().invoke(cli, ["extract", str(b), str(t), "-r", "2", "--arch", "generic", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert seen == []
+    res = CliRunner().invoke(cli, ["extract", str(b), str(t), "-r", "2", "--arch", "generic", "-q",
+                                   "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert sum(n for *_, n in seen) == 4 * 32 * 48 * 4

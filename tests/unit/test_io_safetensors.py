@@ -352,3 +352,21 @@ def test_a_header_parsed_again_comes_from_memory_as_fresh_dicts(tmp_path) -> Non
         assert len(calls) == 1
     finally:
         header._parse_header = real
+
+
+def test_an_extent_is_the_bytes_a_read_of_the_same_rows_returns(tmp_path):
+    """What the OS is told to fetch ahead is exactly what a read of those rows reads."""
+    from loratool.io.safetensors import SafetensorsFile
+    from loratool.io.sources import open_source
+    from loratool.io.writer import write_safetensors
+
+    p = tmp_path / "w.safetensors"
+    write_safetensors(p, {"a": torch.zeros(4, 3), "b": torch.arange(30, dtype=torch.float16).reshape(10, 3)}, None)
+    raw = p.read_bytes()
+    with SafetensorsFile(p) as f:
+        for rows in ((2, 5), None, (4, 4)):
+            off, n = f.extent("b", rows)
+            assert raw[off:off + n] == f.read("b", rows).numpy().tobytes()
+        assert f.extent("b", (4, 4))[1] == 0
+    with open_source(p) as src:
+        assert src.extent("a") == (str(p), *SafetensorsFile(p).extent("a"))
