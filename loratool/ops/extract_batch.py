@@ -1,10 +1,11 @@
 """One batch of an extraction: same-shaped weight pairs in, LoRA factors and reports out.
 
-The device is asked to wait for the host as little as possible (each wait empties its queue): a
-pair is recognised as unchanged by comparing its stored bits (no float copies: an unchanged
-embedding costs one comparison), ΔW is formed in float32 only for the changed ones, the batch is
-decomposed at once, and the factors, their errors as stored (cast to the output dtype) and the
-norms come back together.
+The host waits for the device as little as possible (each wait empties the queue): a pair is
+recognised as unchanged by comparing its stored bits (no float copies: an unchanged embedding costs
+one comparison; on CUDA the reader's copy stream makes it), ΔW is formed in float32 only for the
+changed ones and the batch is decomposed at once. At a fixed rank the factors, their errors as stored
+(cast to the output dtype) and the norms are formed before the decomposition is checked and come
+back with its checks and spectra, in one transfer; a batch that has to be redone is formed again.
 """
 
 from __future__ import annotations
