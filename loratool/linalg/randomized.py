@@ -93,15 +93,16 @@ def _svd(a: torch.Tensor, rank: int, names: Sequence[str], seed: int, niter: int
     return (*finish(u, s, vh, wide=wide, was_2d=was_2d), held)
 
 
-def _orth(y: torch.Tensor) -> torch.Tensor:
+def _orth(y: torch.Tensor, final: bool = True) -> torch.Tensor:
     """Orthonormal basis of the columns of a tall ``y [b, M, ℓ]``.
 
-    CholeskyQR2 in float64 (two Gram/Cholesky/triangular-solve passes: matmul-bound, and immune
-    to the collapse of threaded LAPACK Householder QR on a busy CPU, where one 10240×64 QR was
-    measured at 1 s instead of 20 ms); Householder QR when the Gram matrix is too ill-conditioned
-    (exactly low-rank sketches) or the result is not orthonormal to 1e-6.
+    CholeskyQR in float64 (Gram/Cholesky/triangular-solve passes: matmul-bound, and immune to the
+    collapse of threaded LAPACK Householder QR on a busy CPU, where one 10240×64 QR was measured at
+    1 s instead of 20 ms): two passes to 1e-6 for a ``final`` basis, one to ``INTERMEDIATE_TOLERANCE``
+    for a power iteration's (as on a GPU: :func:`_orth_unchecked`); Householder QR when the Gram
+    matrix is too ill-conditioned (exactly low-rank sketches) or the result is not orthonormal enough.
     """
-    q, ok = _cholesky_qr(y)
+    q, ok = _cholesky_qr(y, passes=2 if final else 1, tolerance=1e-6 if final else INTERMEDIATE_TOLERANCE)
     if not bool(ok):
         q = torch.linalg.qr(y, mode="reduced")[0]
     return q
@@ -111,8 +112,8 @@ INTERMEDIATE_TOLERANCE = 1e-3  # ‖QᵀQ − I‖ of a power iteration's basis:
 
 
 def _orth_checked(y: torch.Tensor, final: bool) -> torch.Tensor:
-    """:func:`_orth` as :func:`_range_finder_svd` calls it: every basis gets both passes, final or not."""
-    return _orth(y)
+    """:func:`_orth` as :func:`_range_finder_svd` calls it."""
+    return _orth(y, final)
 
 
 def _orth_unchecked(y: torch.Tensor, checks: list[torch.Tensor], final: bool = True) -> torch.Tensor:
