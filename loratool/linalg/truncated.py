@@ -105,7 +105,7 @@ def start_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode 
     m, n = batch.shape[-2:]
     cap = max(1, min(int(cap), m, n))
     exact = policy.uses_exact(cap, m, n)
-    totals = torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float64).square()
+    totals = _sq_norms(batch)
     held = None
     try:
         if exact:
@@ -114,7 +114,7 @@ def start_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode 
             u, s, vh, held = randomized_svd_deferred(batch, cap, names=names, seed=policy.seed, niter=policy.niter,
                                                      oversample=policy.oversample)
     except RuntimeError:  # LAPACK gives up on NaN/inf: name the module instead
-        _refuse_non_finite(batch, names, totals.cpu())
+        _refuse_non_finite(batch, names, _overflowed_again(batch, totals.cpu()))
         raise
     return PendingBatch(batch, list(names), cap, mode, policy, exact, u, s, vh, totals, held)
 
@@ -151,7 +151,7 @@ class PendingBatch:
         step checked, and one whose singular values are not finite is redone exactly. ``redone`` then says
         so: anything formed from the guess is not the result."""
         b = self.batch.shape[0]
-        totals = head[2:2 + b]
+        totals = _overflowed_again(self.batch, head[2:2 + b])
         _refuse_non_finite(self.batch, self.names, totals)
         u, s, vh, spectra, exact = self.u, self.s, self.vh, head[2 + b:], self.exact
         finite, redone = bool(head[1]), False
@@ -172,6 +172,26 @@ class PendingBatch:
                  for i in range(b)]
         kept = [float(spectra[i, :k].clamp_min(0).square().sum()) for i, k in enumerate(ranks)]
         return Truncations(u, s, vh, ranks, totals_sq, kept, "exact" if exact else "randomized", redone)
+
+
+def _sq_norms(batch: torch.Tensor) -> torch.Tensor:
+    """‖A‖_F² of each matrix, float64 ``[b]`` on its device. The norm is taken in float32 (accumulated in
+    float64 on a CPU; a float64 copy of the batch would cost a pass over twice its bytes, and on a GPU
+    twice its memory) and squared in float64; a norm past float32's range comes out infinite and is
+    taken again exactly (:func:`_overflowed_again`)."""
+    return torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float32).to(torch.float64).square()
+
+
+def _overflowed_again(batch: torch.Tensor, totals_sq: torch.Tensor) -> torch.Tensor:
+    """``totals_sq`` (on the host) with each infinite entry taken again in float64: NaN or ±inf in the
+    matrix keeps it so, a finite matrix whose norm only overflowed float32 gets its true value."""
+    bad = torch.nonzero(~torch.isfinite(totals_sq)).flatten().tolist()
+    if not bad:
+        return totals_sq
+    totals_sq = totals_sq.clone()
+    for i in bad:
+        totals_sq[i] = float(torch.linalg.vector_norm(batch[i], dtype=torch.float64).square())
+    return totals_sq
 
 
 def _refuse_non_finite(batch: torch.Tensor, names: Sequence[str], totals_sq: torch.Tensor) -> None:

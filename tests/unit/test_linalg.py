@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loratool.errors import LoraToolError
 from loratool.linalg import SvdPolicy, decompose, exact_svd, randomized_svd
 from loratool.linalg.seeding import gaussian_sketch, module_seed
 
@@ -181,3 +182,24 @@ def test_one_pass_intermediate_bases_lose_nothing_against_two(shape, decay):
         errs = [rebuild_error(x[i], u[i, :, :32], s[i, :32], vh[i, :32]) for u, s, vh in (fast, full)]
         assert errs[0] <= errs[1] * (1 + 1e-4)
         assert errs[0] <= 1.01 * optimal_error(x[i], 32)
+
+
+def test_a_finite_batch_whose_norm_overflows_float32_gets_its_true_norm_and_is_not_refused():
+    """Norms are taken in float32 (no float64 copy of the batch); one that overflows is taken again in
+    float64, so a finite matrix of huge values is measured, not mistaken for one holding inf."""
+    from loratool.linalg import decompose_batch
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 120, 3, generator=gen, dtype=torch.float64) @ torch.randn(2, 3, 90, generator=gen,
+                                                                                   dtype=torch.float64)
+    a = a / a.abs().amax() * 1e37  # every value finite in float32, the norm (~1e39) past its range
+    x = a.float()
+    assert not torch.isfinite(torch.linalg.vector_norm(x[0], dtype=torch.float32))
+    tr = decompose_batch(x, ["x", "y"], 3)
+    want = torch.linalg.vector_norm(x.double(), dim=(1, 2)).square()
+    assert tr.totals_sq == pytest.approx(want.tolist(), rel=1e-9)
+    assert all(0.999 < tr.retained(i) <= 1 for i in range(2))
+    nan = x.clone()
+    nan[1, 5, 5] = float("nan")
+    with pytest.raises(LoraToolError, match="y: holds NaN"):
+        decompose_batch(nan, ["x", "y"], 3)
