@@ -19,7 +19,7 @@ _HOMES = {
     "numerical_rank": "rank", "select_rank": "rank",
     "split_coefficient": "split", "split_singular": "split",
     "Truncation": "truncated", "Truncations": "truncated", "decompose": "truncated", "decompose_batch": "truncated",
-    "PendingBatch": "truncated", "start_batch": "truncated",
+    "PendingBatch": "truncated", "sq_norms": "truncated", "start_batch": "truncated",
 }
 
 __all__ = sorted(_HOMES)

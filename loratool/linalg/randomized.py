@@ -81,7 +81,7 @@ def _svd(a: torch.Tensor, rank: int, names: Sequence[str], seed: int, niter: int
     k = max(0, min(rank, m, n))
     width = sketch_width(k, oversample, x.shape[-2], x.shape[-1])
     if checked:
-        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth_checked, _core_svd)
+        u, s, vh = _range_finder_svd(x, width, niter, seed, names, _orth, _core_svd)
         held = None
     else:  # the checks wait for the device: they are gathered into one flag for the caller to read
         checks: list[torch.Tensor] = []
@@ -109,11 +109,6 @@ def _orth(y: torch.Tensor, final: bool = True) -> torch.Tensor:
 
 
 INTERMEDIATE_TOLERANCE = 1e-3  # ‖QᵀQ − I‖ of a power iteration's basis: one CholeskyQR pass is enough
-
-
-def _orth_checked(y: torch.Tensor, final: bool) -> torch.Tensor:
-    """:func:`_orth` as :func:`_range_finder_svd` calls it."""
-    return _orth(y, final)
 
 
 def _orth_unchecked(y: torch.Tensor, checks: list[torch.Tensor], final: bool = True) -> torch.Tensor:

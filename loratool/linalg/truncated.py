@@ -20,7 +20,7 @@ from loratool.linalg.randomized import randomized_svd, randomized_svd_deferred
 from loratool.linalg.rank import RankMode, select_rank
 
 __all__ = ["METHODS", "PendingBatch", "SvdPolicy", "Truncation", "Truncations", "decompose", "decompose_batch",
-           "start_batch"]
+           "sq_norms", "start_batch"]
 
 
 @dataclass
@@ -105,7 +105,7 @@ def start_batch(a: torch.Tensor, names: Sequence[str], cap: int, mode: RankMode 
     m, n = batch.shape[-2:]
     cap = max(1, min(int(cap), m, n))
     exact = policy.uses_exact(cap, m, n)
-    totals = _sq_norms(batch)
+    totals = sq_norms(batch)
     held = None
     try:
         if exact:
@@ -174,12 +174,24 @@ class PendingBatch:
         return Truncations(u, s, vh, ranks, totals_sq, kept, "exact" if exact else "randomized", redone)
 
 
-def _sq_norms(batch: torch.Tensor) -> torch.Tensor:
-    """‖A‖_F² of each matrix, float64 ``[b]`` on its device. The norm is taken in float32 (accumulated in
-    float64 on a CPU; a float64 copy of the batch would cost a pass over twice its bytes, and on a GPU
-    twice its memory) and squared in float64; a norm past float32's range comes out infinite and is
-    taken again exactly (:func:`_overflowed_again`)."""
-    return torch.linalg.vector_norm(batch, dim=(-2, -1), dtype=torch.float32).to(torch.float64).square()
+NORM_CHUNK = 1 << 24  # elements: the norms of large weights are taken this many at a time
+
+
+def sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x[i]‖_F² of each matrix of a stack ``[n, rows, cols]``, float64 ``[n]`` on its device: taken in
+    float32 (accumulated in float64 on a CPU) and squared in float64, at most ``NORM_CHUNK`` elements at a
+    time, so no float32 or float64 copy of a large batch or stored weight is made. A norm past float32's
+    range comes out infinite (:func:`_overflowed_again` takes it again exactly where that matters)."""
+    n, rows, cols = x.shape
+    if rows * cols <= NORM_CHUNK:
+        per = max(1, NORM_CHUNK // max(1, rows * cols))
+        return torch.cat([_part_sq(x[i:i + per], dim=(1, 2)) for i in range(0, n, per)])
+    step = max(1, NORM_CHUNK // max(1, cols))
+    return torch.stack([sum(_part_sq(x[i, r:r + step]) for r in range(0, rows, step)) for i in range(n)])
+
+
+def _part_sq(x: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).double().square()
 
 
 def _overflowed_again(batch: torch.Tensor, totals_sq: torch.Tensor) -> torch.Tensor:

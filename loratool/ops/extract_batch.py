@@ -16,12 +16,12 @@ import torch
 
 from loratool.core.modules import LoraModule
 from loratool.errors import LoraToolError
-from loratool.linalg import Truncations, clamp_factors, split_singular, start_batch
+from loratool.linalg import Truncations, clamp_factors, split_singular, sq_norms, start_batch
 from loratool.ops.extract_plan import ExtractOptions, PlannedModule
 from loratool.ops.extract_report import ModuleReport
 from loratool.ops.extract_stream import PairBatch
 
-CHUNK = 1 << 24  # elements: norms and residuals of large weights are taken this many at a time
+CHUNK = 1 << 24  # elements: residuals of large weights are taken this many at a time
 
 
 def extract_batch(pair: PairBatch, options: ExtractOptions, dtype: torch.dtype,
@@ -97,21 +97,6 @@ def _name_non_finite(mods: list[PlannedModule], delta: torch.Tensor, base_sq: to
             names = ", ".join(seg.key for seg in mods[j].ref.segments)
             raise LoraToolError(f"tensor {names} (module {mods[j].key}) holds NaN or infinite values in "
                                 f"{('BASE', 'TUNED')[side]}: there is no low-rank difference to extract", paths[side])
-
-
-def sq_norms(x: torch.Tensor) -> torch.Tensor:
-    """‖x[i]‖_F² of each matrix of a stack ``[n, rows, cols]``, float64 ``[n]`` on its device, read at
-    most ``CHUNK`` elements at a time (so no float32 copy of a large stored weight is made)."""
-    n, rows, cols = x.shape
-    if rows * cols <= CHUNK:
-        per = max(1, CHUNK // max(1, rows * cols))
-        return torch.cat([_part_sq(x[i:i + per], dim=(1, 2)) for i in range(0, n, per)])
-    step = max(1, CHUNK // max(1, cols))
-    return torch.stack([sum(_part_sq(x[i, r:r + step]) for r in range(0, rows, step)) for i in range(n)])
-
-
-def _part_sq(x: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
-    return torch.linalg.vector_norm(x, dim=dim, dtype=torch.float32).double().square()
 
 
 def residual_sq(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
