@@ -167,11 +167,16 @@ def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``tensors`` on the host. From a GPU in one copy, so one wait for the device instead of one a tensor:
     their bytes packed into one buffer there (each tensor's start stays aligned when the widest dtype comes
     first), unpacked here as views of one storage, back to back (the stream writes a batch's factors as
-    one run)."""
+    one run). The copy lands in pinned memory (H100 profile of SDXL: 53 copies into pageable memory took
+    0.33 s of device time at ~1 GB/s and held each worker while they ran; pinned blocks come from torch's
+    caching host allocator, so a batch reuses what an earlier batch's written factors gave back)."""
     if all(t.device.type == "cpu" for t in tensors):
         return tensors
     parts = [t.contiguous() for t in tensors]
-    host = torch.cat([p.reshape(-1).view(torch.uint8) for p in parts]).cpu()
+    packed = torch.cat([p.reshape(-1).view(torch.uint8) for p in parts])
+    host = torch.empty(packed.numel(), dtype=torch.uint8, pin_memory=True)
+    host.copy_(packed, non_blocking=True)
+    torch.cuda.current_stream(packed.device).synchronize()
     out, at = [], 0
     for p in parts:
         n = p.numel() * p.element_size()
