@@ -131,6 +131,59 @@ def compute_alone(lists: dict, layouts: list[str], out: list[str]) -> None:
         print("\n".join(out[-16:]), flush=True)
 
 
+def merged_shapes(batch_list: list, budget: int = 128 << 20, waste: float = 1.5, slack: int = 8 << 20) -> list:
+    """A layout's batches regrouped across shapes: every module turned tall, sorted by size, and packed
+    greedily into zero-padded ``[b, M, N]`` batches of at most ``budget`` elements a side whose padded
+    elements stay within ``waste`` × their own plus ``slack`` (a prototype: is a batch's fixed cost worth
+    padding away?). Returns ``[((M, N), [(m, n) of each module], rank), ...]``."""
+    mods = sorted(((max(m, n), min(m, n), r) for (m, n), b, r in batch_list for _ in range(b)),
+                  key=lambda x: (-x[2], -x[0] * x[1]))
+    out: list = []
+    for m, n, r in mods:
+        if out and out[-1][2] == r:
+            (pm, pn), members, _ = out[-1]
+            pm, pn, count = max(pm, m), max(pn, n), len(members) + 1
+            own = sum(a * b for a, b in members) + m * n
+            if count * pm * pn <= budget and count * pm * pn <= waste * own + slack:
+                out[-1] = ((pm, pn), [*members, (m, n)], r)
+                continue
+        out.append(((m, n), [(m, n)], r))
+    return out
+
+
+def merged(lists: dict, layout: str, out: list[str]) -> None:
+    """Compute alone on the layout's batches as formed now, then on :func:`merged_shapes`' padded batches
+    (each module's ΔW copied into the corner of a zeroed batch on the device, inside the clock)."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    _work(_delta(2, 256, 128, gen), 8, ["w0", "w1"])
+    rows = []
+    now = [((m, n), [(m, n)] * b, r) for (m, n), b, r in lists[layout]]
+    ways = (("as formed now", now), ("merged, waste 1.5", merged_shapes(lists[layout])),
+            ("merged, waste 2", merged_shapes(lists[layout], waste=2.0, slack=16 << 20)))
+    for name, plan in [*ways, *ways]:  # twice: the first round also grows the allocator's pool
+        total, pad = 0.0, 0
+        for (pm, pn), members, rank in plan:
+            parts = [_delta(1, m, n, gen)[0] for m, n in members]
+            names = [f"{layout}.{i}.{total}" for i in range(len(members))]
+
+            def work(parts=parts, names=names, pm=pm, pn=pn, rank=rank):
+                if all(p.shape == (pm, pn) for p in parts):
+                    d = torch.stack(parts)
+                else:
+                    d = torch.zeros(len(parts), pm, pn, device=DEV)
+                    for i, p in enumerate(parts):
+                        d[i, :p.shape[0], :p.shape[1]].copy_(p)
+                _work(d, rank, names)
+            total += _sync_time(work)
+            pad += len(members) * pm * pn
+            del parts
+        own = sum(m * n for _, members, _ in plan for m, n in members)
+        rows.append(f"| {name} | {len(plan)} | {pad / own:.3f} | {total:.3f} |")
+    out.append(f"\n### compute alone, {layout}: batches as formed now against shapes merged by padding\n")
+    out += ["| batches | count | padded / own elements | s |", "| --- | --- | --- | --- |", *rows]
+    print("\n".join(out[-len(rows) - 3:]), flush=True)
+
+
 def profiled(lists: dict, layout: str, out: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -337,6 +390,130 @@ print("WARM " + json.dumps(rows))
 """
 
 
+WARM_WAYS = """
+import json, sys, threading, time
+import torch
+sys.path.insert(0, "bench/device")
+from extract_profile import _delta, _work
+dev = torch.device("cuda")
+torch.zeros(1, device=dev); torch.cuda.synchronize()
+from loratool.ops.extract_startup import warm_kernels
+rows, mode = {}, sys.argv[1]
+def timed(name, fn):
+    s = torch.cuda.Stream(dev)
+    with torch.cuda.stream(s):
+        t = time.perf_counter(); fn(); s.synchronize(); rows[name] = time.perf_counter() - t
+def blas():
+    a = torch.randn(2, 96, 48, device=dev)
+    (a.mT @ a).sum(); torch.baddbmm(a, a, a.mT @ a, alpha=-1); (a.double().mT @ a.double()).sum()
+    for dt in (torch.float16, torch.bfloat16):
+        h = a.to(dt); (h.view(torch.int16) != h.view(torch.int16)).any(dim=1); h.float().sub_(a)
+        torch.linalg.vector_norm(h, dim=(1, 2), dtype=torch.float32).double().square()
+    torch.randn(96, 48, device=dev, generator=torch.Generator(device=dev).manual_seed(1))
+def linalg():
+    a = torch.randn(2, 96, 48, device=dev, dtype=torch.float64); g = a.mT @ a
+    c, info = torch.linalg.cholesky_ex(g); torch.linalg.solve_triangular(c, a.mT, upper=False)
+    torch.linalg.svd(g, full_matrices=False, driver="gesvda")
+t0 = time.perf_counter()
+if mode == "one thread":  # the warm-up before 2026-12-07: both tiny batches one after the other, one thread
+    from loratool.ops.extract_batch import extract_batch
+    from loratool.ops.extract_plan import ExtractOptions
+    from loratool.ops.extract_startup import WARM_RANK, warm_up_batches
+    timed("both batches", lambda: [extract_batch(p, ExtractOptions(rank=WARM_RANK), p.base.dtype)
+                                   for p in warm_up_batches(dev)])
+elif mode == "firsts one after the other":
+    timed("cuBLAS and elementwise firsts", blas)
+    timed("cuSOLVER firsts", linalg)
+    timed("warm_kernels after those", lambda: warm_kernels(dev))
+elif mode == "firsts on two threads":
+    ths = [threading.Thread(target=timed, args=(n, f)) for n, f in (("cuBLAS and elementwise firsts (thread)", blas),
+                                                                   ("cuSOLVER firsts (thread)", linalg))]
+    [t.start() for t in ths]; [t.join() for t in ths]
+    timed("warm_kernels after those", lambda: warm_kernels(dev))
+else:  # the library's
+    timed("warm_kernels", lambda: warm_kernels(dev))
+rows["warm-up in all"] = time.perf_counter() - t0
+d = _delta(4, 640, 640, torch.Generator("cuda").manual_seed(0)); torch.cuda.synchronize()
+th = threading.Thread(target=timed, args=("first batch after it (new thread)", lambda: _work(d, 64, list("abcd"))))
+th.start(); th.join()
+print("WARMWAYS " + json.dumps(rows))
+"""
+
+
+FIRST_PASS = """
+import json, sys, time
+import torch
+sys.path.insert(0, "bench/device")
+import extract_profile as ep
+dev = torch.device("cuda")
+torch.zeros(1, device=dev); torch.cuda.synchronize()
+from loratool.ops.extract_startup import warm_kernels
+warm_kernels(dev)
+mode, lst = sys.argv[1], json.loads(open(sys.argv[2]).read())["sdxl"]
+rows = {}
+if mode == "reserve":  # one block the size of the run's peak, given back to the cache: later tensors split it
+    t = time.perf_counter(); torch.empty(6 << 30, dtype=torch.uint8, device=dev); torch.cuda.synchronize()
+    rows["reserve 6 GiB"] = time.perf_counter() - t
+gen = torch.Generator(device=dev).manual_seed(0)
+for rnd in (1, 2):
+    total = 0.0
+    for (m, n), b, rank in lst:
+        d = ep._delta(b, m, n, gen)
+        total += ep._sync_time(lambda d=d, b=b, rank=rank: ep._work(d, rank, [f"{rnd}.{total}.{i}" for i in range(b)]))
+        del d
+    rows[f"pass {rnd}"] = total
+print("FIRST " + json.dumps(rows))
+"""
+
+
+def first_pass(batches: Path, out: list[str], repeat: int = 2) -> None:
+    """SDXL's batches computed twice in fresh interpreters (warm-up done first): how much more the first
+    pass costs, with and without one block of the run's peak size reserved and given back to the cache."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
+    out += ["\n### compute alone, first pass against second (fresh interpreters, warm-up done first)\n",
+            "| mode | what | s (each interpreter) |", "| --- | --- | --- |"]
+    for mode in ("plain", "reserve"):
+        rows: dict[str, list[float]] = defaultdict(list)
+        for _ in range(repeat):
+            proc = subprocess.run([sys.executable, "-c", FIRST_PASS, mode, str(batches.resolve())],
+                                  capture_output=True, text=True, env=env, cwd=repo)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-800:])
+            for k, v in json.loads(proc.stdout.split("FIRST ", 1)[1]).items():
+                rows[k].append(v)
+        out += [f"| {mode} | {k} | {', '.join(f'{x:.3f}' for x in v)} |" for k, v in rows.items()]
+    print("\n".join(out[-8:]), flush=True)
+
+
+def warm_ways(out: list[str], repeat: int = 3) -> None:
+    """The kernel warm-up four ways, in fresh interpreters (CUDA context made first): both tiny batches on
+    one thread (before 2026-12-07); the first cuBLAS/elementwise and cuSOLVER calls one after the other,
+    then the library's warm-up; the same two on two threads at once (does loading overlap?), then the
+    library's; the library's alone (two rounds of two threads)."""
+    import statistics
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
+    out.append(f"\n### the warm-up four ways (median of {repeat} fresh interpreters each; all runs)\n")
+    out += ["| way | step | s (median) | all |", "| --- | --- | --- | --- |"]
+    for mode in ("one thread", "firsts one after the other", "firsts on two threads", "library"):
+        rows: dict[str, list[float]] = defaultdict(list)
+        for _ in range(repeat):
+            proc = subprocess.run([sys.executable, "-c", WARM_WAYS, mode], capture_output=True, text=True,
+                                  env=env, cwd=repo)
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-800:])
+            for k, v in json.loads(proc.stdout.split("WARMWAYS ", 1)[1]).items():
+                rows[k].append(v)
+        out += [f"| {mode} | {k} | {statistics.median(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |"
+                for k, v in rows.items()]
+    print("\n".join(out[-18:]), flush=True)
+
+
 def warm(out: list[str], repeat: int = 3) -> None:
     """Fresh interpreters, CUDA context made first (as the bench's contenders do): the kernel warm-up, then
     the first batches of real work after it, each on a fresh thread and stream (what is still loaded late)."""
@@ -431,6 +608,8 @@ def main() -> None:
     steps = {"startup": lambda: startup(out, args.repeat), "warm": lambda: warm(out, args.repeat),
              "compute": lambda: compute_alone(lists, args.layouts.split(","), out),
              "profile": lambda: profiled(lists, "sdxl", out),
+             "merged": lambda: merged(lists, "sdxl", out), "warmways": lambda: warm_ways(out, args.repeat),
+             "firstpass": lambda: first_pass(args.batches, out),
              "svd": lambda: small_svd(lists, "sdxl", out, args.quick),
              "orth": lambda: orth(lists, "sdxl", out),
              "inprocess": lambda: in_process(args.keyshapes, args.workdir, out, args.pair)}
