@@ -166,6 +166,15 @@ def _core_svd_batched(c: torch.Tensor, checks: list[torch.Tensor]) -> tuple[torc
     return u.to(c.dtype), s.to(c.dtype), vh.to(c.dtype)
 
 
+def load_solvers(device: torch.device | str) -> None:
+    """The GPU path's solver calls (CholeskyQR's Cholesky and triangular solve, the batched float64 core
+    SVD) once, on a tiny batch: torch loads its CUDA linear-algebra library on the first of them, and
+    extract's warm-up has that happen on a thread of its own, beside cuBLAS's first calls."""
+    y = torch.randn(2, 96, 48, device=device)
+    q, _ = _cholesky_qr(y, passes=1)
+    _core_svd_batched(q.mT @ y, [])
+
+
 def core_holds(c: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
     """Whether ``u·diag(s)·vh`` is an SVD of every ``c [b, ℓ, ℓ]`` good enough to truncate (a 0-d device
     bool; see :func:`_core_svd_batched`)."""

@@ -1,5 +1,5 @@
 """Start-up of an extraction, overlapped with planning: torch is imported, the device chosen and,
-on CUDA, the context created and the cuBLAS/cuSOLVER kernels extract uses loaded on a thread,
+on CUDA, the context created and the cuBLAS/cuSOLVER kernels extract uses loaded on threads of its own,
 while the caller parses headers and plans (both torch-free). Importing this module imports no torch.
 """
 
@@ -63,19 +63,56 @@ def _warm(resolve: Callable[[], Any]) -> Any:
 def warm_kernels(device: Any) -> None:
     """Run, once, what a batch runs (:func:`warm_up_batches` through ``extract_batch``: bit comparison,
     float32 ΔW, norms, the sketch, CholeskyQR, the batched float64 core SVD, the split, the casts, the
-    residual), on this thread and a stream of its own. The GPU loads each kernel on its first launch; here
-    that happens beside planning and the first reads, not in the first batch. Besides, this must happen
-    before two threads decompose at once: torch loads its CUDA linear-algebra library on the first such
-    call and refuses a second first call made meanwhile ("lazy wrapper should be called at most once")."""
+    residual). The GPU loads each kernel on its first launch; here that happens beside planning and the
+    first reads, not in the first batch. Besides, this must happen before two threads decompose at once:
+    torch loads its CUDA linear-algebra library on the first such call and refuses a second first call
+    made meanwhile ("lazy wrapper should be called at most once").
+
+    Loading overlaps across threads, so it runs in two rounds of two threads, each on a stream of its
+    own: the solver library's first calls beside cuBLAS's and the sketch's, then the fp16 batch beside
+    the bf16 one. On an H100 (fresh interpreters, medians of three) the libraries' first calls took
+    0.27 s one after the other and 0.18 s side by side; the warm-up took 0.43 s instead of 0.46 s, and
+    the first real batch after it (a new thread, 4×640×640) 0.012 s instead of 0.040 s: the firsts'
+    96×48 shapes load kernels the tiny batches alone did not."""
     import torch
 
+    from loratool.linalg.randomized import load_solvers
     from loratool.ops.extract_batch import extract_batch
     from loratool.ops.extract_plan import ExtractOptions
 
-    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-        for pair in warm_up_batches(device):
-            extract_batch(pair, ExtractOptions(rank=WARM_RANK), pair.base.dtype)
-        torch.cuda.synchronize(device)
+    def batch(pair) -> None:
+        extract_batch(pair, ExtractOptions(rank=WARM_RANK), pair.base.dtype)
+
+    _on_threads(device, [load_solvers, _first_blas])
+    with torch.cuda.device(device):
+        pairs = warm_up_batches(device)
+        torch.cuda.synchronize(device)  # made on this thread's stream, used on the others'
+    _on_threads(device, [lambda _, pair=pair: batch(pair) for pair in pairs])
+
+
+def _on_threads(device: Any, jobs: list[Callable[[Any], None]]) -> None:
+    """Each ``job(device)`` on a thread and a stream of its own, all at once; returns when every one has
+    finished on the device, raising the first one's error."""
+    import torch
+
+    def run(job: Callable[[Any], None]) -> None:
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+            job(device)
+            torch.cuda.current_stream().synchronize()
+
+    with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="loratool-warm") as pool:
+        for future in [pool.submit(run, job) for job in jobs]:
+            future.result()
+
+
+def _first_blas(device: Any) -> None:
+    """cuBLAS's first calls (float32 batched products, float64 ones) and a seeded sketch's, without the
+    linear-algebra library (that is ``load_solvers``', on the other thread)."""
+    import torch
+
+    a = torch.randn(2, 96, 48, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    torch.baddbmm(a, a, a.mT @ a, alpha=-1)
+    a.double().mT @ a.double()
 
 
 WARM_RANK = 8
