@@ -466,24 +466,30 @@ print("FIRST " + json.dumps(rows))
 """
 
 
-def first_pass(batches: Path, out: list[str], repeat: int = 2) -> None:
-    """SDXL's batches computed twice in fresh interpreters (warm-up done first): how much more the first
-    pass costs, with and without one block of the run's peak size reserved and given back to the cache."""
+def _fresh(script: str, tag: str, argv: list[str], repeat: int) -> dict[str, list[float]]:
+    """``script`` run ``repeat`` times in fresh interpreters (the repository importable); each prints
+    ``TAG {json}`` of seconds by name: every name's values, one per run."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
+    rows: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat):
+        proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=env, cwd=repo)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-800:])
+        for k, v in json.loads(proc.stdout.split(f"{tag} ", 1)[1]).items():
+            rows[k].append(v)
+    return rows
+
+
+def first_pass(batches: Path, out: list[str], repeat: int = 2) -> None:
+    """SDXL's batches computed twice in fresh interpreters (warm-up done first): how much more the first
+    pass costs, with and without one block of the run's peak size reserved and given back to the cache."""
     out += ["\n### compute alone, first pass against second (fresh interpreters, warm-up done first)\n",
             "| mode | what | s (each interpreter) |", "| --- | --- | --- |"]
     for mode in ("plain", "reserve"):
-        rows: dict[str, list[float]] = defaultdict(list)
-        for _ in range(repeat):
-            proc = subprocess.run([sys.executable, "-c", FIRST_PASS, mode, str(batches.resolve())],
-                                  capture_output=True, text=True, env=env, cwd=repo)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-800:])
-            for k, v in json.loads(proc.stdout.split("FIRST ", 1)[1]).items():
-                rows[k].append(v)
+        rows = _fresh(FIRST_PASS, "FIRST", [mode, str(batches.resolve())], repeat)
         out += [f"| {mode} | {k} | {', '.join(f'{x:.3f}' for x in v)} |" for k, v in rows.items()]
     print("\n".join(out[-8:]), flush=True)
 
@@ -494,21 +500,11 @@ def warm_ways(out: list[str], repeat: int = 3) -> None:
     then the library's warm-up; the same two on two threads at once (does loading overlap?), then the
     library's; the library's alone (two rounds of two threads)."""
     import statistics
-    import subprocess
 
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
     out.append(f"\n### the warm-up four ways (median of {repeat} fresh interpreters each; all runs)\n")
     out += ["| way | step | s (median) | all |", "| --- | --- | --- | --- |"]
     for mode in ("one thread", "firsts one after the other", "firsts on two threads", "library"):
-        rows: dict[str, list[float]] = defaultdict(list)
-        for _ in range(repeat):
-            proc = subprocess.run([sys.executable, "-c", WARM_WAYS, mode], capture_output=True, text=True,
-                                  env=env, cwd=repo)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-800:])
-            for k, v in json.loads(proc.stdout.split("WARMWAYS ", 1)[1]).items():
-                rows[k].append(v)
+        rows = _fresh(WARM_WAYS, "WARMWAYS", [mode], repeat)
         out += [f"| {mode} | {k} | {statistics.median(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |"
                 for k, v in rows.items()]
     print("\n".join(out[-18:]), flush=True)
@@ -518,17 +514,8 @@ def warm(out: list[str], repeat: int = 3) -> None:
     """Fresh interpreters, CUDA context made first (as the bench's contenders do): the kernel warm-up, then
     the first batches of real work after it, each on a fresh thread and stream (what is still loaded late)."""
     import statistics
-    import subprocess
 
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{repo}:{os.environ.get('PYTHONPATH', '')}"}
-    rows: dict[str, list[float]] = defaultdict(list)
-    for _ in range(repeat):
-        proc = subprocess.run([sys.executable, "-c", WARM], capture_output=True, text=True, env=env, cwd=repo)
-        if proc.returncode:
-            raise RuntimeError(proc.stderr[-800:])
-        for k, v in json.loads(proc.stdout.split("WARM ", 1)[1]).items():
-            rows[k].append(v)
+    rows = _fresh(WARM, "WARM", [], repeat)
     out.append(f"\n### kernel warm-up and the first batches after it (median of {repeat} fresh interpreters)\n")
     out.append("| what | s (median) | all |")
     out.append("| --- | --- | --- |")

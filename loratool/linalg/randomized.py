@@ -170,7 +170,7 @@ def load_solvers(device: torch.device | str) -> None:
     """The GPU path's solver calls (CholeskyQR's Cholesky and triangular solve, the batched float64 core
     SVD) once, on a tiny batch: torch loads its CUDA linear-algebra library on the first of them, and
     extract's warm-up has that happen on a thread of its own, beside cuBLAS's first calls."""
-    y = torch.randn(2, 96, 48, device=device, generator=torch.Generator(device=device).manual_seed(0))  # not torch's own
+    y = gaussian_sketch(96, 48, 0, ("load-solvers.0", "load-solvers.1"), device)  # torch's own random state untouched
     q, _ = _cholesky_qr(y, passes=1)
     _core_svd_batched(q.mT @ y, [])
 

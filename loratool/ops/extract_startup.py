@@ -80,14 +80,11 @@ def warm_kernels(device: Any) -> None:
     from loratool.ops.extract_batch import extract_batch
     from loratool.ops.extract_plan import ExtractOptions
 
-    def batch(pair) -> None:
-        extract_batch(pair, ExtractOptions(rank=WARM_RANK), pair.base.dtype)
-
     _on_threads(device, [load_solvers, _first_blas])
     with torch.cuda.device(device):
         pairs = warm_up_batches(device)
         torch.cuda.synchronize(device)  # made on this thread's stream, used on the others'
-    _on_threads(device, [lambda _, pair=pair: batch(pair) for pair in pairs])
+    _on_threads(device, [lambda _, p=p: extract_batch(p, ExtractOptions(rank=WARM_RANK), p.base.dtype) for p in pairs])
 
 
 def _on_threads(device: Any, jobs: list[Callable[[Any], None]]) -> None:
@@ -106,11 +103,13 @@ def _on_threads(device: Any, jobs: list[Callable[[Any], None]]) -> None:
 
 
 def _first_blas(device: Any) -> None:
-    """cuBLAS's first calls (float32 batched products, float64 ones) and a seeded sketch's, without the
+    """cuBLAS's first calls (float32 batched products, float64 ones) and the seeded sketch's, without the
     linear-algebra library (that is ``load_solvers``', on the other thread)."""
     import torch
 
-    a = torch.randn(2, 96, 48, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    from loratool.linalg.seeding import gaussian_sketch
+
+    a = gaussian_sketch(96, 48, 0, ("warm-up.0", "warm-up.1"), device)
     torch.baddbmm(a, a, a.mT @ a, alpha=-1)
     a.double().mT @ a.double()
 
