@@ -330,3 +330,26 @@ def test_factors_come_back_in_pinned_memory_with_their_values():
         assert host.device.type == "cpu" and host.is_pinned()
         assert host.dtype == dev.dtype and host.shape == dev.shape
         assert torch.equal(host, dev.cpu())
+
+
+def test_an_extraction_in_a_fresh_process_leaves_torchs_random_state_as_the_caller_set_it(tmp_path):
+    """A library caller who seeds torch, extracts, then draws numbers gets the numbers that seed gives:
+    the warm-up (run once per process, hence a fresh interpreter) and the sketches draw from generators
+    of their own, not from torch's global CPU or CUDA state."""
+    import subprocess
+
+    b, t = _pair(tmp_path)
+    script = f"""
+import torch
+from loratool.ops.extract import extract
+from loratool.ops.extract_plan import ExtractOptions
+torch.manual_seed(1234)
+cpu, gpu = torch.get_rng_state(), torch.cuda.get_rng_state()
+extract({str(b)!r}, {str(t)!r}, ExtractOptions(rank=6, arch="generic", device="cuda", dtype="fp32"))
+assert torch.equal(torch.get_rng_state(), cpu), "the CPU random state moved"
+assert torch.equal(torch.cuda.get_rng_state(), gpu), "the CUDA random state moved"
+print("same")
+"""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
