@@ -123,17 +123,20 @@ def warm_up_batches(device: Any) -> list:
     import torch
 
     from loratool.io.weights import Segment, WeightRef
+    from loratool.linalg.seeding import gaussian_sketch
     from loratool.ops.extract_plan import PlannedModule
     from loratool.ops.extract_stream import PairBatch
 
-    shape, gen = (96, 48), torch.Generator(device=device).manual_seed(0)
-    mods = [PlannedModule("unet", f"warm-up.{i}", shape, WeightRef((Segment(f"warm-up.{i}"),), shape), WARM_RANK)
-            for i in range(3)]
+    (rows, cols), names = (96, 48), [f"warm-up.{i}" for i in range(3)]
+    mods = [PlannedModule("unet", n, (rows, cols), WeightRef((Segment(n),), (rows, cols)), WARM_RANK) for n in names]
+
+    def draw(r: int, c: int, part: str) -> torch.Tensor:  # seeded per name; torch's own random state untouched
+        return gaussian_sketch(r, c, 0, [f"{n}.{part}" for n in names], device)
+
     out = []
     for dtype in (torch.float16, torch.bfloat16):
-        base = torch.randn(3, *shape, device=device, generator=gen)
-        change = torch.randn(3, shape[0], 4, device=device, generator=gen) @ torch.randn(
-            3, 4, shape[1], device=device, generator=gen)
+        base = draw(rows, cols, f"{dtype}.base")
+        change = draw(rows, 4, f"{dtype}.left") @ draw(4, cols, f"{dtype}.right")
         change[1] = 0
         out.append(PairBatch(mods, base.to(dtype), (base + change).to(dtype)))
     return out
